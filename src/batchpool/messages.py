@@ -1,0 +1,71 @@
+"""The closed set of messages that cross the process boundary, and how they are encoded.
+
+Every message is a plain tuple ``(TAG, ...)`` pickled with the highest protocol and framed by
+``Connection.send_bytes``. Tuples of builtins pickle several times faster than dataclasses, and
+this path runs once per batch of jobs, so the shapes are documented here instead of typed:
+
+supervisor -> worker
+    (RUN, [(job_id, stage, payload_blob), ...])   run these jobs, in order
+    (STOP,)                                        the sentinel: tear down and exit 0
+
+worker -> supervisor
+    (READY, pid)                                   setup() done; send jobs
+    (START_FAILED, error)                          task unpickling or setup() raised; exiting
+    (RESULTS, [(job_id, outcome, elapsed, data), ...], retiring)
+        outcome OK:          data is the pickled return value (the worker pickles it, so a
+                             value that cannot be pickled is charged to its own job)
+        outcome ERROR/FATAL: data is an error tuple; ERROR may be retried, FATAL may not
+        outcome UNPICKLABLE: data is an error tuple; a serialization failure, never retried
+        retiring:            None, or why the worker leaves after this message
+                             (max_tasks_per_worker, max_memory); its unread jobs go back to
+                             the queue
+
+error tuple: (type_name, message, traceback_text) -- plain data, so an exception class that
+cannot be pickled or imported in the supervisor still reports faithfully.
+
+Besides the pipe, each worker owns two int64 slots of a shared array (see ``progress_slot``):
+the id of the job it is running (-1 between jobs) and that job's start time in monotonic ns.
+They let the supervisor attribute a crash or a timeout to the exact job inside a batch without
+a message per job.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from functools import partial
+
+RUN = 1
+STOP = 2
+READY = 10
+START_FAILED = 11
+RESULTS = 12
+
+OK = 0
+ERROR = 1
+FATAL = 2
+UNPICKLABLE = 3
+
+IDLE = -1  # progress slot value between jobs
+
+dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
+loads = pickle.loads
+
+
+def progress_slot(slot: int) -> tuple[int, int]:
+    """Indexes of (running job id, started monotonic ns) for a worker slot."""
+    return 2 * slot, 2 * slot + 1
+
+
+def error_tuple(exc: BaseException, tb: str | None = None) -> tuple[str, str, str]:
+    """An exception as plain data; never raises, whatever the exception does in __str__."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not lose the failure itself
+        message = f"<unprintable {type(exc).__name__}>"
+    if tb is None:
+        try:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except Exception:
+            tb = ""
+    return (type(exc).__name__, message, tb)

@@ -1,0 +1,346 @@
+"""The public Pool: validates settings, posts commands to its supervisor, hands back results."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from .errors import PoolBroken, PoolClosed
+from .jobs import Job
+from .messages import dumps
+from .results import KIND_SERIALIZATION, JobError, JobResult, Metrics
+from .supervisor import Supervisor
+from .task import Policy, Task, resolve_policy
+
+WINDOW_PER_PROC = 256  # imap read-ahead: enough to keep batches full, small enough to bound memory
+WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
+SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the input is pickled
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _default_start_method() -> str:
+    # fork after threads is unsafe (the supervisor is a thread), so prefer forkserver.
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class _Futures:
+    """Consumer for submit(): resolves one Future per job."""
+
+    def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
+        for job, result in items:
+            future: Future = job.tag
+            if future.set_running_or_notify_cancel():
+                future.set_result(result)
+
+    def cancel(self, job: Job, error: JobError | None) -> None:
+        future: Future = job.tag
+        if error is not None and future.set_running_or_notify_cancel():
+            future.set_exception(RuntimeError(f"{error.type}: {error.message}"))
+        elif future.cancel():
+            future.set_running_or_notify_cancel()
+
+
+class _Collector:
+    """Consumer for map()/imap(): results queue up here for the calling thread."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.cond = threading.Condition(threading.Lock())
+        self.items: deque[JobResult] = deque()
+        self.lost: str | None = None
+
+    def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
+        with self.cond:
+            self.items.extend(result for _, result in items)
+            self.cond.notify()
+
+    def cancel(self, job: Job, error: JobError | None) -> None:
+        with self.cond:
+            self.lost = error.message if error else "the pool was terminated"
+            self.cond.notify()
+
+    def take(self) -> list[JobResult]:
+        """Block until at least one result is in; return all that are."""
+        with self.cond:
+            while not self.items:
+                if self.lost:
+                    raise PoolClosed(f"results lost: {self.lost}")
+                if self.supervisor.done.is_set():
+                    raise PoolClosed("the pool stopped before all results came back")
+                self.cond.wait(0.5)
+            items = list(self.items)
+            self.items.clear()
+            return items
+
+
+class Pool:
+    """A supervised pool of worker processes running one Task.
+
+    Failed jobs come back as JobResults, never as exceptions; see the SPEC for retries,
+    timeouts, crash recovery and shutdown semantics.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        procs: int | None = None,
+        *,
+        start_method: str | None = None,
+        chunksize: int | str = "auto",
+        max_tasks_per_worker: int | None = None,
+        max_memory: int | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        backoff: float | None = None,
+    ) -> None:
+        self._open(
+            [task],
+            procs,
+            start_method=start_method,
+            chunksize=chunksize,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_memory=max_memory,
+            overrides={"retries": retries, "timeout": timeout, "backoff": backoff},
+            preload=(),
+        )
+
+    @classmethod
+    def _for_stages(
+        cls,
+        tasks: Sequence[Task],
+        procs: int | None = None,
+        *,
+        preload: Sequence[tuple[str, str]] = (),
+        retries: int | None = None,
+        timeout: float | None = None,
+        backoff: float | None = None,
+        **options: Any,
+    ) -> Pool:
+        """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine)."""
+        pool = cls.__new__(cls)
+        overrides = {"retries": retries, "timeout": timeout, "backoff": backoff}
+        pool._open(list(tasks), procs, overrides=overrides, preload=preload, **options)
+        return pool
+
+    def _open(
+        self,
+        tasks: list[Task],
+        procs: int | None,
+        *,
+        start_method: str | None = None,
+        chunksize: int | str = "auto",
+        max_tasks_per_worker: int | None = None,
+        max_memory: int | None = None,
+        overrides: dict[str, Any],
+        preload: Sequence[tuple[str, str]],
+    ) -> None:
+        self._closed = True  # until fully built, so __del__/atexit ignore a half-built pool
+        policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
+        procs = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
+        method = start_method or _default_start_method()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
+                f"got {method!r}"
+            )
+        if chunksize != "auto":
+            _positive_int("chunksize", chunksize, allow_none=False)
+        _positive_int("max_tasks_per_worker", max_tasks_per_worker)
+        _positive_int("max_memory", max_memory)
+        try:
+            tasks_blob = dumps(tasks)
+        except Exception as exc:
+            raise TypeError(f"the task cannot be pickled for the workers: {exc}") from exc
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            # Workers import batchpool from the server once, not once each.
+            ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
+        self.procs: int = procs  # type: ignore[assignment]
+        self.start_method = method
+        self._policies = policies
+        self._supervisor = Supervisor(
+            tasks_blob,
+            policies,
+            procs=self.procs,
+            ctx=ctx,
+            chunksize=None if chunksize == "auto" else int(chunksize),
+            max_tasks=max_tasks_per_worker,
+            max_memory=max_memory,
+            preload=list(preload),
+        )
+        self._futures = _Futures()
+        self._ids = itertools.count()
+        self._submit_lock = threading.Lock()
+        self._closed = False
+        _live_pools.add(self)
+        self._supervisor.start()
+
+    # -- submitting ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        broken = self._supervisor.broken
+        if broken is not None:
+            raise PoolBroken(f"workers cannot start: {broken.type}: {broken.message}")
+
+    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None):
+        try:
+            blob = dumps(payload)
+            error = None
+        except Exception as exc:
+            blob = None
+            error = JobError(KIND_SERIALIZATION, type(exc).__name__, str(exc), "")
+        return Job(next(self._ids), index, payload, blob, consumer, tag), error
+
+    def _post_jobs(self, entries: list) -> None:
+        with self._submit_lock:
+            self._check_open()
+            self._supervisor.post(("submit", entries))
+
+    def submit(self, payload: Any) -> Future:
+        """Queue one job; the Future resolves to its JobResult (failures included)."""
+        self._check_open()
+        future: Future = Future()
+        entry = self._make_job(0, payload, self._futures, future)
+        entry[0].index = entry[0].id
+        self._post_jobs([entry])
+        return future
+
+    def map(self, payloads: Iterable[Any]) -> list[JobResult]:
+        """Run every payload; results in input order."""
+        self._check_open()
+        items = list(payloads)
+        results: list[JobResult | None] = [None] * len(items)
+        collector = _Collector(self._supervisor)
+        for start in range(0, len(items), SUBMIT_CHUNK):
+            chunk = items[start : start + SUBMIT_CHUNK]
+            self._post_jobs(
+                [self._make_job(start + i, p, collector) for i, p in enumerate(chunk)]
+            )
+        remaining = len(items)
+        while remaining:
+            for result in collector.take():
+                results[result.index] = result
+                remaining -= 1
+        return results  # type: ignore[return-value]
+
+    def imap(self, payloads: Iterable[Any], ordered: bool = True) -> Iterator[JobResult]:
+        """Stream results while reading ``payloads`` lazily, a bounded window ahead."""
+        self._check_open()
+        return self._imap(iter(payloads), ordered)
+
+    def _imap(self, source: Iterator[Any], ordered: bool) -> Iterator[JobResult]:
+        collector = _Collector(self._supervisor)
+        window = max(2 * self.procs, WINDOW_PER_PROC * self.procs)
+        sizes: dict[int, int] = {}
+        held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
+        next_index = 0  # of the source
+        next_out = 0  # ordered: index to yield next
+        outstanding = 0  # submitted and not yet yielded
+        in_bytes = 0
+        exhausted = False
+        while True:
+            batch = []
+            while not exhausted and outstanding < window and (
+                in_bytes < WINDOW_BYTES or outstanding < 2 * self.procs
+            ):
+                try:
+                    payload = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                entry = self._make_job(next_index, payload, collector)
+                size = len(entry[0].blob or b"")
+                sizes[next_index] = size
+                in_bytes += size
+                next_index += 1
+                outstanding += 1
+                batch.append(entry)
+                if len(batch) >= SUBMIT_CHUNK:
+                    self._post_jobs(batch)
+                    batch = []
+            if batch:
+                self._post_jobs(batch)
+            if not outstanding:
+                return
+            for result in collector.take():
+                in_bytes -= sizes.pop(result.index)
+                if not ordered:
+                    outstanding -= 1
+                    yield result
+                    continue
+                held[result.index] = result
+                while next_out in held:
+                    outstanding -= 1
+                    yield held.pop(next_out)
+                    next_out += 1
+
+    # -- inspecting ----------------------------------------------------------------------
+    def metrics(self) -> Metrics:
+        return self._supervisor.snapshot()
+
+    def pids(self) -> list[int]:
+        """Pids of the live workers."""
+        return self._supervisor.pids()
+
+    # -- ending --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop intake, finish every submitted job, stop the workers with a sentinel each."""
+        with self._submit_lock:
+            self._closed = True
+        self._supervisor.post(("close",))
+        self._join()
+
+    def terminate(self) -> None:
+        """Kill the workers now; unfinished futures are cancelled."""
+        with self._submit_lock:
+            self._closed = True
+        self._supervisor.post(("terminate",))
+        self._join()
+
+    def _join(self) -> None:
+        if threading.current_thread() is not self._supervisor.thread:
+            self._supervisor.done.wait()
+        _live_pools.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
+
+    def __del__(self) -> None:
+        # A pool dropped without close(): finish its work in the background, never block here.
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._supervisor.post(("close",))
+
+
+@atexit.register
+def _terminate_live_pools() -> None:
+    """An open pool at interpreter exit is terminated: exit never hangs on workers."""
+    for pool in list(_live_pools):
+        try:
+            pool.terminate()
+        except Exception:
+            pass

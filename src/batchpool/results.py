@@ -1,0 +1,86 @@
+"""What a job ends as (JobResult, JobError) and what the pool reports (Metrics): frozen data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import JobFailed
+
+#: JobError.kind values.
+KIND_ERROR = "error"
+KIND_TIMEOUT = "timeout"
+KIND_CRASH = "crash"
+KIND_SERIALIZATION = "serialization"
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A failure as plain data: it never needs the exception class to exist in this process."""
+
+    kind: str
+    type: str
+    message: str
+    traceback: str = ""
+    exitcode: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The one final outcome of a job."""
+
+    index: int
+    payload: Any
+    value: Any
+    error: JobError | None
+    attempts: int
+    elapsed: float
+    worker: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> Any:
+        """The value, or raise JobFailed carrying this result."""
+        if self.error is not None:
+            raise JobFailed(self)
+        return self.value
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    pid: int
+    jobs: int
+    busy: float  # seconds spent in run()
+    rss: int  # bytes, last sample
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A consistent snapshot of a pool's counters.
+
+    When a run is done: ``succeeded + failed == submitted`` and
+    ``started == succeeded + failed + retried``. In a multi-stage pipeline each stage a job
+    enters counts as one submitted job.
+    """
+
+    submitted: int = 0
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+    worker_restarts: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    workers: int = 0
+    elapsed: float = 0.0
+    per_worker: tuple[WorkerStats, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,530 @@
+"""The supervisor: one thread that owns every job and every worker of a pool.
+
+    callers (any thread)         supervisor thread                           workers
+    submit / close / terminate
+        --> commands deque + wakeup pipe
+                                 loop:
+                                   wait(wakeup, pipes, sentinels, timeout=next timer)
+                                   1. commands   new jobs, close, terminate
+                                   2. messages   READY, START_FAILED, RESULTS  <-- own pipe
+                                   3. deaths     the running job: crash/timeout attempt;
+                                                 jobs it held unstarted: requeued, free
+                                   4. timers     retries due; attempt deadlines -> SIGKILL
+                                   5. workers    replace the dead and the retired
+                                   6. dispatch   batches sized to measured job time -->
+                                   7. deliver    final JobResults, outside the lock
+
+All state below is touched only by this thread, under ``lock`` so that ``snapshot()`` from any
+other thread sees it whole. Job state changes happen in jobs.JobBook, nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import psutil
+
+from .jobs import Job, JobBook
+from .messages import (
+    ERROR,
+    IDLE,
+    OK,
+    READY,
+    RESULTS,
+    RUN,
+    START_FAILED,
+    STOP,
+    UNPICKLABLE,
+    dumps,
+    loads,
+    progress_slot,
+)
+from .processes import WorkerProcess, describe_exit
+from .results import KIND_CRASH, KIND_ERROR, KIND_SERIALIZATION, KIND_TIMEOUT, JobError
+from .results import Metrics, WorkerStats
+from .task import Policy
+from .timers import Timers
+
+log = logging.getLogger("batchpool")
+
+MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives up
+TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well under 1%
+MAX_BATCH = 512  # jobs per message, however tiny they are
+PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
+PREFETCH_BELOW = 0.005  # seconds: longer jobs are not queued behind a running one
+PREFETCH_MAX_BYTES = 32 * 1024  # a message to a busy worker must fit its socket buffer
+STOP_GRACE = 30.0  # seconds a stopped worker gets for teardown() before it is killed
+RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
+EWMA = 0.2  # weight of the newest batch in the job-time estimate
+
+
+class _Worker:
+    """The supervisor's view of one worker process."""
+
+    __slots__ = ("proc", "slot", "pid", "ready", "outstanding", "batches", "assigned", "jobs",
+                 "busy", "rss", "retiring", "stopping", "killed_for", "start_error")
+
+    def __init__(self, proc: WorkerProcess) -> None:
+        self.proc = proc
+        self.slot = proc.slot
+        self.pid = proc.pid
+        self.ready = False
+        self.outstanding: dict[int, Job] = {}  # job id -> job, in the order sent
+        self.batches: deque[int] = deque()  # unanswered jobs per message sent, oldest first
+        self.assigned = 0  # jobs ever sent (max_tasks_per_worker)
+        self.jobs = 0
+        self.busy = 0.0
+        self.rss = 0
+        self.retiring = False
+        self.stopping = False
+        self.killed_for: tuple[Job, JobError] | None = None  # a timeout kill
+        self.start_error: JobError | None = None  # what START_FAILED reported
+
+
+class Supervisor:
+    def __init__(
+        self,
+        tasks_blob: bytes,
+        policies: list[Policy],
+        *,
+        procs: int,
+        ctx: BaseContext,
+        chunksize: int | None,
+        max_tasks: int | None,
+        max_memory: int | None,
+        preload: list[tuple[str, str]],
+    ) -> None:
+        self.tasks_blob = tasks_blob
+        self.policies = policies
+        self.procs = procs
+        self.ctx = ctx
+        self.chunksize = chunksize
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
+        self.preload = preload
+        self.lock = threading.RLock()
+        self.book = JobBook(policies, random.random)
+        self.timers = Timers()  # ("watch", slot), ("stop", slot), "rss"
+        self.commands: deque[tuple] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self.progress = ctx.RawArray("q", 2 * procs)
+        for i in range(2 * procs):
+            self.progress[i] = IDLE
+        self.workers: dict[int, _Worker] = {}  # slot -> worker
+        self.job_time: list[float | None] = [None] * len(policies)
+        self.closing = False
+        self.terminating = False
+        self.broken: JobError | None = None
+        self.start_failures = 0
+        self.last_start_error: JobError | None = None
+        self.starts = 0
+        self.cancelled: list[tuple[Job, JobError | None]] = []
+        self.started_at = time.monotonic()
+        self.finished_at: float | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
+
+    # -- called from any thread ----------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def post(self, command: tuple) -> None:
+        self.commands.append(command)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"!")
+            except (BlockingIOError, OSError):
+                pass  # already readable, or the loop has ended
+
+    def snapshot(self) -> Metrics:
+        with self.lock:
+            book = self.book
+            end = self.finished_at or time.monotonic()
+            return Metrics(
+                submitted=book.submitted,
+                started=book.started,
+                succeeded=book.succeeded,
+                failed=book.failed,
+                retried=book.retried,
+                timed_out=book.timed_out,
+                crashed=book.crashed,
+                worker_restarts=max(0, self.starts - self.procs),
+                queued=len(book.ready) + len(book.retry_timers),
+                in_flight=book.sent,
+                workers=len(self.workers),
+                elapsed=end - self.started_at,
+                per_worker=tuple(
+                    WorkerStats(w.pid, w.jobs, w.busy, w.rss) for w in self.workers.values()
+                ),
+            )
+
+    def pids(self) -> list[int]:
+        with self.lock:
+            return [w.pid for w in self.workers.values()]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with self.lock:
+                self.timers.schedule(time.monotonic(), "rss")
+                self._start_workers()
+            while True:
+                ready = wait(self._waitables(), self._timeout())
+                with self.lock:
+                    finished = self._step(ready)
+                self._deliver()
+                if finished:
+                    break
+        except BaseException:
+            log.exception("batchpool supervisor failed; terminating the pool")
+            with self.lock:
+                self._terminate(JobError(KIND_ERROR, "SupervisorError", "supervisor failed"))
+            self._deliver()
+        finally:
+            with self.lock:
+                self.finished_at = time.monotonic()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self.done.set()
+
+    def _waitables(self) -> list:
+        items: list[Any] = [self._wake_r]
+        for w in self.workers.values():
+            items.append(w.proc.conn)
+            items.append(w.proc.sentinel)
+        return items
+
+    def _timeout(self) -> float | None:
+        with self.lock:
+            ats = [at for at in (self.timers.next_at(), self.book.retry_timers.next_at()) if at]
+        if not ats:
+            return None
+        return max(0.0, min(ats) - time.monotonic())
+
+    def _step(self, ready: list) -> bool:
+        """One pass of the loop; True when the supervisor is finished."""
+        now = time.monotonic()
+        if self._wake_r in ready:
+            self._wake_pending = False
+            os.read(self._wake_r, 4096)
+        self._run_commands(now)
+        if self.terminating:
+            return True
+        by_conn = {w.proc.conn: w for w in self.workers.values()}
+        by_sentinel = {w.proc.sentinel: w for w in self.workers.values()}
+        for item in ready:
+            if item in by_conn:
+                self._read(by_conn[item], now)
+        for item in ready:
+            if item in by_sentinel:
+                self._on_exit(by_sentinel[item], now)
+        self._fire_timers(now)
+        self._start_workers()
+        self._dispatch(now)
+        return self._maybe_stop()
+
+    def _run_commands(self, now: float) -> None:
+        while self.commands:
+            command = self.commands.popleft()
+            kind = command[0]
+            if kind == "submit":
+                for job, error in command[1]:
+                    if error is not None:
+                        self.book.add_unpicklable(job, error)
+                    elif self.broken is not None:
+                        self.book.add(job)
+                        self.book.fail_unsent(self.broken)
+                    else:
+                        self.book.add(job)
+            elif kind == "close":
+                self.closing = True
+            elif kind == "terminate":
+                self._terminate(None)
+                return
+
+    # -- messages from workers -----------------------------------------------------------------
+    def _read(self, w: _Worker, now: float) -> None:
+        conn = w.proc.conn
+        try:
+            while conn.poll():
+                self._on_message(w, loads(conn.recv_bytes()), now)
+        except (EOFError, OSError):
+            pass  # a dying worker's pipe; its sentinel reports the death
+        except Exception:  # a message cut short by a kill mid-write
+            log.debug("unreadable message from worker %s", w.pid, exc_info=True)
+
+    def _on_message(self, w: _Worker, message: tuple, now: float) -> None:
+        tag = message[0]
+        if tag == RESULTS:
+            self._on_results(w, message[1], now)
+            if message[2]:
+                log.debug("worker %s retires (%s)", w.pid, message[2])
+                w.retiring = True
+                self._requeue_held(w)
+        elif tag == READY:
+            w.ready = True
+            self.start_failures = 0
+        elif tag == START_FAILED:
+            w.start_error = JobError(KIND_ERROR, *message[1])
+
+    def _on_results(self, w: _Worker, items: list, now: float) -> None:
+        book = self.book
+        total = 0.0
+        stage = -1
+        for job_id, outcome, elapsed, data in items:
+            job = w.outstanding.pop(job_id, None)
+            if job is None:  # already charged to a timeout kill
+                continue
+            w.batches[0] -= 1
+            if not w.batches[0]:
+                w.batches.popleft()
+            w.jobs += 1
+            w.busy += elapsed
+            total += elapsed
+            stage = job.stage
+            if outcome == OK:
+                book.succeeded_blob(job, data, elapsed, now)
+            elif outcome == UNPICKLABLE:
+                error = JobError(KIND_SERIALIZATION, *data)
+                book.attempt_failed(job, error, retryable=False, elapsed=elapsed, now=now)
+            else:
+                error = JobError(KIND_ERROR, *data)
+                book.attempt_failed(job, error, retryable=outcome == ERROR, elapsed=elapsed, now=now)
+        if items:
+            mean = total / len(items) + PER_JOB_OVERHEAD
+            old = self.job_time[stage]
+            self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
+
+    def _requeue_held(self, w: _Worker) -> None:
+        self.book.requeue(list(w.outstanding.values()))
+        w.outstanding.clear()
+        w.batches.clear()
+
+    # -- deaths --------------------------------------------------------------------------------
+    def _on_exit(self, w: _Worker, now: float) -> None:
+        self._read(w, now)  # results it sent before dying still count
+        code = w.proc.reap()
+        del self.workers[w.slot]
+        self.timers.cancel(("watch", w.slot))
+        self.timers.cancel(("stop", w.slot))
+        job_at, started_at = progress_slot(w.slot)
+        running: Job | None = None
+        if w.killed_for is not None:
+            running, error = w.killed_for
+            if w.outstanding.pop(running.id, None) is None:
+                running = None  # its result made it out before the kill
+        elif w.outstanding:
+            running = w.outstanding.pop(self.progress[job_at], None)
+            error = JobError(
+                KIND_CRASH,
+                "WorkerCrashed",
+                f"worker {w.pid} died while running the job: {describe_exit(code)}",
+                "",
+                code,
+            )
+        self._requeue_held(w)
+        if running is not None:
+            elapsed = max(0.0, now - self.progress[started_at] / 1e9)
+            if error.kind == KIND_CRASH:
+                log.info("job %s: worker %s crashed (%s)", running.index, w.pid, describe_exit(code))
+            self.book.attempt_failed(running, error, retryable=True, elapsed=elapsed, now=now)
+        self.progress[job_at] = IDLE
+        if not w.ready and not w.stopping and not self.terminating:
+            self._start_failed(
+                w.start_error
+                or JobError(
+                    KIND_ERROR,
+                    "WorkerCrashed",
+                    f"worker {w.pid} died before it was ready: {describe_exit(code)}",
+                    "",
+                    code,
+                )
+            )
+
+    def _start_failed(self, error: JobError) -> None:
+        self.start_failures += 1
+        log.warning("worker failed to start: %s: %s", error.type, error.message)
+        if self.start_failures >= MAX_START_FAILURES and self.broken is None:
+            log.error("workers failed to start %d times in a row; giving up", self.start_failures)
+            self.broken = error
+            self.book.fail_unsent(error)
+
+    # -- timers --------------------------------------------------------------------------------
+    def _fire_timers(self, now: float) -> None:
+        self.book.release_due(now)
+        for key, _ in self.timers.pop_due(now):
+            if key == "rss":
+                self._sample_rss()
+                self.timers.schedule(now + RSS_EVERY, "rss")
+            elif key[0] == "watch":
+                self._watch(self.workers.get(key[1]), now)
+            elif key[0] == "stop" and key[1] in self.workers:
+                self.workers[key[1]].proc.kill()
+
+    def _sample_rss(self) -> None:
+        for w in self.workers.values():
+            try:
+                w.rss = psutil.Process(w.pid).memory_info().rss
+            except psutil.Error:
+                pass
+
+    def _watch(self, w: _Worker | None, now: float) -> None:
+        """Kill a worker whose running attempt is past its deadline; else look again later."""
+        if w is None or w.killed_for is not None:
+            return
+        job_at, started_at = progress_slot(w.slot)
+        job = w.outstanding.get(self.progress[job_at])
+        timeout = job is not None and self.policies[job.stage].timeout
+        if timeout:
+            deadline = self.progress[started_at] / 1e9 + timeout
+            if now >= deadline:
+                message = f"attempt exceeded its {timeout:g} s timeout; worker {w.pid} killed"
+                w.killed_for = (job, JobError(KIND_TIMEOUT, "TimeoutError", message))
+                log.info("job %s: %s", job.index, message)
+                w.proc.kill()
+                return
+            self.timers.schedule(deadline, ("watch", w.slot))
+            return
+        self._schedule_watch(w, now)
+
+    def _schedule_watch(self, w: _Worker, now: float) -> None:
+        timeouts = [self.policies[j.stage].timeout for j in w.outstanding.values()]
+        timeouts = [t for t in timeouts if t]
+        if timeouts:
+            self.timers.schedule(now + min(timeouts), ("watch", w.slot))
+
+    # -- workers -------------------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        if self.broken is not None or self.terminating:
+            return
+        if self.closing and not self.book.unfinished:
+            return
+        free = [s for s in range(self.procs) if s not in self.workers]
+        for slot in free:
+            if self.broken is not None:
+                return
+            self.starts += 1
+            job_at, _ = progress_slot(slot)
+            self.progress[job_at] = IDLE
+            try:
+                proc = WorkerProcess(self.ctx, slot, self.progress, self.tasks_blob, self.preload,
+                                     self.max_tasks, self.max_memory)
+            except Exception as exc:
+                log.error("could not start a worker: %r", exc)
+                self._start_failed(JobError(KIND_ERROR, type(exc).__name__, str(exc)))
+                continue
+            self.workers[slot] = _Worker(proc)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _batch_size(self, stage: int) -> int:
+        if self.chunksize:
+            return self.chunksize
+        t = self.job_time[stage]
+        if t is None:
+            return 1
+        return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS / t)))
+
+    def _dispatch(self, now: float) -> None:
+        ready = self.book.ready
+        if not ready:
+            return
+        open_workers = [w for w in self.workers.values()
+                        if w.ready and not w.retiring and not w.stopping and w.killed_for is None]
+        if not open_workers:
+            return
+        open_workers.sort(key=lambda w: len(w.batches))
+        for w in open_workers:
+            if not ready:
+                return
+            if len(w.batches) >= 2:
+                continue
+            stage = ready[0].stage
+            t = self.job_time[stage]
+            prefetch = len(w.batches) == 1
+            if prefetch and t is not None and t >= PREFETCH_BELOW:
+                continue
+            n = min(self._batch_size(stage), -(-len(ready) // len(open_workers)))
+            if self.max_tasks is not None:
+                n = min(n, self.max_tasks - w.assigned)
+            if prefetch:
+                n = self._fit(n, PREFETCH_MAX_BYTES)
+            if n <= 0:
+                continue
+            self._send(w, n, now)
+
+    def _fit(self, n: int, limit: int) -> int:
+        """How many queued jobs, up to n, fit in ``limit`` bytes of payload."""
+        size = 0
+        ready = self.book.ready
+        for i in range(min(n, len(ready))):
+            size += len(ready[i].blob) + 32
+            if size > limit:
+                return i
+        return n
+
+    def _send(self, w: _Worker, n: int, now: float) -> None:
+        jobs = self.book.take(n, w.pid)
+        if not w.proc.send(dumps((RUN, [(j.id, j.stage, j.blob) for j in jobs]))):
+            self.book.requeue(jobs)  # it died; its sentinel will tell
+            return
+        for job in jobs:
+            w.outstanding[job.id] = job
+        w.batches.append(len(jobs))
+        w.assigned += len(jobs)
+        if ("watch", w.slot) not in self.timers:
+            self._schedule_watch(w, now)
+
+    # -- ending --------------------------------------------------------------------------------
+    def _maybe_stop(self) -> bool:
+        if not self.closing or self.book.unfinished or self.commands:
+            return False
+        for w in self.workers.values():
+            if not w.stopping:
+                w.stopping = True
+                w.proc.send(dumps((STOP,)))
+                self.timers.schedule(time.monotonic() + STOP_GRACE, ("stop", w.slot))
+        return not self.workers
+
+    def _terminate(self, error: JobError | None) -> None:
+        """Kill every worker now; unfinished jobs are cancelled (or failed with ``error``)."""
+        self.terminating = True
+        for w in self.workers.values():
+            w.proc.kill()
+        held: list[Job] = []
+        for w in list(self.workers.values()):
+            w.proc.reap()
+            held.extend(w.outstanding.values())
+        self.workers.clear()
+        self.book.sent = 0
+        held.extend(self.book.abandon())
+        self.cancelled.extend((job, error) for job in held)
+
+    def _deliver(self) -> None:
+        """Hand final results to their consumers outside the lock: consumers run user code
+        (future callbacks) that may call back into the pool."""
+        with self.lock:
+            done, self.book.done = self.book.done, []
+            cancelled, self.cancelled = self.cancelled, []
+        for job, error in cancelled:
+            job.consumer.cancel(job, error)
+        if not done:
+            return
+        by_consumer: dict[Any, list] = {}
+        for job, result in done:
+            by_consumer.setdefault(job.consumer, []).append((job, result))
+        for consumer, items in by_consumer.items():
+            try:
+                consumer.deliver(items)
+            except Exception:
+                log.exception("delivering results failed")

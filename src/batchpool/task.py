@@ -1,0 +1,95 @@
+"""The Task base class users subclass, and the validation of its settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PermanentError
+
+
+class Task:
+    """A unit of work: subclass it and implement ``run(payload)``.
+
+    The instance is pickled once per worker process, so expensive state belongs in ``setup()``
+    (a model, a connection), not in ``__init__``. Instance attributes override the class
+    defaults below.
+    """
+
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 60.0
+    jitter: float = 0.25
+    timeout: float | None = None
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def setup(self) -> None:
+        """Once in each worker process, before its first job."""
+
+    def run(self, payload: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement run(payload)")
+
+    def teardown(self) -> None:
+        """Once in each worker process at a clean shutdown."""
+
+
+def is_retryable(task: Task, exc: BaseException) -> bool:
+    """Decided in the worker, against the real exception object."""
+    if isinstance(exc, PermanentError):
+        return False
+    return isinstance(exc, task.retry_on)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The retry and timeout settings the supervisor applies to one stage."""
+
+    retries: int
+    backoff: float
+    max_backoff: float
+    jitter: float
+    timeout: float | None
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def resolve_policy(
+    task: Task,
+    *,
+    retries: int | None = None,
+    timeout: float | None = None,
+    backoff: float | None = None,
+) -> Policy:
+    """Validate a task's settings (with pool overrides) before any process starts."""
+    if not isinstance(task, Task):
+        raise TypeError(f"expected a batchpool.Task instance, got {type(task).__name__}")
+    if type(task).run is Task.run:
+        raise TypeError(f"{type(task).__name__} does not implement run(payload)")
+    r = task.retries if retries is None else retries
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"retries must be an integer >= 0, got {r!r}")
+    b = _number("backoff", task.backoff if backoff is None else backoff)
+    if b < 0:
+        raise ValueError(f"backoff must be >= 0, got {b!r}")
+    mb = _number("max_backoff", task.max_backoff)
+    if mb < 0:
+        raise ValueError(f"max_backoff must be >= 0, got {mb!r}")
+    j = _number("jitter", task.jitter)
+    if not 0.0 <= j <= 1.0:
+        raise ValueError(f"jitter must be within [0, 1], got {j!r}")
+    t = task.timeout if timeout is None else timeout
+    if t is not None:
+        t = _number("timeout", t)
+        if t <= 0 or math.isinf(t):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {t!r}")
+    retry_on = task.retry_on
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(c, type) and issubclass(c, BaseException) for c in retry_on
+    ):
+        raise ValueError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
+    return Policy(retries=r, backoff=b, max_backoff=mb, jitter=j, timeout=t)

@@ -1,0 +1,185 @@
+"""The worker process: run jobs from one pipe, report results on the same pipe.
+
+Never imports the supervisor. The loop is deliberately small: everything a worker decides on
+its own (retryable or not, retirement) is decided here against real objects; everything about
+a job's fate is decided by the supervisor.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from .messages import (
+    ERROR,
+    FATAL,
+    IDLE,
+    OK,
+    READY,
+    RESULTS,
+    RUN,
+    START_FAILED,
+    UNPICKLABLE,
+    dumps,
+    error_tuple,
+    loads,
+    progress_slot,
+)
+from .task import Task, is_retryable
+
+EXIT_START_FAILED = 3  # task unpickling or setup() raised
+EXIT_ORPHANED = 4  # the supervisor's process died
+FLUSH_EVERY = 0.02  # seconds: a long batch still streams results (progress, ordered imap)
+MEMORY_CHECK_EVERY = 0.05  # seconds: psutil RSS costs ~10 us, too much after every no-op job
+
+
+def main(
+    conn: Connection,
+    lifeline: Connection,
+    progress: Any,
+    slot: int,
+    tasks_blob: bytes,
+    preload: Sequence[tuple[str, str]],
+    max_tasks: int | None,
+    max_memory: int | None,
+) -> None:
+    """Entry point of a worker process (the target of multiprocessing.Process)."""
+    # The supervisor owns Ctrl-C and SIGTERM: a terminal signals the whole process group, and
+    # in-flight attempts must be able to finish while the supervisor drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.enable()
+    _exit_with_parent(lifeline)
+    try:
+        _import_files(preload)
+        tasks: list[Task] = loads(tasks_blob)
+        for task in tasks:
+            task.setup()
+    except BaseException as exc:
+        _send(conn, (START_FAILED, error_tuple(exc)))
+        sys.stderr.flush()
+        os._exit(EXIT_START_FAILED)
+    _send(conn, (READY, os.getpid()))
+    _serve(conn, tasks, progress, slot, max_tasks, max_memory)
+    for task in tasks:
+        try:
+            task.teardown()
+        except Exception as exc:
+            print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+
+
+def _exit_with_parent(lifeline: Connection) -> None:
+    """Exit when the supervisor's process dies, whatever it was running.
+
+    Nobody ever writes to the lifeline; only the supervisor's process holds its write end, so
+    the read end becomes readable (EOF) exactly when that process is gone -- under fork,
+    forkserver and spawn alike. A thread watches it so a job stuck in C code cannot delay it.
+    """
+
+    def watch() -> None:
+        try:
+            wait([lifeline])
+        finally:
+            os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="batchpool-lifeline", daemon=True).start()
+
+
+def _import_files(preload: Sequence[tuple[str, str]]) -> None:
+    """Import pipeline files by path under the module names the supervisor gave them, so task
+    classes defined there unpickle under spawn and forkserver."""
+    for name, path in preload:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    conn.send_bytes(dumps(message))
+
+
+def _serve(
+    conn: Connection,
+    tasks: list[Task],
+    progress: Any,
+    slot: int,
+    max_tasks: int | None,
+    max_memory: int | None,
+) -> None:
+    job_at, started_at = progress_slot(slot)
+    rss = _rss_probe() if max_memory else None
+    done = 0
+    next_memory_check = 0.0
+    monotonic = time.monotonic
+    while True:
+        try:
+            message = loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the supervisor closed our pipe: nothing more will come
+        if message[0] != RUN:
+            return  # STOP
+        out: list[tuple] = []
+        flushed = monotonic()
+        retiring = None
+        for job_id, stage, blob in message[1]:
+            progress[started_at] = time.monotonic_ns()
+            progress[job_at] = job_id
+            out.append(_run_one(tasks[stage], job_id, blob))
+            progress[job_at] = IDLE
+            done += 1
+            now = monotonic()
+            if max_tasks is not None and done >= max_tasks:
+                retiring = "max_tasks_per_worker"
+            elif rss is not None and now >= next_memory_check:
+                next_memory_check = now + MEMORY_CHECK_EVERY
+                if rss() > max_memory:
+                    retiring = "max_memory"
+            if retiring:
+                break
+            if now - flushed > FLUSH_EVERY:
+                _send(conn, (RESULTS, out, None))
+                out = []
+                flushed = now
+        if out or retiring:
+            _send(conn, (RESULTS, out, retiring))
+        if retiring:
+            return
+
+
+def _run_one(task: Task, job_id: int, blob: bytes) -> tuple:
+    try:
+        payload = loads(blob)
+    except BaseException as exc:
+        return (job_id, UNPICKLABLE, 0.0, error_tuple(exc))
+    start = time.perf_counter()
+    try:
+        value = task.run(payload)
+    except BaseException as exc:
+        elapsed = time.perf_counter() - start
+        return (job_id, ERROR if is_retryable(task, exc) else FATAL, elapsed, error_tuple(exc))
+    elapsed = time.perf_counter() - start
+    try:
+        data = dumps(value)
+    except BaseException as exc:
+        return (job_id, UNPICKLABLE, elapsed, error_tuple(exc))
+    return (job_id, OK, elapsed, data)
+
+
+def _rss_probe():
+    import psutil  # only workers with max_memory pay for the import
+
+    memory_info = psutil.Process().memory_info
+    return lambda: memory_info().rss
