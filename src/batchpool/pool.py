@@ -186,7 +186,8 @@ class Pool:
             preload=list(preload),
         )
         self._futures = _Futures()
-        self._ids = itertools.count()
+        self._ids = itertools.count()  # job ids, unique in this pool
+        self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
         self._closed = False
         _live_pools.add(self)
@@ -218,9 +219,7 @@ class Pool:
         """Queue one job; the Future resolves to its JobResult (failures included)."""
         self._check_open()
         future: Future = Future()
-        entry = self._make_job(0, payload, self._futures, future)
-        entry[0].index = entry[0].id
-        self._post_jobs([entry])
+        self._post_jobs([self._make_job(next(self._submits), payload, self._futures, future)])
         return future
 
     def map(self, payloads: Iterable[Any]) -> list[JobResult]:
@@ -231,9 +230,7 @@ class Pool:
         collector = _Collector(self._supervisor)
         for start in range(0, len(items), SUBMIT_CHUNK):
             chunk = items[start : start + SUBMIT_CHUNK]
-            self._post_jobs(
-                [self._make_job(start + i, p, collector) for i, p in enumerate(chunk)]
-            )
+            self._post_jobs([self._make_job(start + i, p, collector) for i, p in enumerate(chunk)])
         remaining = len(items)
         while remaining:
             for result in collector.take():
@@ -258,8 +255,10 @@ class Pool:
         exhausted = False
         while True:
             batch = []
-            while not exhausted and outstanding < window and (
-                in_bytes < WINDOW_BYTES or outstanding < 2 * self.procs
+            while (
+                not exhausted
+                and outstanding < window
+                and (in_bytes < WINDOW_BYTES or outstanding < 2 * self.procs)
             ):
                 try:
                     payload = next(source)

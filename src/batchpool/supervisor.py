@@ -48,8 +48,15 @@ from .messages import (
     progress_slot,
 )
 from .processes import WorkerProcess, describe_exit
-from .results import KIND_CRASH, KIND_ERROR, KIND_SERIALIZATION, KIND_TIMEOUT, JobError
-from .results import Metrics, WorkerStats
+from .results import (
+    KIND_CRASH,
+    KIND_ERROR,
+    KIND_SERIALIZATION,
+    KIND_TIMEOUT,
+    JobError,
+    Metrics,
+    WorkerStats,
+)
 from .task import Policy
 from .timers import Timers
 
@@ -69,8 +76,22 @@ EWMA = 0.2  # weight of the newest batch in the job-time estimate
 class _Worker:
     """The supervisor's view of one worker process."""
 
-    __slots__ = ("proc", "slot", "pid", "ready", "outstanding", "batches", "assigned", "jobs",
-                 "busy", "rss", "retiring", "stopping", "killed_for", "start_error")
+    __slots__ = (
+        "proc",
+        "slot",
+        "pid",
+        "ready",
+        "outstanding",
+        "batches",
+        "assigned",
+        "jobs",
+        "busy",
+        "rss",
+        "retiring",
+        "stopping",
+        "killed_for",
+        "start_error",
+    )
 
     def __init__(self, proc: WorkerProcess) -> None:
         self.proc = proc
@@ -300,7 +321,9 @@ class Supervisor:
                 book.attempt_failed(job, error, retryable=False, elapsed=elapsed, now=now)
             else:
                 error = JobError(KIND_ERROR, *data)
-                book.attempt_failed(job, error, retryable=outcome == ERROR, elapsed=elapsed, now=now)
+                book.attempt_failed(
+                    job, error, retryable=outcome == ERROR, elapsed=elapsed, now=now
+                )
         if items:
             mean = total / len(items) + PER_JOB_OVERHEAD
             old = self.job_time[stage]
@@ -337,7 +360,9 @@ class Supervisor:
         if running is not None:
             elapsed = max(0.0, now - self.progress[started_at] / 1e9)
             if error.kind == KIND_CRASH:
-                log.info("job %s: worker %s crashed (%s)", running.index, w.pid, describe_exit(code))
+                log.info(
+                    "job %s: worker %s crashed (%s)", running.index, w.pid, describe_exit(code)
+                )
             self.book.attempt_failed(running, error, retryable=True, elapsed=elapsed, now=now)
         self.progress[job_at] = IDLE
         if not w.ready and not w.stopping and not self.terminating:
@@ -418,8 +443,15 @@ class Supervisor:
             job_at, _ = progress_slot(slot)
             self.progress[job_at] = IDLE
             try:
-                proc = WorkerProcess(self.ctx, slot, self.progress, self.tasks_blob, self.preload,
-                                     self.max_tasks, self.max_memory)
+                proc = WorkerProcess(
+                    self.ctx,
+                    slot,
+                    self.progress,
+                    self.tasks_blob,
+                    self.preload,
+                    self.max_tasks,
+                    self.max_memory,
+                )
             except Exception as exc:
                 log.error("could not start a worker: %r", exc)
                 self._start_failed(JobError(KIND_ERROR, type(exc).__name__, str(exc)))
@@ -439,8 +471,11 @@ class Supervisor:
         ready = self.book.ready
         if not ready:
             return
-        open_workers = [w for w in self.workers.values()
-                        if w.ready and not w.retiring and not w.stopping and w.killed_for is None]
+        open_workers = [
+            w
+            for w in self.workers.values()
+            if w.ready and not w.retiring and not w.stopping and w.killed_for is None
+        ]
         if not open_workers:
             return
         open_workers.sort(key=lambda w: len(w.batches))
