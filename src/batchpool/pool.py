@@ -7,6 +7,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the inp
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
-def _default_start_method() -> str:
+def default_start_method() -> str:
     # fork after threads is unsafe (the supervisor is a thread), so prefer forkserver.
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
@@ -76,15 +77,19 @@ class _Collector:
             self.lost = error.message if error else "the pool was terminated"
             self.cond.notify()
 
-    def take(self) -> list[JobResult]:
-        """Block until at least one result is in; return all that are."""
+    def take(self, timeout: float | None = None) -> list[JobResult]:
+        """Block until at least one result is in (or ``timeout``); return all that are."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while not self.items:
                 if self.lost:
                     raise PoolClosed(f"results lost: {self.lost}")
                 if self.supervisor.done.is_set():
                     raise PoolClosed("the pool stopped before all results came back")
-                self.cond.wait(0.5)
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    return []
+                self.cond.wait(wait)
             items = list(self.items)
             self.items.clear()
             return items
@@ -154,7 +159,7 @@ class Pool:
         self._closed = True  # until fully built, so __del__/atexit ignore a half-built pool
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
         procs = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
-        method = start_method or _default_start_method()
+        method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
                 f"start_method must be one of {multiprocessing.get_all_start_methods()}, "

@@ -141,3 +141,23 @@ class WorkerProcess:
         self.conn.close()
         self.proc.close()
         return code
+
+
+def start_forkserver_ignoring_sigterm() -> None:
+    """Start the forkserver with SIGTERM ignored, for runs that own the signals.
+
+    A terminal or service manager may signal the whole process group; a forkserver killed by
+    that SIGTERM would make every worker look dead (its sentinel pipes close) while they still
+    run. A signal ignored at exec stays ignored, so the server started here survives, and so
+    do the workers it forks, leaving the drain to the supervisor. Main thread only.
+    """
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

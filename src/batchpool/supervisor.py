@@ -144,6 +144,7 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}  # slot -> worker
         self.job_time: list[float | None] = [None] * len(policies)
         self.closing = False
+        self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
         self.broken: JobError | None = None
         self.start_failures = 0
@@ -251,6 +252,8 @@ class Supervisor:
             if item in by_sentinel:
                 self._on_exit(by_sentinel[item], now)
         self._fire_timers(now)
+        if self.draining:
+            self.cancelled.extend((job, None) for job in self.book.abandon())
         self._start_workers()
         self._dispatch(now)
         return self._maybe_stop()
@@ -270,6 +273,8 @@ class Supervisor:
                         self.book.add(job)
             elif kind == "close":
                 self.closing = True
+            elif kind == "drain":
+                self.draining = True
             elif kind == "terminate":
                 self._terminate(None)
                 return

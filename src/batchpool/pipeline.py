@@ -1,0 +1,482 @@
+"""Pipelines: a source of payloads streamed through one or more Task stages, journaled.
+
+The run loop lives in the calling thread: it reads the source a bounded window ahead, merges
+it with what the journal already holds (skipping jobs that have a final outcome), submits the
+rest to one pool shared by every stage, and records each final result in the journal before
+handing it to the sink. Signals only set flags here; the loop acts on them between results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .jobs import Job
+from .journal import Journal, JournalError, fingerprint
+from .pool import WINDOW_PER_PROC, Pool, default_start_method
+from .processes import start_forkserver_ignoring_sigterm
+from .progress import Progress
+from .results import JobError, JobResult, Metrics
+from .task import Task, resolve_policy
+
+MAX_FAILURES_KEPT = 1000  # RunReport.failures keeps the first ones; counts stay exact
+TIMING_SAMPLES = 10_000  # reservoir for p50/p95 attempt time: bounded memory
+POLL = 0.1  # seconds between looks at stop flags while waiting for results
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<default journal>"
+
+
+DEFAULT_JOURNAL: Any = _Default()
+
+
+class UnfinishedRunError(JournalError):
+    """The journal holds a run that did not finish; resume it or start fresh."""
+
+
+class SourceChangedError(JournalError):
+    """The source yields a different payload at an index than the journal recorded."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        super().__init__(
+            f"the source changed since journal {path} was written: the payload at index "
+            f"{index} differs from the recorded one (start over with --fresh)"
+        )
+        self.index = index
+
+
+@dataclass
+class RunReport:
+    """What a run did. ``to_dict()`` is JSON-serialisable."""
+
+    succeeded: int
+    failed: int
+    elapsed: float
+    metrics: Metrics
+    failures: list[JobResult]
+    interrupted: bool
+    total: int = 0  # jobs with a final outcome, earlier runs' included
+    skipped: int = 0  # of those, recorded by an earlier run and not run again
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "source", "sink", "journal"
+    error: str | None = None  # traceback or message of what stopped the run
+    attempt_p50: float | None = None
+    attempt_p95: float | None = None
+    peak_rss: int = 0  # bytes, largest worker RSS sampled
+    journal: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "total": self.total,
+            "skipped": self.skipped,
+            "elapsed": self.elapsed,
+            "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
+            "error": self.error,
+            "attempt_p50": self.attempt_p50,
+            "attempt_p95": self.attempt_p95,
+            "peak_rss": self.peak_rss,
+            "journal": self.journal,
+            "metrics": self.metrics.to_dict(),
+            "failures": [
+                {
+                    "index": r.index,
+                    "payload": repr(r.payload),
+                    "attempts": r.attempts,
+                    "error": r.error.to_dict() if r.error else None,
+                }
+                for r in self.failures
+            ],
+        }
+
+
+class Pipeline:
+    """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed."""
+
+    def __init__(
+        self,
+        source: Iterable[Any] | Callable[[], Iterable[Any]],
+        *stages: Task,
+        name: str | None = None,
+        sink: Callable[[JobResult], Any] | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a Pipeline needs at least one Task stage")
+        for stage in stages:
+            resolve_policy(stage)  # TypeError/ValueError now, not in a worker
+        if sink is not None and not callable(sink):
+            raise TypeError("sink must be callable")
+        self.source = source
+        self.stages = list(stages)
+        self.name = name
+        self.sink = sink
+        self.preload: list[tuple[str, str]] = []  # (module name, file) workers import first
+
+    def run(
+        self,
+        procs: int | None = None,
+        *,
+        journal: str | os.PathLike | None = DEFAULT_JOURNAL,
+        resume: bool = False,
+        fresh: bool = False,
+        retry_failed: bool = False,
+        progress: bool = True,
+        output: str | os.PathLike | None = None,
+        **pool_options: Any,
+    ) -> RunReport:
+        """Run to the end (or until stopped) and report.
+
+        ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
+        """
+        name = self.name or "pipeline"
+        if journal is DEFAULT_JOURNAL:
+            journal = Path(".batchpool") / f"{name}.sqlite"
+        tmp = None
+        if journal is None and output is not None:  # --output is written from a journal
+            tmp = tempfile.TemporaryDirectory(prefix="batchpool-")
+            journal = Path(tmp.name) / "results.sqlite"
+        try:
+            book = _open_journal(journal, name, resume, fresh, retry_failed)
+            run = _Run(self, book, resume or retry_failed, retry_failed, progress)
+            try:
+                report = run.execute(procs, pool_options)
+            except BaseException:
+                if book is not None:
+                    book.close(flush=False)
+                raise
+            if book is not None:
+                try:
+                    if output is not None:
+                        write_jsonl(book, Path(output))
+                    book.close()
+                except JournalError as exc:  # the work is done; what is committed stays
+                    report.stopped_by = report.stopped_by or "journal"
+                    report.error = report.error or str(exc)
+                    report.interrupted = True
+                    book.close(flush=False)
+            return report
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+
+
+def _open_journal(
+    path: str | os.PathLike | None, name: str, resume: bool, fresh: bool, retry_failed: bool
+) -> Journal | None:
+    if path is None:
+        return None
+    book = Journal(path, name, fresh=fresh)
+    if book.state == "unfinished" and not (resume or retry_failed or fresh):
+        book.close()
+        raise UnfinishedRunError(
+            f"journal {book.path} holds an unfinished run of {name!r}: "
+            "continue it with --resume, or start over with --fresh"
+        )
+    return book
+
+
+def output_line(row: dict[str, Any]) -> str:
+    """The --output / ``results`` JSON line of a journal row."""
+    line = {k: row[k] for k in ("index", "ok", "value", "error", "attempts")}
+    return json.dumps(line, default=repr) + "\n"
+
+
+def write_jsonl(book: Journal, path: Path) -> None:
+    """One JSON object per job, ordered by index (the journal is the source of truth)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in book.rows():
+            f.write(output_line(row))
+    os.replace(tmp, path)
+
+
+class _Inbox:
+    """The run's consumer: final results, and jobs dropped by a drain or terminate."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.results: deque[JobResult] = deque()
+        self.dropped = 0
+
+    def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
+        with self.cond:
+            self.results.extend(r for _, r in items)
+            self.cond.notify()
+
+    def cancel(self, job: Job, error: JobError | None) -> None:
+        with self.cond:
+            self.dropped += 1
+            self.cond.notify()
+
+    def take(self, timeout: float) -> tuple[list[JobResult], int]:
+        with self.cond:
+            if not self.results and not self.dropped:
+                self.cond.wait(timeout)
+            results = list(self.results)
+            self.results.clear()
+            dropped, self.dropped = self.dropped, 0
+            return results, dropped
+
+
+class _Stop:
+    """Stop requests from signal handlers: flags only, read by the run loop."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.hard = False
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        else:
+            self.hard = True
+
+    def install(self) -> Callable[[], None]:
+        """Route SIGINT/SIGTERM here while the run lasts (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        old = {sig: signal.signal(sig, lambda s, f: self.request(names[s])) for sig in names}
+
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+
+class _Run:
+    """One execution of a pipeline."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        journal: Journal | None,
+        resume: bool,
+        retry_failed: bool,
+        progress: bool,
+    ) -> None:
+        self.pipeline = pipeline
+        self.journal = journal
+        self.resume = resume
+        self.retry_failed = retry_failed
+        self.show_progress = progress
+        self.stop = _Stop()
+        self.inbox = _Inbox()
+        self.error: str | None = None
+        self.stopped_by: str | None = None
+        self.outstanding = 0
+        self.succeeded = self.failed = self.skipped = 0
+        self.failures: list[JobResult] = []
+        self.timings: list[float] = []
+        self.timed = 0
+        self.rand = random.Random(0)
+
+    def execute(self, procs: int | None, pool_options: dict[str, Any]) -> RunReport:
+        pipeline = self.pipeline
+        started = time.monotonic()
+        method = pool_options.get("start_method") or default_start_method()
+        if method == "forkserver":
+            start_forkserver_ignoring_sigterm()
+        restore = self.stop.install()
+        try:
+            source = self._source()
+            pool = Pool._for_stages(
+                pipeline.stages, procs, preload=pipeline.preload, **pool_options
+            )
+            total = _length(pipeline.source)
+            self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
+            try:
+                if self.journal is not None:
+                    self.journal.begin(total=total, resume=self.resume)
+                self._loop(pool, source)
+            except BaseException:
+                pool.terminate()  # attempts cut short are not final: a resume runs them
+                raise
+            finally:
+                if self.stop.hard:
+                    pool.terminate()
+                else:
+                    pool.close()
+                self.progress.close()
+            metrics = pool.metrics()
+            complete = self.stopped_by is None
+            if self.journal is not None:
+                try:
+                    self.journal.finish(complete=complete)
+                except JournalError as exc:
+                    self.stopped_by = self.stopped_by or "journal"
+                    self.error = self.error or str(exc)
+                    complete = False
+        finally:
+            restore()
+        return self._report(metrics, time.monotonic() - started, not complete)
+
+    def _source(self) -> Iterator[Any]:
+        source = self.pipeline.source
+        if callable(source):
+            source = source()
+        iterator = iter(source)
+        if self.journal is None or not self.resume:
+            return enumerate(iterator)
+        if callable(self.pipeline.source) or isinstance(self.pipeline.source, Sequence):
+            # Re-readable: refuse a changed source before running anything.
+            source = self.pipeline.source
+            for _ in _merge(iter(source() if callable(source) else source), self.journal):
+                pass
+        return _merge(iterator, self.journal)
+
+    def _loop(self, pool: Pool, source: Iterator[Any]) -> None:
+        window = WINDOW_PER_PROC * pool.procs
+        intake = True
+        batch: list = []
+        while True:
+            if self.stop.reason and self.stopped_by is None:
+                self._halt(pool, self.stop.reason, None)
+            if self.stop.hard:
+                return
+            intake = intake and self.stopped_by is None
+            while intake and self.outstanding < window:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    intake = False
+                    break
+                except SourceChangedError:
+                    raise
+                except Exception:
+                    self._halt(pool, "source", traceback.format_exc())
+                    intake = False
+                    break
+                index, payload, recorded = item if len(item) == 3 else (*item, None)
+                if recorded is not None and not (recorded == "failed" and self.retry_failed):
+                    self.skipped += 1
+                    self.progress.skip(recorded == "ok")
+                    continue
+                batch.append(pool._make_job(index, payload, self.inbox))
+                self.outstanding += 1
+                if len(batch) >= 64 or self.outstanding >= window:
+                    pool._post_jobs(batch)
+                    batch = []
+            if batch:
+                pool._post_jobs(batch)
+                batch = []
+            if not self.outstanding and not intake:
+                return
+            results, dropped = self.inbox.take(POLL)
+            self.outstanding -= dropped
+            for result in results:
+                self.outstanding -= 1
+                self._final(pool, result)
+
+    def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
+        """Stop intake; let attempts already running finish; drop jobs not started."""
+        self.stopped_by = reason
+        self.error = error
+        pool._supervisor.post(("drain",))
+
+    def _final(self, pool: Pool, result: JobResult) -> None:
+        if result.ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            if len(self.failures) < MAX_FAILURES_KEPT:
+                self.failures.append(result)
+        self._sample(result.elapsed)
+        if self.journal is not None:
+            try:
+                self.journal.add_final(
+                    result.index,
+                    fingerprint(result.payload),
+                    ok=result.ok,
+                    value=result.value,
+                    error=result.error.to_dict() if result.error else None,
+                    attempts=result.attempts,
+                    worker=result.worker,
+                    elapsed=result.elapsed,
+                )
+            except JournalError as exc:
+                if self.stopped_by is None:
+                    self._halt(pool, "journal", str(exc))
+        self.progress.update(result.ok)
+        sink = self.pipeline.sink
+        if sink is not None and self.stopped_by != "sink":
+            try:
+                sink(result)
+            except Exception:
+                if self.stopped_by is None:
+                    self._halt(pool, "sink", traceback.format_exc())
+
+    def _sample(self, elapsed: float) -> None:
+        self.timed += 1
+        if len(self.timings) < TIMING_SAMPLES:
+            self.timings.append(elapsed)
+        else:
+            slot = self.rand.randrange(self.timed)
+            if slot < TIMING_SAMPLES:
+                self.timings[slot] = elapsed
+
+    def _report(self, metrics: Metrics, elapsed: float, interrupted: bool) -> RunReport:
+        succeeded, failed = self.succeeded, self.failed
+        if self.journal is not None:
+            counts = self.journal.counts()
+            succeeded, failed = counts["ok"], counts["failed"]
+        timings = sorted(self.timings)
+        return RunReport(
+            succeeded=succeeded,
+            failed=failed,
+            elapsed=elapsed,
+            metrics=metrics,
+            failures=self.failures,
+            interrupted=interrupted,
+            total=succeeded + failed,
+            skipped=self.skipped,
+            stopped_by=self.stopped_by,
+            error=self.error,
+            attempt_p50=_quantile(timings, 0.50),
+            attempt_p95=_quantile(timings, 0.95),
+            peak_rss=self.progress.peak_rss,
+            journal=str(self.journal.path) if self.journal is not None else None,
+        )
+
+
+def _merge(source: Iterator[Any], journal: Journal) -> Iterator[tuple[int, Any, str | None]]:
+    """(index, payload, recorded status) for each payload, checking recorded fingerprints."""
+    recorded = journal.recorded()
+    current = next(recorded, None)
+    for index, payload in enumerate(source):
+        while current is not None and current[0] < index:
+            current = next(recorded, None)
+        if current is not None and current[0] == index and current[2] is not None:
+            if current[1] != fingerprint(payload):
+                raise SourceChangedError(journal.path, index)
+            yield index, payload, current[2]
+        else:
+            yield index, payload, None
+
+
+def _length(source: Any) -> int | None:
+    try:
+        return len(source)
+    except TypeError:
+        return None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(q * len(values)))]
