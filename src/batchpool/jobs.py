@@ -1,34 +1,29 @@
 """Jobs and the one place where a job changes state.
 
+The states are where a job is, not a field: the ready queue, a worker's outstanding list, the
+retry timers, or delivered.
+
     submit --> QUEUED --dispatch--> SENT --result ok--------------------> (next stage) or DONE
                  ^                    |--failed, retries left--> WAITING --due--> QUEUED (front)
                  |                    |--failed, final------------------------------> DONE
                  +---- requeue -------+   (worker died or retired before starting it: free)
 
-A multi-stage job re-enters QUEUED for its next stage with the previous stage's pickled value
-as payload, so values are not unpickled and pickled again between stages. Counters follow the
-SPEC's Metrics and count stage-jobs: each stage a job enters is one ``submitted``.
+A multi-stage job re-enters QUEUED for its next stage with the previous stage's value as its
+``data``; ``payload`` stays the source payload that the final JobResult reports. Counters follow
+the SPEC's Metrics and count stage-jobs: each stage a job enters is one ``submitted``.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .messages import error_tuple, loads
-from .results import KIND_CRASH, KIND_SERIALIZATION, KIND_TIMEOUT, JobError, JobResult
+from .messages import error_tuple
+from .results import KIND_CRASH, KIND_TIMEOUT, JobError, JobResult
 from .retry import backoff_delay, should_retry
 from .task import Policy
 from .timers import Timers
-
-
-class State(enum.Enum):
-    QUEUED = "queued"
-    SENT = "sent"
-    WAITING = "waiting"
-    DONE = "done"
 
 
 class Job:
@@ -37,27 +32,25 @@ class Job:
         "index",
         "stage",
         "payload",
-        "blob",
+        "data",
         "attempts",
-        "state",
         "consumer",
         "tag",
         "worker",
+        "solo",
     )
 
-    def __init__(
-        self, id: int, index: int, payload: Any, blob: bytes | None, consumer: Any, tag: Any = None
-    ) -> None:
+    def __init__(self, id: int, index: int, payload: Any, consumer: Any, tag: Any = None) -> None:
         self.id = id
         self.index = index
         self.stage = 0
-        self.payload = payload
-        self.blob = blob  # None: the payload could not be pickled
+        self.payload = payload  # as the source gave it
+        self.data = payload  # what the current stage runs on
         self.attempts = 0
-        self.state = State.QUEUED
         self.consumer = consumer  # gets the final JobResult (see supervisor.deliver)
         self.tag = tag  # the consumer's own handle for the job (a Future, say)
         self.worker: int | None = None  # pid of the worker of the latest attempt
+        self.solo = False  # sent alone: its batch failed as a whole (see messages.SPLIT)
 
 
 class JobBook:
@@ -72,27 +65,23 @@ class JobBook:
         self.done: list[tuple[Job, JobResult]] = []  # final results not yet delivered
         self.submitted = self.started = self.succeeded = self.failed = self.retried = 0
         self.timed_out = self.crashed = 0
+        self.solo_queued = 0  # jobs flagged solo anywhere in the queue (rare; skip scans)
 
     # -- entry ---------------------------------------------------------------------------
     def add(self, job: Job) -> None:
         self.submitted += 1
         self.ready.append(job)
 
-    def add_unpicklable(self, job: Job, error: JobError) -> None:
-        """A payload that could not be pickled: one attempt, failed, never retried."""
-        self.submitted += 1
-        self.started += 1
-        self.failed += 1
-        job.attempts = 1
-        self._final(job, None, error, 0.0)
-
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int) -> list[Job]:
+        """Up to n jobs from the front, for one message to worker ``pid``."""
         ready = self.ready
+        n = min(n, len(ready))
+        if self.solo_queued:
+            n = self._solo_cut(n)
         taken = []
-        for _ in range(min(n, len(ready))):
+        for _ in range(n):
             job = ready.popleft()
-            job.state = State.SENT
             job.attempts += 1
             job.worker = pid
             taken.append(job)
@@ -100,34 +89,38 @@ class JobBook:
         self.started += len(taken)
         return taken
 
-    def requeue(self, jobs: list[Job]) -> None:
-        """Jobs a worker held but never started: back to the front, no attempt charged."""
+    def _solo_cut(self, n: int) -> int:
+        """A solo job travels alone; a batch stops before one."""
+        ready = self.ready
+        if ready[0].solo:
+            return 1
+        for i in range(1, n):
+            if ready[i].solo:
+                return i
+        return n
+
+    def requeue(self, jobs: list[Job], solo: bool = False) -> None:
+        """Jobs a worker held but never started (or must run alone): back to the front, no
+        attempt charged."""
         for job in reversed(jobs):
-            job.state = State.QUEUED
             job.attempts -= 1
+            if solo and not job.solo:
+                job.solo = True
+                self.solo_queued += 1
             self.ready.appendleft(job)
         self.sent -= len(jobs)
         self.started -= len(jobs)
 
     # -- outcomes ------------------------------------------------------------------------
-    def succeeded_blob(self, job: Job, blob: bytes, elapsed: float, now: float) -> None:
+    def complete(self, job: Job, value: Any, elapsed: float) -> None:
         self.sent -= 1
         self.succeeded += 1
         if job.stage + 1 < len(self.policies):
             job.stage += 1
-            job.blob = blob
+            job.data = value
             job.attempts = 0
-            job.state = State.QUEUED
             self.submitted += 1
             self.ready.appendleft(job)  # finish old jobs first: keeps ordered streams moving
-            return
-        try:
-            value = loads(blob)
-        except BaseException as exc:  # the value pickled in the worker but cannot load here
-            self.succeeded -= 1
-            self.sent += 1
-            error = error_from(KIND_SERIALIZATION, exc)
-            self.attempt_failed(job, error, retryable=False, elapsed=elapsed, now=now)
             return
         self._final(job, value, None, elapsed)
 
@@ -142,7 +135,6 @@ class JobBook:
         policy = self.policies[job.stage]
         if should_retry(job.attempts, policy.retries, retryable):
             self.retried += 1
-            job.state = State.WAITING
             delay = backoff_delay(
                 job.attempts, policy.backoff, policy.max_backoff, policy.jitter, self.rand
             )
@@ -154,7 +146,6 @@ class JobBook:
     def release_due(self, now: float) -> None:
         due = self.retry_timers.pop_due(now)
         for _, job in reversed(due):
-            job.state = State.QUEUED
             self.ready.appendleft(job)
 
     def fail_unsent(self, error: JobError) -> None:
@@ -176,10 +167,10 @@ class JobBook:
         return jobs
 
     def _final(self, job: Job, value: Any, error: JobError | None, elapsed: float) -> None:
-        job.state = State.DONE
-        result = JobResult(job.index, job.payload, value, error, job.attempts, elapsed, job.worker)
-        job.blob = None
-        self.done.append((job, result))
+        job.data = None
+        if job.solo:
+            self.solo_queued -= 1
+        self.done.append((job, result_of(job, value, error, elapsed)))
 
     @property
     def unfinished(self) -> int:
@@ -188,3 +179,21 @@ class JobBook:
 
 def error_from(kind: str, exc: BaseException) -> JobError:
     return JobError(kind, *error_tuple(exc))
+
+
+_new = object.__new__
+
+
+def result_of(job: Job, value: Any, error: JobError | None, elapsed: float) -> JobResult:
+    """JobResult(...) at a third of the cost: a frozen dataclass's __init__ sets each field
+    through object.__setattr__, and this runs once per job in the supervisor."""
+    result = _new(JobResult)
+    d = result.__dict__
+    d["index"] = job.index
+    d["payload"] = job.payload
+    d["value"] = value
+    d["error"] = error
+    d["attempts"] = job.attempts
+    d["elapsed"] = elapsed
+    d["worker"] = job.worker
+    return result

@@ -5,20 +5,27 @@ Every message is a plain tuple ``(TAG, ...)`` pickled with the highest protocol 
 this path runs once per batch of jobs, so the shapes are documented here instead of typed:
 
 supervisor -> worker
-    (RUN, [(job_id, stage, payload_blob), ...])   run these jobs, in order
-    (STOP,)                                        the sentinel: tear down and exit 0
+    (RUN, job_ids, stages, payloads_blob)   run these jobs, in order; payloads_blob is one
+                                           pickled list (20x cheaper than a pickle per job)
+    (STOP,)                                the sentinel: tear down and exit 0
 
 worker -> supervisor
-    (READY, pid)                                   setup() done; send jobs
-    (START_FAILED, error)                          task unpickling or setup() raised; exiting
-    (RESULTS, [(job_id, outcome, elapsed, data), ...], retiring)
-        outcome OK:          data is the pickled return value (the worker pickles it, so a
-                             value that cannot be pickled is charged to its own job)
-        outcome ERROR/FATAL: data is an error tuple; ERROR may be retried, FATAL may not
-        outcome UNPICKLABLE: data is an error tuple; a serialization failure, never retried
-        retiring:            None, or why the worker leaves after this message
-                             (max_tasks_per_worker, max_memory); its unread jobs go back to
-                             the queue
+    (READY, pid)                           setup() done; send jobs
+    (START_FAILED, error)                  task unpickling or setup() raised; exiting
+    (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
+        values_blob: one pickled list, per job the return value (OK) or an error tuple
+        OK           the value; the worker pickles it, so a value that cannot be pickled
+                     is charged to its own job (UNPICKLABLE)
+        ERROR/FATAL  an exception in run(); ERROR may be retried, FATAL may not
+        UNPICKLABLE  a serialization failure, never retried
+        SPLIT        the batch's payloads could not be unpickled as a whole: run each job
+                     alone to find the culprit (no attempt is charged)
+        retiring     None, or why the worker leaves after this message (max_tasks_per_worker,
+                     max_memory); the jobs it has not answered go back to the queue
+
+Batches keep the fast path to one pickle per direction per message; when a batch fails as a
+whole (a payload or value that cannot be unpickled on the other side), its jobs run again one
+per message, so the failure is charged to exactly one job.
 
 error tuple: (type_name, message, traceback_text) -- plain data, so an exception class that
 cannot be pickled or imported in the supervisor still reports faithfully.
@@ -45,6 +52,7 @@ OK = 0
 ERROR = 1
 FATAL = 2
 UNPICKLABLE = 3
+SPLIT = 4
 
 IDLE = -1  # progress slot value between jobs
 

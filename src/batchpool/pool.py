@@ -17,7 +17,7 @@ from typing import Any
 from .errors import PoolBroken, PoolClosed
 from .jobs import Job
 from .messages import dumps
-from .results import KIND_SERIALIZATION, JobError, JobResult, Metrics
+from .results import JobError, JobResult, Metrics
 from .supervisor import Supervisor
 from .task import Policy, Task, resolve_policy
 
@@ -206,14 +206,8 @@ class Pool:
         if broken is not None:
             raise PoolBroken(f"workers cannot start: {broken.type}: {broken.message}")
 
-    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None):
-        try:
-            blob = dumps(payload)
-            error = None
-        except Exception as exc:
-            blob = None
-            error = JobError(KIND_SERIALIZATION, type(exc).__name__, str(exc), "")
-        return Job(next(self._ids), index, payload, blob, consumer, tag), error
+    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Job:
+        return Job(next(self._ids), index, payload, consumer, tag)
 
     def _post_jobs(self, entries: list) -> None:
         with self._submit_lock:
@@ -248,35 +242,34 @@ class Pool:
         self._check_open()
         return self._imap(iter(payloads), ordered)
 
+    def _window(self) -> int:
+        """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
+        when payloads are big (the supervisor measures their pickled size)."""
+        window = WINDOW_PER_PROC * self.procs
+        per_job = self._supervisor.job_bytes[0]
+        if per_job:
+            window = min(window, WINDOW_BYTES // per_job)
+        return max(window, 2 * self.procs)
+
     def _imap(self, source: Iterator[Any], ordered: bool) -> Iterator[JobResult]:
         collector = _Collector(self._supervisor)
-        window = max(2 * self.procs, WINDOW_PER_PROC * self.procs)
-        sizes: dict[int, int] = {}
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
         next_index = 0  # of the source
-        next_out = 0  # ordered: index to yield next
+        next_out = 0  # ordered: the index to yield next
         outstanding = 0  # submitted and not yet yielded
-        in_bytes = 0
         exhausted = False
         while True:
             batch = []
-            while (
-                not exhausted
-                and outstanding < window
-                and (in_bytes < WINDOW_BYTES or outstanding < 2 * self.procs)
-            ):
+            window = self._window()
+            while not exhausted and outstanding < window:
                 try:
                     payload = next(source)
                 except StopIteration:
                     exhausted = True
                     break
-                entry = self._make_job(next_index, payload, collector)
-                size = len(entry[0].blob or b"")
-                sizes[next_index] = size
-                in_bytes += size
+                batch.append(self._make_job(next_index, payload, collector))
                 next_index += 1
                 outstanding += 1
-                batch.append(entry)
                 if len(batch) >= SUBMIT_CHUNK:
                     self._post_jobs(batch)
                     batch = []
@@ -285,7 +278,6 @@ class Pool:
             if not outstanding:
                 return
             for result in collector.take():
-                in_bytes -= sizes.pop(result.index)
                 if not ordered:
                     outstanding -= 1
                     yield result

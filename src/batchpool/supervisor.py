@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from .jobs import Job, JobBook
+from .jobs import Job, JobBook, error_from
 from .messages import (
     ERROR,
     IDLE,
@@ -40,6 +40,7 @@ from .messages import (
     READY,
     RESULTS,
     RUN,
+    SPLIT,
     START_FAILED,
     STOP,
     UNPICKLABLE,
@@ -98,7 +99,7 @@ class _Worker:
         self.slot = proc.slot
         self.pid = proc.pid
         self.ready = False
-        self.outstanding: dict[int, Job] = {}  # job id -> job, in the order sent
+        self.outstanding: deque[Job] = deque()  # sent, unanswered; a worker keeps this order
         self.batches: deque[int] = deque()  # unanswered jobs per message sent, oldest first
         self.assigned = 0  # jobs ever sent (max_tasks_per_worker)
         self.jobs = 0
@@ -125,6 +126,7 @@ class Supervisor:
     ) -> None:
         self.tasks_blob = tasks_blob
         self.policies = policies
+        self.timed = any(p.timeout for p in policies)
         self.procs = procs
         self.ctx = ctx
         self.chunksize = chunksize
@@ -142,7 +144,8 @@ class Supervisor:
         for i in range(2 * procs):
             self.progress[i] = IDLE
         self.workers: dict[int, _Worker] = {}  # slot -> worker
-        self.job_time: list[float | None] = [None] * len(policies)
+        self.job_time: list[float | None] = [None] * len(policies)  # EWMA seconds per job
+        self.job_bytes: list[int] = [0] * len(policies)  # pickled payload bytes per job, last seen
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
@@ -263,14 +266,11 @@ class Supervisor:
             command = self.commands.popleft()
             kind = command[0]
             if kind == "submit":
-                for job, error in command[1]:
-                    if error is not None:
-                        self.book.add_unpicklable(job, error)
-                    elif self.broken is not None:
-                        self.book.add(job)
-                        self.book.fail_unsent(self.broken)
-                    else:
-                        self.book.add(job)
+                add = self.book.add
+                for job in command[1]:
+                    add(job)
+                if self.broken is not None:
+                    self.book.fail_unsent(self.broken)
             elif kind == "close":
                 self.closing = True
             elif kind == "drain":
@@ -282,20 +282,25 @@ class Supervisor:
     # -- messages from workers -----------------------------------------------------------------
     def _read(self, w: _Worker, now: float) -> None:
         conn = w.proc.conn
-        try:
-            while conn.poll():
-                self._on_message(w, loads(conn.recv_bytes()), now)
-        except (EOFError, OSError):
-            pass  # a dying worker's pipe; its sentinel reports the death
-        except Exception:  # a message cut short by a kill mid-write
-            log.debug("unreadable message from worker %s", w.pid, exc_info=True)
+        while True:
+            try:
+                if not conn.poll():
+                    return
+                message = loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # a dying worker's pipe; its sentinel reports the death
+            except Exception:  # a message cut short by a kill mid-write
+                log.debug("unreadable message from worker %s", w.pid, exc_info=True)
+                return
+            self._on_message(w, message, now)
 
     def _on_message(self, w: _Worker, message: tuple, now: float) -> None:
         tag = message[0]
         if tag == RESULTS:
-            self._on_results(w, message[1], now)
-            if message[2]:
-                log.debug("worker %s retires (%s)", w.pid, message[2])
+            _, ids, outcomes, elapsed, blob, retiring = message
+            self._on_results(w, ids, outcomes, elapsed, blob, now)
+            if retiring:
+                log.debug("worker %s retires (%s)", w.pid, retiring)
                 w.retiring = True
                 self._requeue_held(w)
         elif tag == READY:
@@ -304,38 +309,63 @@ class Supervisor:
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
 
-    def _on_results(self, w: _Worker, items: list, now: float) -> None:
+    def _on_results(
+        self, w: _Worker, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
+    ) -> None:
+        jobs = self._answered(w, ids)
+        try:
+            values = loads(blob)
+        except Exception as exc:  # a value that pickled in the worker but cannot load here
+            self._unloadable(jobs, exc, now)
+            return
         book = self.book
-        total = 0.0
-        stage = -1
-        for job_id, outcome, elapsed, data in items:
-            job = w.outstanding.pop(job_id, None)
-            if job is None:  # already charged to a timeout kill
-                continue
-            w.batches[0] -= 1
-            if not w.batches[0]:
-                w.batches.popleft()
-            w.jobs += 1
-            w.busy += elapsed
-            total += elapsed
-            stage = job.stage
+        stage = jobs[0].stage if jobs else 0
+        for job, outcome, seconds, value in zip(jobs, outcomes, elapsed, values, strict=True):
             if outcome == OK:
-                book.succeeded_blob(job, data, elapsed, now)
-            elif outcome == UNPICKLABLE:
-                error = JobError(KIND_SERIALIZATION, *data)
-                book.attempt_failed(job, error, retryable=False, elapsed=elapsed, now=now)
+                book.complete(job, value, seconds)
+            elif outcome == SPLIT:
+                book.requeue([job], solo=True)
             else:
-                error = JobError(KIND_ERROR, *data)
-                book.attempt_failed(
-                    job, error, retryable=outcome == ERROR, elapsed=elapsed, now=now
-                )
-        if items:
-            mean = total / len(items) + PER_JOB_OVERHEAD
+                kind = KIND_SERIALIZATION if outcome == UNPICKLABLE else KIND_ERROR
+                retryable = outcome == ERROR
+                error = JobError(kind, *value)
+                book.attempt_failed(job, error, retryable=retryable, elapsed=seconds, now=now)
+        total = sum(elapsed)
+        w.jobs += len(jobs)
+        w.busy += total
+        if jobs and outcomes[0] != SPLIT:
+            mean = total / len(jobs) + PER_JOB_OVERHEAD
             old = self.job_time[stage]
             self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
 
+    def _answered(self, w: _Worker, ids: list) -> list[Job]:
+        """Take the answered jobs off the worker, which answers in the order it was sent."""
+        outstanding = w.outstanding
+        batches = w.batches
+        jobs = []
+        for job_id in ids:
+            if outstanding and outstanding[0].id == job_id:
+                jobs.append(outstanding.popleft())
+            else:  # a result that raced a timeout kill: find it, or it was charged already
+                job = next((j for j in outstanding if j.id == job_id), None)
+                if job is None:
+                    continue
+                outstanding.remove(job)
+                jobs.append(job)
+            batches[0] -= 1
+            if not batches[0]:
+                batches.popleft()
+        return jobs
+
+    def _unloadable(self, jobs: list[Job], exc: Exception, now: float) -> None:
+        if len(jobs) == 1:
+            error = error_from(KIND_SERIALIZATION, exc)
+            self.book.attempt_failed(jobs[0], error, retryable=False, elapsed=0.0, now=now)
+        else:  # which value? run each alone to find out; no attempt charged
+            self.book.requeue(jobs, solo=True)
+
     def _requeue_held(self, w: _Worker) -> None:
-        self.book.requeue(list(w.outstanding.values()))
+        self.book.requeue(list(w.outstanding))
         w.outstanding.clear()
         w.batches.clear()
 
@@ -350,10 +380,10 @@ class Supervisor:
         running: Job | None = None
         if w.killed_for is not None:
             running, error = w.killed_for
-            if w.outstanding.pop(running.id, None) is None:
+            if running not in w.outstanding:
                 running = None  # its result made it out before the kill
         elif w.outstanding:
-            running = w.outstanding.pop(self.progress[job_at], None)
+            running = _find(w.outstanding, self.progress[job_at])
             error = JobError(
                 KIND_CRASH,
                 "WorkerCrashed",
@@ -361,6 +391,8 @@ class Supervisor:
                 "",
                 code,
             )
+        if running is not None:
+            w.outstanding.remove(running)
         self._requeue_held(w)
         if running is not None:
             elapsed = max(0.0, now - self.progress[started_at] / 1e9)
@@ -414,7 +446,7 @@ class Supervisor:
         if w is None or w.killed_for is not None:
             return
         job_at, started_at = progress_slot(w.slot)
-        job = w.outstanding.get(self.progress[job_at])
+        job = _find(w.outstanding, self.progress[job_at])
         timeout = job is not None and self.policies[job.stage].timeout
         if timeout:
             deadline = self.progress[started_at] / 1e9 + timeout
@@ -429,7 +461,9 @@ class Supervisor:
         self._schedule_watch(w, now)
 
     def _schedule_watch(self, w: _Worker, now: float) -> None:
-        timeouts = [self.policies[j.stage].timeout for j in w.outstanding.values()]
+        if not self.timed:
+            return
+        timeouts = [self.policies[j.stage].timeout for j in w.outstanding]
         timeouts = [t for t in timeouts if t]
         if timeouts:
             self.timers.schedule(now + min(timeouts), ("watch", w.slot))
@@ -498,32 +532,48 @@ class Supervisor:
             if self.max_tasks is not None:
                 n = min(n, self.max_tasks - w.assigned)
             if prefetch:
-                n = self._fit(n, PREFETCH_MAX_BYTES)
-            if n <= 0:
-                continue
-            self._send(w, n, now)
+                # A busy worker reads nothing until its batch is done: what we send must fit
+                # its socket buffer, or this thread blocks while that worker blocks on us.
+                per_job = self.job_bytes[stage]
+                n = min(n, PREFETCH_MAX_BYTES // per_job) if per_job else min(n, 1)
+            if n > 0:
+                self._send(w, n, now, PREFETCH_MAX_BYTES if prefetch else None)
 
-    def _fit(self, n: int, limit: int) -> int:
-        """How many queued jobs, up to n, fit in ``limit`` bytes of payload."""
-        size = 0
-        ready = self.book.ready
-        for i in range(min(n, len(ready))):
-            size += len(ready[i].blob) + 32
-            if size > limit:
-                return i
-        return n
-
-    def _send(self, w: _Worker, n: int, now: float) -> None:
+    def _send(self, w: _Worker, n: int, now: float, limit: int | None) -> None:
         jobs = self.book.take(n, w.pid)
-        if not w.proc.send(dumps((RUN, [(j.id, j.stage, j.blob) for j in jobs]))):
+        try:
+            blob = dumps([j.data for j in jobs])
+        except Exception:
+            jobs = self._drop_unpicklable(jobs, now)
+            if not jobs:
+                return
+            blob = dumps([j.data for j in jobs])
+        stage = jobs[0].stage
+        self.job_bytes[stage] = len(blob) // len(jobs) + 1
+        if limit is not None and len(blob) > limit:
+            self.book.requeue(jobs)  # wait until the worker is idle
+            return
+        message = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs], blob))
+        if not w.proc.send(message):
             self.book.requeue(jobs)  # it died; its sentinel will tell
             return
-        for job in jobs:
-            w.outstanding[job.id] = job
+        w.outstanding.extend(jobs)
         w.batches.append(len(jobs))
         w.assigned += len(jobs)
         if ("watch", w.slot) not in self.timers:
             self._schedule_watch(w, now)
+
+    def _drop_unpicklable(self, jobs: list[Job], now: float) -> list[Job]:
+        """Fail the jobs whose payload cannot be pickled (one attempt, never retried)."""
+        good = []
+        for job in jobs:
+            try:
+                dumps(job.data)
+                good.append(job)
+            except Exception as exc:
+                error = error_from(KIND_SERIALIZATION, exc)
+                self.book.attempt_failed(job, error, retryable=False, elapsed=0.0, now=now)
+        return good
 
     # -- ending --------------------------------------------------------------------------------
     def _maybe_stop(self) -> bool:
@@ -544,7 +594,7 @@ class Supervisor:
         held: list[Job] = []
         for w in list(self.workers.values()):
             w.proc.reap()
-            held.extend(w.outstanding.values())
+            held.extend(w.outstanding)
         self.workers.clear()
         self.book.sent = 0
         held.extend(self.book.abandon())
@@ -568,3 +618,10 @@ class Supervisor:
                 consumer.deliver(items)
             except Exception:
                 log.exception("delivering results failed")
+
+
+def _find(jobs: deque[Job], job_id: int) -> Job | None:
+    for job in jobs:
+        if job.id == job_id:
+            return job
+    return None

@@ -26,6 +26,7 @@ from .messages import (
     READY,
     RESULTS,
     RUN,
+    SPLIT,
     START_FAILED,
     UNPICKLABLE,
     dumps,
@@ -124,6 +125,7 @@ def _serve(
     done = 0
     next_memory_check = 0.0
     monotonic = time.monotonic
+    monotonic_ns = time.monotonic_ns
     while True:
         try:
             message = loads(conn.recv_bytes())
@@ -131,13 +133,19 @@ def _serve(
             return  # the supervisor closed our pipe: nothing more will come
         if message[0] != RUN:
             return  # STOP
-        out: list[tuple] = []
+        _, ids, stages, blob = message
+        try:
+            payloads = loads(blob)
+        except BaseException as exc:
+            _refuse_batch(conn, ids, exc)
+            continue
+        out = _Results()
         flushed = monotonic()
         retiring = None
-        for job_id, stage, blob in message[1]:
-            progress[started_at] = time.monotonic_ns()
+        for job_id, stage, payload in zip(ids, stages, payloads, strict=True):
+            progress[started_at] = monotonic_ns()
             progress[job_at] = job_id
-            out.append(_run_one(tasks[stage], job_id, blob))
+            out.add(job_id, *_run_one(tasks[stage], payload))
             progress[job_at] = IDLE
             done += 1
             now = monotonic()
@@ -150,32 +158,63 @@ def _serve(
             if retiring:
                 break
             if now - flushed > FLUSH_EVERY:
-                _send(conn, (RESULTS, out, None))
-                out = []
+                out.send(conn, None)
+                out = _Results()
                 flushed = now
-        if out or retiring:
-            _send(conn, (RESULTS, out, retiring))
+        if out.ids or retiring:
+            out.send(conn, retiring)
         if retiring:
             return
 
 
-def _run_one(task: Task, job_id: int, blob: bytes) -> tuple:
-    try:
-        payload = loads(blob)
-    except BaseException as exc:
-        return (job_id, UNPICKLABLE, 0.0, error_tuple(exc))
+def _refuse_batch(conn: Connection, ids: list[int], exc: BaseException) -> None:
+    """The payloads did not unpickle: alone, the job is charged; in a batch, split it."""
+    if len(ids) == 1:
+        _send(conn, (RESULTS, ids, [UNPICKLABLE], [0.0], dumps([error_tuple(exc)]), None))
+    else:
+        n = len(ids)
+        _send(conn, (RESULTS, ids, [SPLIT] * n, [0.0] * n, dumps([None] * n), None))
+
+
+class _Results:
+    """Results of one message, pickled together; an unpicklable value fails its job alone."""
+
+    __slots__ = ("ids", "outcomes", "elapsed", "values")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.outcomes: list[int] = []
+        self.elapsed: list[float] = []
+        self.values: list[Any] = []
+
+    def add(self, job_id: int, outcome: int, elapsed: float, value: Any) -> None:
+        self.ids.append(job_id)
+        self.outcomes.append(outcome)
+        self.elapsed.append(elapsed)
+        self.values.append(value)
+
+    def send(self, conn: Connection, retiring: str | None) -> None:
+        try:
+            blob = dumps(self.values)
+        except BaseException:
+            for i, value in enumerate(self.values):
+                try:
+                    dumps(value)
+                except BaseException as exc:
+                    self.outcomes[i] = UNPICKLABLE
+                    self.values[i] = error_tuple(exc)
+            blob = dumps(self.values)
+        _send(conn, (RESULTS, self.ids, self.outcomes, self.elapsed, blob, retiring))
+
+
+def _run_one(task: Task, payload: Any) -> tuple[int, float, Any]:
     start = time.perf_counter()
     try:
         value = task.run(payload)
     except BaseException as exc:
         elapsed = time.perf_counter() - start
-        return (job_id, ERROR if is_retryable(task, exc) else FATAL, elapsed, error_tuple(exc))
-    elapsed = time.perf_counter() - start
-    try:
-        data = dumps(value)
-    except BaseException as exc:
-        return (job_id, UNPICKLABLE, elapsed, error_tuple(exc))
-    return (job_id, OK, elapsed, data)
+        return (ERROR if is_retryable(task, exc) else FATAL, elapsed, error_tuple(exc))
+    return (OK, time.perf_counter() - start, value)
 
 
 def _rss_probe():

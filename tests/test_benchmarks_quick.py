@@ -1,0 +1,58 @@
+"""The benchmark suite runs end to end in --quick mode and writes well-formed JSON.
+
+Timings are not asserted: the machine is shared and the numbers are noise at this size. What
+is checked is that the suite completes, exits 0, and records every cell it planned.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=115,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+
+    assert set(doc) >= {"meta", "calibration", "serial_seconds", "runs", "summary"}
+    meta = doc["meta"]
+    for key in ("cpu_count", "python", "platform", "versions", "settings", "methods"):
+        assert key in meta
+    assert meta["settings"]["quick"] is True
+    assert doc["calibration"]["loops_per_ms"] > 0
+
+    ran = set(meta["versions"])  # contenders that were importable here
+    assert {"mp.map", "ppe.submit"} <= ran  # the standard library is always there
+    repeats = meta["settings"]["repeat"]
+    for run in doc["runs"]:
+        assert {"ok", "repeat", "workload", "n", "contender"} <= set(run)
+        if run["ok"]:
+            assert run["wall"] > 0
+        else:
+            assert run["error"]
+    cells = {(r["workload"], r["n"], r["contender"]) for r in doc["runs"]}
+    for cell in cells:
+        got = [r for r in doc["runs"] if (r["workload"], r["n"], r["contender"]) == cell]
+        assert len(got) == repeats, cell
+    assert {w for w, _, _ in cells} >= {"startup", "noop", "cpu1ms", "payload1mb", "uneven"}
+    assert {c for _, _, c in cells if c in ran} == ran  # every available contender ran
+
+    rows = doc["summary"]
+    assert rows and all({"label", "contender", "runs", "rate_median"} <= set(r) for r in rows)
+    assert "vs bp.map" in proc.stdout  # the table was printed
