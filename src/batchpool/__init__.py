@@ -1,6 +1,7 @@
 """batchpool: run large batches of CPU-bound work across processes, reliably and fast."""
 
 from .errors import JobFailed, PermanentError
+from .pipeline import Pipeline, RunReport
 from .pool import Pool
 from .results import JobError, JobResult, Metrics
 from .task import Task
