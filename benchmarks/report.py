@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ def summarise_one(
         method=method,
         runs=len(runs),
         errors=len(bad),
-        error=bad[-1]["error"] if bad else None,
+        error=bad[0]["error"] if bad else None,
     )
     if not good:
         return row
@@ -217,6 +218,18 @@ def write_json(path: Path, document: dict[str, Any], rows: Sequence[Row]) -> Non
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
+def bar_positions(rows: Sequence[Row], labels: Sequence[str]) -> dict[tuple[str, str], float]:
+    """x of each (label, contender) bar: centred within its group, whatever its group holds
+    (stream1m has batchpool.imap alone)."""
+    width = 0.8 / max(Counter(r.label for r in rows).values())
+    xs = {}
+    for j, lab in enumerate(labels):
+        group = [r.contender for r in rows if r.label == lab]
+        for i, name in enumerate(group):
+            xs[(lab, name)] = j + (i - (len(group) - 1) / 2) * width
+    return xs
+
+
 def write_plot(path: Path, rows: Sequence[Row], title: str) -> str:
     """Grouped bars of median jobs/s per workload and contender, log scale. Returns a message."""
     try:
@@ -227,23 +240,30 @@ def write_plot(path: Path, rows: Sequence[Row], title: str) -> str:
     except ImportError:
         return f"--plot skipped: matplotlib is not installed (pip install matplotlib); no {path}"
     rated = [r for r in rows if r.rate_median]
+    if not rated:
+        return "--plot skipped: no successful throughput measurements"
     labels = list(dict.fromkeys(r.label for r in rated))
     names = list(dict.fromkeys(r.contender for r in rated))
-    if not labels:
-        return "--plot skipped: no successful throughput measurements"
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(labels)), 5.5))
+    xs = bar_positions(rated, labels)
+    width = 0.8 / max(Counter(r.label for r in rated).values())
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.7 * len(labels)), 6.0))
     for i, name in enumerate(names):
-        rates = {r.label: r.rate_median for r in rated if r.contender == name}
-        xs = [
-            j + (i - (len(names) - 1) / 2) * width for j, lab in enumerate(labels) if lab in rates
-        ]
-        ax.bar(xs, [rates[lab] for lab in labels if lab in rates], width, label=name)
+        mine = [r for r in rated if r.contender == name]
+        ax.bar(
+            [xs[(r.label, name)] for r in mine],
+            [r.rate_median for r in mine],
+            width,
+            label=name,
+            color=colours[i % len(colours)],
+            edgecolor="black" if name.startswith("batchpool") else "none",
+            hatch="//" if name.startswith("batchpool") else None,
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("jobs/s (median, log scale)")
+    ax.set_ylabel("jobs/s (median of repeats, log scale)")
     ax.set_title(title)
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

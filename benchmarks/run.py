@@ -78,7 +78,7 @@ class Harness:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise HarnessFailure(f"no result within the {timeout:.0f} s per-run timeout")
+                raise HarnessFailure(f"no result within the {timeout:g} s per-run timeout")
             ready, _, _ = select.select([stdout], [], [], min(0.25, remaining))
             if ready:
                 line = stdout.readline()

@@ -15,6 +15,7 @@ the SPEC's Metrics and count stage-jobs: each stage a job enters is one ``submit
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from .results import KIND_CRASH, KIND_TIMEOUT, JobError, JobResult
 from .retry import backoff_delay, should_retry
 from .task import Policy
 from .timers import Timers
+
+log = logging.getLogger("batchpool")
 
 
 class Job:
@@ -139,6 +142,14 @@ class JobBook:
                 job.attempts, policy.backoff, policy.max_backoff, policy.jitter, self.rand
             )
             self.retry_timers.schedule(now + delay, job.id, job)
+            log.info(
+                "job %s: attempt %d failed (%s: %s); retry in %.2f s",
+                job.index,
+                job.attempts,
+                error.type,
+                error.message,
+                delay,
+            )
             return
         self.failed += 1
         self._final(job, None, error, elapsed)

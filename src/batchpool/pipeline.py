@@ -378,10 +378,19 @@ class _Run:
             if not self.outstanding and not intake:
                 return
             results, dropped = self.inbox.take(POLL)
+            if self.journal is not None and not results:
+                self._flush_quietly(pool)  # a quiet spell must not leave results uncommitted
             self.outstanding -= dropped
             for result in results:
                 self.outstanding -= 1
                 self._final(pool, result)
+
+    def _flush_quietly(self, pool: Pool) -> None:
+        try:
+            self.journal.maybe_flush()  # type: ignore[union-attr]
+        except JournalError as exc:
+            if self.stopped_by is None:
+                self._halt(pool, "journal", str(exc))
 
     def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
         """Stop intake; let attempts already running finish; drop jobs not started."""
