@@ -59,7 +59,7 @@ class Row:
     rate_min: float | None = None
     rate_max: float | None = None
     vs_reference: float | None = None  # this row's speed / batchpool.map's speed
-    efficiency: float | None = None  # serial time / (wall * procs)
+    efficiency: float | None = None  # serial time / (wall * procs), median over repeats
     supervisor_cpu: float | None = None  # parent CPU seconds / wall, median
     mb_per_s: float | None = None
     rss_peak_mb: float | None = None
@@ -85,7 +85,6 @@ def summarise_one(
     key: tuple[str, str, int, str],
     runs: Sequence[dict[str, Any]],
     method: str,
-    serial_s: float | None,
     procs: int,
     bytes_per_job: int,
     multi_size: bool,
@@ -115,8 +114,9 @@ def summarise_one(
             n / min(walls),
         )
         row.supervisor_cpu = _median(r["supervisor_cpu"] / r["wall"] for r in good)
-        if serial_s is not None:
-            row.efficiency = serial_s / (row.wall_median * procs)
+        row.efficiency = _median(
+            r["serial_s"] / (r["wall"] * procs) for r in good if r.get("serial_s") is not None
+        )
     if bytes_per_job:
         row.mb_per_s = n * bytes_per_job / row.wall_median / MB
     if kind == "stream":

@@ -15,7 +15,8 @@ Method, and why:
   workload, measured in freshly started harnesses at the beginning of every repeat.
 - Results are verified (count and checksum) before a timing is accepted.
 - Serial time for parallel efficiency comes from timing the workload's function in this
-  process on a probe sample, scaled by a cost model (loops or jobs) to the whole batch.
+  process on a probe sample, scaled by a cost model (loops or jobs) to the whole batch, and
+  re-measured before every workload of every repeat, since core speed drifts on shared hosts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import random
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,10 +181,10 @@ class Suite:
         self.versions[name] = hello["version"]
         self.harnesses[name] = h
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, kill: bool = False) -> None:
         h = self.harnesses.pop(name, None)
         if h is not None:
-            h.quit()
+            h.kill() if kill else h.quit()
 
     def measure(self, c: Contender, cell: dict[str, Any]) -> dict[str, Any]:
         """One cell on `c`'s harness (booted on demand); a hang or death is an error reply.
@@ -207,9 +209,9 @@ class Suite:
         self.failures[c.name] = 0
         return reply
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         for name in list(self.harnesses):
-            self.stop(name)
+            self.stop(name, kill)
 
 
 def eligible(c: Contender, w: Workload) -> bool:
@@ -252,6 +254,7 @@ def run_cells(suite: Suite, workloads: list[Workload], cal: Calibration) -> list
             suite.boot(suite.active)  # start-up is measured in fresh processes every repeat
         for w in workloads:
             for n in w.sizes_for(s.quick):
+                serial = None if w.kind == "startup" else serial_seconds(w, n, cal, s.quick)
                 order = [c for c in suite.active if eligible(c, w)]
                 rng.shuffle(order)
                 for position, c in enumerate(order):
@@ -259,7 +262,7 @@ def run_cells(suite: Suite, workloads: list[Workload], cal: Calibration) -> list
                         suite.boot([c])  # a fresh supervisor, so peak RSS is the stream's own
                     rec = suite.measure(c, make_cell(w, n, cal, s))
                     rec.update(repeat=repeat, workload=w.name, n=n, contender=c.name)
-                    rec["position"] = position
+                    rec.update(position=position, serial_s=serial)
                     runs.append(rec)
                     progress(repeat, s, w, n, c, rec)
     return runs
@@ -273,33 +276,23 @@ def time_probe(w: Workload, probe: list[Any]) -> float:
     return time.perf_counter() - t0
 
 
-def serial_seconds(workloads: list[Workload], cal: Calibration, quick: bool) -> dict[str, float]:
-    """Estimated in-process time of each batch: fastest of 3 probe timings, scaled by cost.
+def serial_seconds(w: Workload, n: int, cal: Calibration, quick: bool) -> float:
+    """In-process time the batch would take: fastest of 3 short probes, scaled by its cost.
 
-    Keyed by the row label. The probe per function is shared (one spin calibration serves
-    every spin workload), which keeps this step well under a second.
+    Taken afresh before each workload of each repeat, while every harness is idle: on a shared
+    machine the speed of a core drifts by tens of percent within a run, and an estimate from
+    the same minute as the timings it divides keeps parallel efficiency honest.
     """
-    per_unit: dict[Any, float] = {}
-    out: dict[str, float] = {}
-    for w in workloads:
-        if w.kind == "startup":
-            continue
-        if w.fn not in per_unit:
-            probe = w.probe(cal)
-            units = sum(w.unit_cost(p, cal) for p in probe)
-            per_unit[w.fn] = min(time_probe(w, probe) for _ in range(3)) / units
-        sizes = w.sizes_for(quick)
-        for n in sizes:
-            key = report.label(w.name, n, len(sizes) > 1)
-            out[key] = per_unit[w.fn] * w.total_units(n, cal, w.scale_for(quick))
-    return out
+    probe = w.probe(cal)
+    units = sum(w.unit_cost(p, cal) for p in probe)
+    per_unit = min(time_probe(w, probe) for _ in range(3)) / units
+    return per_unit * w.total_units(n, cal, w.scale_for(quick))
 
 
 def summarise(
     runs: list[dict[str, Any]],
     workloads: list[Workload],
     suite: Suite,
-    serial: dict[str, float],
 ) -> list[report.Row]:
     s = suite.settings
     grouped: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
@@ -314,13 +307,11 @@ def summarise(
                 key = (w.name, w.kind, n, c.name)
                 if key not in grouped:
                     continue
-                lab = report.label(w.name, n, multi)
                 rows.append(
                     report.summarise_one(
                         key,
                         grouped[key],
                         c.method(s.start_method),
-                        serial.get(lab),
                         s.procs,
                         w.bytes_per_job,
                         multi,
@@ -328,6 +319,19 @@ def summarise(
                 )
     report.add_reference_ratios(rows)
     return rows
+
+
+def serial_summary(runs: list[dict[str, Any]], workloads: list[Workload], quick: bool) -> dict:
+    """Median serial-time estimate per row label, for the JSON file."""
+    out = {}
+    for w in workloads:
+        sizes = w.sizes_for(quick)
+        for n in sizes:
+            values = [r["serial_s"] for r in runs if r["workload"] == w.name and r["n"] == n]
+            values = [v for v in values if v is not None]
+            if values:
+                out[report.label(w.name, n, len(sizes) > 1)] = statistics.median(values)
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -380,6 +384,20 @@ def select_workloads(only: str | None) -> list[Workload]:
     return [w for w in WORKLOADS.values() if w.name in wanted]
 
 
+def header_line(info: dict[str, Any], s: Settings, cal: Calibration, elapsed: float) -> str:
+    """What the numbers depend on: machine, interpreter, settings, and how busy the host was."""
+    load = ""
+    if info["loadavg_start"] and info["loadavg_end"]:
+        load = f", load avg {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}"
+    return (
+        f"batchpool benchmarks{' (quick)' if s.quick else ''}: {info['cpu_count']} CPUs, "
+        f"Python {info['python']} on {info['platform']}\n"
+        f"procs={s.procs}, start method {s.start_method} (column 'start' says what each used), "
+        f"{s.repeat} repeats, spin calibrated at {cal.loops_per_ms:,.0f} loops/ms{load}, "
+        f"{elapsed:.0f} s"
+    )
+
+
 def print_report(rows: list[report.Row], suite: Suite, header: str) -> None:
     print(header)
     print()
@@ -417,24 +435,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     began = time.perf_counter()
     cal = calibrate()
-    serial = serial_seconds(workloads, cal, settings.quick)
     log_dir = Path(tempfile.mkdtemp(prefix="batchpool-bench-"))
     suite = Suite(contenders, settings, log_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so harnesses get killed
     try:
         runs = run_cells(suite, workloads, cal)
-    finally:
-        suite.close()
+    except BaseException:
+        suite.close(kill=True)  # Ctrl-C or SIGTERM: do not wait for cells to finish
+        raise
+    suite.close()
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = summarise(runs, workloads, suite, serial)
-    header = (
-        f"batchpool benchmarks{' (quick)' if settings.quick else ''}: "
-        f"{info['cpu_count']} CPUs, Python {info['python']} on {info['platform']}; "
-        f"procs={settings.procs}, start method {settings.start_method} (per contender below), "
-        f"{settings.repeat} repeats, spin {cal.loops_per_ms:,.0f} loops/ms, "
-        f"load {info['loadavg_start'][0]:.1f}->{info['loadavg_end'][0]:.1f}, "
-        f"{time.perf_counter() - began:.0f} s"
-    )
-    print_report(rows, suite, header)
+    rows = summarise(runs, workloads, suite)
+    print_report(rows, suite, header_line(info, settings, cal, time.perf_counter() - began))
     if args.json:
         document = {
             "meta": {
@@ -447,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "elapsed_s": time.perf_counter() - began,
             },
             "calibration": asdict(cal),
-            "serial_seconds": serial,
+            "serial_seconds": serial_summary(runs, workloads, settings.quick),
             "runs": runs,
         }
         report.write_json(args.json, document, rows)

@@ -196,10 +196,10 @@ class Workload:
     def probe(self, cal: Calibration) -> list[Any]:
         """Cheap, representative payloads to time in-process for the serial-time estimate."""
         if self.fn is spin:
-            return [cal.loops(1.0)] * 100  # ~0.1 s; spin cost is linear in its loop count
+            return [cal.loops(1.0)] * 20  # ~20 ms; spin cost is linear in its loop count
         if self.fn is size_of:
-            return build_blobs(20, cal)
-        return list(range(50_000))
+            return build_blobs(10, cal)
+        return list(range(20_000))
 
     def total_units(self, n: int, cal: Calibration, scale: float) -> float:
         """The batch's total cost in probe units, without building n megabyte payloads."""

@@ -157,7 +157,8 @@ class Journal:
 
         Raises JournalError (one line, naming the path) when the location is unwritable, the
         journal is used by another run, the file is not a (healthy) journal, it belongs to
-        another pipeline, or its schema version is unknown. ``fresh=True`` discards what it holds.
+        another pipeline, or its schema version is unknown. ``fresh=True`` discards what it holds
+        (those refusals still apply: fresh never takes over another pipeline's file).
         """
         self._init(path, readonly=False)
         try:

@@ -70,7 +70,7 @@ class RunReport:
     interrupted: bool
     total: int = 0  # jobs with a final outcome, earlier runs' included
     skipped: int = 0  # of those, recorded by an earlier run and not run again
-    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "source", "sink", "journal"
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "source", "sink", "journal", "setup"
     error: str | None = None  # traceback or message of what stopped the run
     attempt_p50: float | None = None
     attempt_p95: float | None = None
@@ -349,6 +349,9 @@ class _Run:
                 self._halt(pool, self.stop.reason, None)
             if self.stop.hard:
                 return
+            broken = pool._supervisor.broken
+            if broken is not None and self.stopped_by is None:
+                self._halt(pool, "setup", f"workers cannot start: {broken.type}: {broken.message}")
             intake = intake and self.stopped_by is None
             while intake and self.outstanding < window:
                 try:

@@ -210,8 +210,11 @@ class Pool:
         return Job(next(self._ids), index, payload, consumer, tag)
 
     def _post_jobs(self, entries: list) -> None:
+        """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
+        callers checked for a broken pool on entry), so a map() never half-raises."""
         with self._submit_lock:
-            self._check_open()
+            if self._closed:
+                raise PoolClosed("the pool is closed")
             self._supervisor.post(("submit", entries))
 
     def submit(self, payload: Any) -> Future:
