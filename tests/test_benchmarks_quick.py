@@ -2,6 +2,7 @@
 
 Timings are not asserted: the machine is shared and the numbers are noise at this size. What
 is checked is that the suite completes, exits 0, and records every cell it planned.
+One repeat keeps it inside the timeout on a busy 2-core machine; the shape does not change.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ RUN = ROOT / "benchmarks" / "run.py"
 def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--json", str(out)],
+        [sys.executable, str(RUN), "--quick", "--repeat", "1", "--json", str(out)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -46,6 +47,8 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
             assert run["wall"] > 0
         else:
             assert run["error"]
+            # the standard library's pools are always there and must measure cleanly
+            assert not run["contender"].startswith(("mp.", "ppe.")), run
     cells = {(r["workload"], r["n"], r["contender"]) for r in doc["runs"]}
     for cell in cells:
         got = [r for r in doc["runs"] if (r["workload"], r["n"], r["contender"]) == cell]

@@ -298,19 +298,22 @@ def test_lock_of_a_sigkilled_holder_does_not_block(tmp_path: Path) -> None:
 def test_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     journal = Journal(path, "p")
-    read, write = os.pipe()
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: outlive the parent's close, holding nothing
-        os.close(write)
-        os.read(read, 1)
+    if pid == 0:  # child: past its at-fork hooks, outlive the parent's close
+        os.write(ready_w, b"1")
+        os.read(stop_r, 1)
         os._exit(0)
     try:
-        os.close(read)
+        os.read(ready_r, 1)
         journal.close()
         Journal(path, "p").close()  # not blocked by the child's inherited descriptor
     finally:
-        os.close(write)
+        os.write(stop_w, b"1")
         os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, stop_r, stop_w):
+            os.close(fd)
 
 
 def test_readonly_reads_while_a_run_holds_the_lock(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from .backends import WorkerSpec
+from .backends.local import LocalBackend
 from .errors import PoolBroken, PoolClosed
 from .jobs import Job
 from .messages import dumps
@@ -173,22 +175,19 @@ class Pool:
             tasks_blob = dumps(tasks)
         except Exception as exc:
             raise TypeError(f"the task cannot be pickled for the workers: {exc}") from exc
-        ctx = multiprocessing.get_context(method)
-        if method == "forkserver":
-            # Workers import batchpool from the server once, not once each.
-            ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
         self.procs: int = procs  # type: ignore[assignment]
         self.start_method = method
         self._policies = policies
         self._supervisor = Supervisor(
-            tasks_blob,
             policies,
             procs=self.procs,
-            ctx=ctx,
+            backend=LocalBackend(
+                method,
+                self.procs,
+                WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory),
+            ),
             chunksize=None if chunksize == "auto" else int(chunksize),
             max_tasks=max_tasks_per_worker,
-            max_memory=max_memory,
-            preload=list(preload),
         )
         self._futures = _Futures()
         self._ids = itertools.count()  # job ids, unique in this pool

@@ -1,22 +1,14 @@
-"""Starting and stopping worker processes; the lifeline that outlives none of them.
-
-The supervisor talks to a worker only through a WorkerProcess handle (send, sentinel, kill), which
-is the seam a cluster backend would replace.
-"""
+"""Process mechanics shared by local workers: the lifeline that outlives none of them, killing
+a process tree, naming exit codes, a forkserver that survives group signals."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
-from typing import Any
 
 import psutil
-
-from . import worker
 
 _lifeline_lock = threading.Lock()
 _lifeline: tuple[Connection, int] | None = None  # (read end for workers, write end we keep)
@@ -79,68 +71,6 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-class WorkerProcess:
-    """One worker: its process, its private duplex pipe, its progress slot."""
-
-    __slots__ = ("slot", "proc", "conn", "sentinel", "pid")
-
-    def __init__(
-        self,
-        ctx: BaseContext,
-        slot: int,
-        progress: Any,
-        tasks_blob: bytes,
-        preload: Sequence[tuple[str, str]],
-        max_tasks: int | None,
-        max_memory: int | None,
-    ) -> None:
-        self.slot = slot
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(
-            target=worker.main,
-            args=(
-                child_end,
-                lifeline(),
-                progress,
-                slot,
-                tasks_blob,
-                tuple(preload),
-                max_tasks,
-                max_memory,
-            ),
-            name=f"batchpool-worker-{slot}",
-        )
-        try:
-            self.proc.start()
-        finally:
-            child_end.close()
-        self.conn = parent_end
-        self.sentinel = self.proc.sentinel
-        self.pid: int = self.proc.pid  # type: ignore[assignment]
-
-    def send(self, blob: bytes) -> bool:
-        """False if the worker is gone (its sentinel will report the death)."""
-        try:
-            self.conn.send_bytes(blob)
-            return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        kill_tree(self.pid)
-
-    def reap(self) -> int | None:
-        """Collect the exit status of a process whose sentinel fired."""
-        self.proc.join(timeout=5)
-        if self.proc.exitcode is None:  # sentinel fired but not dead yet: make sure
-            self.kill()
-            self.proc.join()
-        code = self.proc.exitcode
-        self.conn.close()
-        self.proc.close()
-        return code
 
 
 def start_forkserver_ignoring_sigterm() -> None:

@@ -27,15 +27,11 @@ import threading
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from multiprocessing.context import BaseContext
 from typing import Any
-
-import psutil
 
 from .jobs import Job, JobBook, error_from
 from .messages import (
     ERROR,
-    IDLE,
     OK,
     READY,
     RESULTS,
@@ -46,9 +42,8 @@ from .messages import (
     UNPICKLABLE,
     dumps,
     loads,
-    progress_slot,
 )
-from .processes import WorkerProcess, describe_exit
+from .processes import describe_exit
 from .results import (
     KIND_CRASH,
     KIND_ERROR,
@@ -94,7 +89,7 @@ class _Worker:
         "start_error",
     )
 
-    def __init__(self, proc: WorkerProcess) -> None:
+    def __init__(self, proc: Any) -> None:
         self.proc = proc
         self.slot = proc.slot
         self.pid = proc.pid
@@ -114,25 +109,19 @@ class _Worker:
 class Supervisor:
     def __init__(
         self,
-        tasks_blob: bytes,
         policies: list[Policy],
         *,
         procs: int,
-        ctx: BaseContext,
+        backend: Any,
         chunksize: int | None,
         max_tasks: int | None,
-        max_memory: int | None,
-        preload: list[tuple[str, str]],
     ) -> None:
-        self.tasks_blob = tasks_blob
         self.policies = policies
         self.timed = any(p.timeout for p in policies)
         self.procs = procs
-        self.ctx = ctx
+        self.backend = backend  # see backends/__init__.py
         self.chunksize = chunksize
         self.max_tasks = max_tasks
-        self.max_memory = max_memory
-        self.preload = preload
         self.lock = threading.RLock()
         self.book = JobBook(policies, random.random)
         self.timers = Timers()  # ("watch", slot), ("stop", slot), "rss"
@@ -140,9 +129,6 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
-        self.progress = ctx.RawArray("q", 2 * procs)
-        for i in range(2 * procs):
-            self.progress[i] = IDLE
         self.workers: dict[int, _Worker] = {}  # slot -> worker
         self.job_time: list[float | None] = [None] * len(policies)  # EWMA seconds per job
         self.job_bytes: list[int] = [0] * len(policies)  # pickled payload bytes per job, last seen
@@ -221,6 +207,7 @@ class Supervisor:
                 self.finished_at = time.monotonic()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+            self.backend.close()
             self.done.set()
 
     def _waitables(self) -> list:
@@ -372,18 +359,18 @@ class Supervisor:
     # -- deaths --------------------------------------------------------------------------------
     def _on_exit(self, w: _Worker, now: float) -> None:
         self._read(w, now)  # results it sent before dying still count
+        job_id, started_at = w.proc.running()
         code = w.proc.reap()
         del self.workers[w.slot]
         self.timers.cancel(("watch", w.slot))
         self.timers.cancel(("stop", w.slot))
-        job_at, started_at = progress_slot(w.slot)
         running: Job | None = None
         if w.killed_for is not None:
             running, error = w.killed_for
             if running not in w.outstanding:
                 running = None  # its result made it out before the kill
         elif w.outstanding:
-            running = _find(w.outstanding, self.progress[job_at])
+            running = _find(w.outstanding, job_id)
             error = JobError(
                 KIND_CRASH,
                 "WorkerCrashed",
@@ -393,15 +380,19 @@ class Supervisor:
             )
         if running is not None:
             w.outstanding.remove(running)
+        elif w.outstanding and not w.stopping:
+            # Died between jobs, or while unpickling a batch: which job is to blame? Each runs
+            # alone next, so a job that kills its worker is charged on its own.
+            self.book.requeue(list(w.outstanding), solo=True)
+            w.outstanding.clear()
         self._requeue_held(w)
         if running is not None:
-            elapsed = max(0.0, now - self.progress[started_at] / 1e9)
+            elapsed = max(0.0, now - started_at)
             if error.kind == KIND_CRASH:
                 log.info(
                     "job %s: worker %s crashed (%s)", running.index, w.pid, describe_exit(code)
                 )
             self.book.attempt_failed(running, error, retryable=True, elapsed=elapsed, now=now)
-        self.progress[job_at] = IDLE
         if not w.ready and not w.stopping and not self.terminating:
             self._start_failed(
                 w.start_error
@@ -436,20 +427,19 @@ class Supervisor:
 
     def _sample_rss(self) -> None:
         for w in self.workers.values():
-            try:
-                w.rss = psutil.Process(w.pid).memory_info().rss
-            except psutil.Error:
-                pass
+            rss = w.proc.rss()
+            if rss is not None:
+                w.rss = rss
 
     def _watch(self, w: _Worker | None, now: float) -> None:
         """Kill a worker whose running attempt is past its deadline; else look again later."""
         if w is None or w.killed_for is not None:
             return
-        job_at, started_at = progress_slot(w.slot)
-        job = _find(w.outstanding, self.progress[job_at])
+        job_id, started_at = w.proc.running()
+        job = _find(w.outstanding, job_id)
         timeout = job is not None and self.policies[job.stage].timeout
         if timeout:
-            deadline = self.progress[started_at] / 1e9 + timeout
+            deadline = started_at + timeout
             if now >= deadline:
                 message = f"attempt exceeded its {timeout:g} s timeout; worker {w.pid} killed"
                 w.killed_for = (job, JobError(KIND_TIMEOUT, "TimeoutError", message))
@@ -479,18 +469,8 @@ class Supervisor:
             if self.broken is not None:
                 return
             self.starts += 1
-            job_at, _ = progress_slot(slot)
-            self.progress[job_at] = IDLE
             try:
-                proc = WorkerProcess(
-                    self.ctx,
-                    slot,
-                    self.progress,
-                    self.tasks_blob,
-                    self.preload,
-                    self.max_tasks,
-                    self.max_memory,
-                )
+                proc = self.backend.start_worker(slot)
             except Exception as exc:
                 log.error("could not start a worker: %r", exc)
                 self._start_failed(JobError(KIND_ERROR, type(exc).__name__, str(exc)))

@@ -134,9 +134,13 @@ def _serve(
         if message[0] != RUN:
             return  # STOP
         _, ids, stages, blob = message
+        if len(ids) == 1:  # a crash while unpickling a lone payload is charged to its job
+            progress[started_at] = monotonic_ns()
+            progress[job_at] = ids[0]
         try:
             payloads = loads(blob)
         except BaseException as exc:
+            progress[job_at] = IDLE
             _refuse_batch(conn, ids, exc)
             continue
         out = _Results()

@@ -1,0 +1,102 @@
+"""Workers as local processes (multiprocessing, under fork, forkserver or spawn)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import psutil
+
+from .. import worker
+from ..messages import IDLE, progress_slot
+from ..processes import kill_tree, lifeline
+from . import WorkerSpec
+
+
+class LocalBackend:
+    """Starts worker processes; owns the shared array of their progress slots."""
+
+    def __init__(self, start_method: str, procs: int, spec: WorkerSpec) -> None:
+        self.ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # Workers import batchpool from the server once, not once each.
+            self.ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
+        self.spec = spec
+        # Two int64 per worker, written by the worker without a lock: nothing a killed
+        # worker held can wedge the supervisor.
+        self.progress = self.ctx.RawArray("q", 2 * procs)
+
+    def start_worker(self, slot: int) -> LocalWorker:
+        return LocalWorker(self.ctx, slot, self.progress, self.spec)
+
+    def close(self) -> None:
+        pass
+
+
+class LocalWorker:
+    """One worker process: its private duplex pipe (a killed worker breaks only its own), and
+    its two slots of the backend's shared progress array."""
+
+    __slots__ = ("slot", "proc", "conn", "sentinel", "pid", "progress")
+
+    def __init__(self, ctx: BaseContext, slot: int, progress: Any, spec: WorkerSpec) -> None:
+        self.slot = slot
+        self.progress = progress
+        job_at, _ = progress_slot(slot)
+        progress[job_at] = IDLE
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(
+            target=worker.main,
+            args=(
+                child_end,
+                lifeline(),
+                progress,
+                slot,
+                spec.tasks_blob,
+                spec.preload,
+                spec.max_tasks,
+                spec.max_memory,
+            ),
+            name=f"batchpool-worker-{slot}",
+        )
+        try:
+            self.proc.start()
+        finally:
+            child_end.close()
+        self.conn = parent_end
+        self.sentinel = self.proc.sentinel
+        self.pid: int = self.proc.pid  # type: ignore[assignment]
+
+    def send(self, blob: bytes) -> bool:
+        """False if the worker is gone (its sentinel will report the death)."""
+        try:
+            self.conn.send_bytes(blob)
+            return True
+        except OSError:
+            return False
+
+    def running(self) -> tuple[int, float]:
+        job_at, started_at = progress_slot(self.slot)
+        return self.progress[job_at], self.progress[started_at] / 1e9
+
+    def rss(self) -> int | None:
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return None
+
+    def kill(self) -> None:
+        kill_tree(self.pid)
+
+    def reap(self) -> int | None:
+        """Collect the exit status of a process whose sentinel fired."""
+        self.proc.join(timeout=5)
+        if self.proc.exitcode is None:  # sentinel fired but not dead yet: make sure
+            self.kill()
+            self.proc.join()
+        code = self.proc.exitcode
+        self.conn.close()
+        self.proc.close()
+        self.progress[progress_slot(self.slot)[0]] = IDLE
+        return code

@@ -1,0 +1,103 @@
+"""Shared test helpers: deadlines instead of sleeps, process checks, bounded job runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, wait
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+TESTS_DIR = Path(__file__).resolve().parent
+SRC_DIR = TESTS_DIR.parent / "src"
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` passes, then
+    raise AssertionError naming ``what``. The sleep sits inside a condition loop with a
+    deadline: never sleep-and-hope."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid: int) -> bool:
+    """True if no live process has this pid (a zombie nobody reaps counts as gone: it runs
+    nothing and holds nothing but its process-table slot)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def all_gone(pids: Iterable[int]) -> bool:
+    return all(pid_gone(p) for p in pids)
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    return [p for p in pids if not pid_gone(p)]
+
+
+def run_jobs(pool: Any, payloads: Iterable[Any], timeout: float = 60.0) -> list[Any]:
+    """submit() every payload and wait for all results, with a deadline: an engine that loses a
+    job fails the test with an AssertionError (and the enclosing ``with Pool`` terminates the
+    pool) instead of hanging the whole session."""
+    futures = [pool.submit(p) for p in payloads]
+    done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+    if not_done:
+        try:
+            metrics = pool.metrics()
+        except Exception as exc:  # pragma: no cover - diagnostics only
+            metrics = repr(exc)
+        raise AssertionError(
+            f"{len(not_done)} of {len(futures)} jobs unfinished after {timeout:g} s; "
+            f"metrics: {metrics}"
+        )
+    return [f.result() for f in futures]
+
+
+def run_one(pool: Any, payload: Any, timeout: float = 60.0) -> Any:
+    return run_jobs(pool, [payload], timeout)[0]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a child interpreter that must import batchpool and tests/faults.py."""
+    env = dict(os.environ)
+    parts = [str(TESTS_DIR), str(SRC_DIR)]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def run_script(path: Path, timeout: float, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        cwd=path.parent,
+    )
+
+
+def check_invariants(m: Any) -> None:
+    """The SPEC's end-of-run Metrics invariants."""
+    assert m.succeeded + m.failed == m.submitted, m
+    assert m.started == m.succeeded + m.failed + m.retried, m
+    assert m.queued == 0, m
+    assert m.in_flight == 0, m

@@ -1,0 +1,238 @@
+"""The Pool facade: map, imap, submit, results, metrics, setup/teardown, task pickling."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from faults import CountSetup, CountUnpickles, Echo, Raise, Sleep, Square, marks_by_pid
+from helpers import all_gone, wait_for
+
+from batchpool import JobFailed, JobResult, Metrics, Pool
+from batchpool.errors import PoolClosed
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_map_values_in_input_order(start_method: str) -> None:
+    with Pool(Square(), procs=2, start_method=start_method) as pool:
+        results = pool.map(range(40))
+        pids = set(pool.pids())
+    assert [r.value for r in results] == [i * i for i in range(40)]
+    for i, r in enumerate(results):
+        assert isinstance(r, JobResult)
+        assert r.index == i
+        assert r.payload == i
+        assert r.ok and r.error is None
+        assert r.attempts == 1
+        assert r.elapsed >= 0
+        assert r.worker in pids
+
+
+def test_map_accepts_a_generator_and_empty_input() -> None:
+    with Pool(Echo(), procs=2) as pool:
+        assert [r.value for r in pool.map(x for x in "abc")] == ["a", "b", "c"]
+        assert pool.map([]) == []
+        assert list(pool.imap([])) == []
+
+
+def test_map_reports_failures_as_results() -> None:
+    with Pool(Raise("PermanentError"), procs=2) as pool:
+        results = pool.map([1, 2])
+    for i, r in enumerate(results):
+        assert not r.ok
+        assert r.value is None
+        assert r.index == i
+        assert r.error.kind == "error"
+        assert r.error.type == "PermanentError"
+        assert f"raised for {i + 1}" in r.error.message
+
+
+def test_imap_ordered() -> None:
+    # The first job is the slowest: ordered imap must still yield by index.
+    payloads = [0.6] + [0.0] * 15
+    with Pool(Sleep(), procs=2) as pool:
+        results = list(pool.imap(payloads))
+    assert [r.index for r in results] == list(range(16))
+    assert [r.value for r in results] == payloads
+
+
+def test_imap_unordered_returns_everything_as_it_completes() -> None:
+    payloads = [1.5] + [0.0] * 15
+    with Pool(Sleep(), procs=2) as pool:
+        results = list(pool.imap(payloads, ordered=False))
+    assert sorted(r.index for r in results) == list(range(16))
+    assert all(r.ok and r.value == payloads[r.index] for r in results)
+    # index 0 sleeps 1.5 s while the other worker finishes the rest: it cannot come first.
+    assert results[0].index != 0
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_imap_consumes_a_lazy_generator_with_backpressure(ordered: bool) -> None:
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for i in range(10**9):
+            pulled += 1
+            yield i
+
+    with Pool(Square(), procs=2) as pool:
+        it = pool.imap(source(), ordered=ordered)
+        seen = set()
+        for consumed, r in enumerate(it, start=1):
+            assert r.ok and r.value == r.index * r.index
+            seen.add(r.index)
+            assert pulled - consumed < 10_000, (pulled, consumed)
+            if consumed == 3000:
+                break
+        it.close()
+    assert len(seen) == 3000
+    if ordered:
+        assert seen == set(range(3000))
+    assert pulled < 3000 + 10_000
+
+
+def test_imap_is_lazy_until_iterated_or_bounded() -> None:
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    with Pool(Echo(), procs=2) as pool:
+        it = pool.imap(source())
+        first = next(it)
+        assert first.index == 0 and first.value == 0
+        assert pulled < 10_000
+        it.close()
+
+
+def test_submit_returns_future_of_jobresult() -> None:
+    with Pool(Square(), procs=2) as pool:
+        futures = [pool.submit(i) for i in range(5)]
+        assert all(isinstance(f, Future) for f in futures)
+        results = [f.result(timeout=30) for f in futures]
+    assert [r.value for r in results] == [0, 1, 4, 9, 16]
+    assert [r.payload for r in results] == [0, 1, 2, 3, 4]
+    # submit() indexes count submits, 0-based.
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    assert all(r.ok and r.attempts == 1 for r in results)
+
+
+def test_submit_failed_job_resolves_not_raises() -> None:
+    with Pool(Raise("ValueError"), procs=1, retries=0) as pool:
+        result = pool.submit("x").result(timeout=30)
+    assert isinstance(result, JobResult)
+    assert not result.ok
+    assert result.error.type == "ValueError"
+
+
+def test_unwrap() -> None:
+    with Pool(Echo(), procs=1) as pool:
+        assert pool.submit(41).result(timeout=30).unwrap() == 41
+    with Pool(Raise("ValueError"), procs=1, retries=1) as pool:
+        result = pool.submit("x").result(timeout=30)
+    assert result.attempts == 2
+    with pytest.raises(JobFailed) as info:
+        result.unwrap()
+    assert info.value.result is result
+    assert "ValueError" in str(info.value)
+
+
+def test_submit_and_map_after_close_raise_pool_closed() -> None:
+    pool = Pool(Echo(), procs=1)
+    pool.close()
+    with pytest.raises(PoolClosed):
+        pool.submit(1)
+    with pytest.raises(PoolClosed):
+        pool.map([1])
+    with pytest.raises(PoolClosed):
+        pool.imap([1])
+
+
+def test_pids_are_live_workers() -> None:
+    with Pool(Echo(), procs=2) as pool:
+        wait_for(lambda: len(pool.pids()) == 2, 30, "two workers")
+        pids = pool.pids()
+        assert all(isinstance(p, int) for p in pids)
+        assert len(set(pids)) == 2
+    wait_for(lambda: all_gone(pids), 5, "workers gone after close")
+
+
+def test_metrics_from_another_thread_while_running() -> None:
+    snapshots: list[Metrics] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def poll(pool: Pool) -> None:
+        try:
+            while not stop.is_set():
+                snapshots.append(pool.metrics())
+                stop.wait(0.005)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with Pool(Sleep(0.01), procs=2) as pool:
+        thread = threading.Thread(target=poll, args=(pool,))
+        thread.start()
+        try:
+            results = pool.map(range(100))
+        finally:
+            stop.set()
+            thread.join(10)
+        final = pool.metrics()
+    assert not errors, errors
+    assert all(r.ok for r in results)
+    assert len(snapshots) >= 5
+    previous = None
+    for m in snapshots:
+        assert isinstance(m, Metrics)
+        assert 0 <= m.succeeded + m.failed <= m.submitted <= 100
+        assert m.in_flight >= 0 and m.queued >= 0
+        # one consistent snapshot: every attempt started is finished, retried, or in flight
+        assert m.started == m.succeeded + m.failed + m.retried + m.in_flight, m
+        if previous is not None:
+            assert m.succeeded >= previous.succeeded
+            assert m.started >= previous.started
+            assert m.elapsed >= previous.elapsed
+        previous = m
+    assert final.submitted == final.succeeded == final.started == 100
+
+
+def test_setup_once_per_worker_and_teardown_at_close(tmp_path: Path) -> None:
+    with Pool(CountSetup(tmp_path), procs=2) as pool:
+        results = pool.map(range(50))
+        pids = pool.pids()
+    assert all(r.ok for r in results)
+    setups = marks_by_pid(tmp_path, "setup")
+    teardowns = marks_by_pid(tmp_path, "teardown")
+    assert set(setups) == set(pids)
+    assert all(n == 1 for n in setups.values()), setups
+    assert {r.value for r in results} <= set(setups)
+    assert {r.worker for r in results} == {r.value for r in results}
+    assert teardowns == setups  # one teardown per worker, at the clean close
+
+
+def test_task_pickled_once_per_worker(tmp_path: Path, start_method: str) -> None:
+    with Pool(CountUnpickles(tmp_path), procs=2, start_method=start_method) as pool:
+        results = pool.map(range(200))
+        more = [pool.submit(i).result(timeout=30) for i in range(10)]
+    worker_pids = {r.value for r in results + more}
+    per_pid = marks_by_pid(tmp_path, "unpickle")
+    for pid in worker_pids:
+        assert per_pid.get(pid) == 1, per_pid
+    assert all(n <= 1 for n in per_pid.values()), per_pid
+
+
+def test_results_carry_the_worker_pid() -> None:
+    with Pool(Sleep(0.0), procs=2) as pool:
+        results = pool.map(range(20))
+        pids = set(pool.pids())
+    assert set(Counter(r.worker for r in results)) <= pids
