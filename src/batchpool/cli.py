@@ -240,24 +240,32 @@ def results(journal: str, fmt: str, failed: bool) -> None:
     except JournalError as exc:
         click.echo(f"batchpool: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    with book:
-        out = click.get_text_stream("stdout")
-        if fmt == "jsonl":
-            for row in book.rows(failed_only=failed):
-                out.write(output_line(row))
-            return
-        writer = csv.writer(out)
-        writer.writerow(["index", "ok", "value", "error_kind", "error_type", "error", "attempts"])
+    try:
+        with book:
+            _export(book, fmt, failed)
+    except JournalError as exc:  # a page damaged after the open-time check
+        click.echo(f"batchpool: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _export(book: Journal, fmt: str, failed: bool) -> None:
+    out = click.get_text_stream("stdout")
+    if fmt == "jsonl":
         for row in book.rows(failed_only=failed):
-            err = row["error"] or {}
-            writer.writerow(
-                [
-                    row["index"],
-                    row["ok"],
-                    json.dumps(row["value"], default=repr),
-                    err.get("kind", ""),
-                    err.get("type", ""),
-                    err.get("message", ""),
-                    row["attempts"],
-                ]
-            )
+            out.write(output_line(row))
+        return
+    writer = csv.writer(out)
+    writer.writerow(["index", "ok", "value", "error_kind", "error_type", "error", "attempts"])
+    for row in book.rows(failed_only=failed):
+        err = row["error"] or {}
+        writer.writerow(
+            [
+                row["index"],
+                row["ok"],
+                json.dumps(row["value"], default=repr),
+                err.get("kind", ""),
+                err.get("type", ""),
+                err.get("message", ""),
+                row["attempts"],
+            ]
+        )
