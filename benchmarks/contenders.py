@@ -306,7 +306,7 @@ CONTENDERS: dict[str, Contender] = {
     )
 }
 
-REFERENCE = "batchpool.map"  # the row every ratio is taken against
+REFERENCES = ("batchpool.map", "batchpool.imap")  # ratios use the first of these present
 
 
 def resolve(names: str | None) -> list[Contender]:

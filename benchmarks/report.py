@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from contenders import CONTENDERS, REFERENCE
+from contenders import CONTENDERS, REFERENCES
 
 MB = 1_000_000
 
@@ -58,7 +58,7 @@ class Row:
     rate_median: float | None = None
     rate_min: float | None = None
     rate_max: float | None = None
-    vs_reference: float | None = None  # this row's speed / batchpool.map's speed
+    vs_reference: float | None = None  # this row's speed / the reference's (batchpool.map)
     efficiency: float | None = None  # serial time / (wall * procs), median over repeats
     supervisor_cpu: float | None = None  # parent CPU seconds / wall, median
     mb_per_s: float | None = None
@@ -125,9 +125,16 @@ def summarise_one(
     return row
 
 
+def reference_name(rows: Sequence[Row]) -> str | None:
+    """batchpool.map, or batchpool.imap when only that one ran, or None."""
+    present = {r.contender for r in rows}
+    return next((name for name in REFERENCES if name in present), None)
+
+
 def add_reference_ratios(rows: list[Row]) -> None:
-    """Fill vs_reference: each row's speed over batchpool.map's speed on the same cell."""
-    reference = {(r.label): r.speed() for r in rows if r.contender == REFERENCE}
+    """Fill vs_reference: each row's speed over the reference's speed on the same cell."""
+    name = reference_name(rows)
+    reference = {r.label: r.speed() for r in rows if r.contender == name}
     for row in rows:
         mine, theirs = row.speed(), reference.get(row.label)
         if mine is not None and theirs:
@@ -171,8 +178,16 @@ def _notes(row: Row) -> str:
     return "; ".join(notes)
 
 
+def _percent(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
+
+
 def main_table(rows: Sequence[Row]) -> str:
-    headers = ["workload", "contender", "start", "median", "min-max", "spread", "vs bp.map"]
+    ref = reference_name(rows)
+    ratio_header = f"vs {CONTENDERS[ref].alias}" if ref else "vs bp"
+    headers = ["workload", "contender", "start", "median", "min-max", "spread", ratio_header]
     headers += ["par.eff", "sup.cpu", "notes"]
     body = []
     for row in rows:
@@ -180,9 +195,8 @@ def main_table(rows: Sequence[Row]) -> str:
             cells = ["ERROR", "", "", "", "", "", _notes(row)]
         else:
             ratio = f"{row.vs_reference:.2f}x" if row.vs_reference is not None else "-"
-            eff = f"{row.efficiency:.0%}" if row.efficiency is not None else "-"
-            cpu = f"{row.supervisor_cpu:.0%}" if row.supervisor_cpu is not None else "-"
-            cells = [*_value_cells(row), ratio, eff, cpu, _notes(row)]
+            cells = [*_value_cells(row), ratio, _percent(row.efficiency)]
+            cells += [_percent(row.supervisor_cpu), _notes(row)]
         body.append([row.label, row.contender, row.method, *cells])
     return format_table(headers, body, right={3, 4, 5, 6, 7, 8})
 

@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # workers import `workloads` by name, under every start method
 
 import report  # noqa: E402
-from contenders import Contender, resolve  # noqa: E402
+from contenders import CONTENDERS, Contender, resolve  # noqa: E402
 from workloads import WORKLOADS, Calibration, Workload, calibrate  # noqa: E402
 
 HARNESS = HERE / "harness.py"
@@ -186,15 +186,16 @@ class Suite:
         if h is not None:
             h.kill() if kill else h.quit()
 
-    def measure(self, c: Contender, cell: dict[str, Any]) -> dict[str, Any]:
-        """One cell on `c`'s harness (booted on demand); a hang or death is an error reply.
+    def measure(self, c: Contender, cell: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+        """One cell on `c`'s harness (booted on demand, or anew if `fresh`); a hang or death
+        is an error reply.
 
         After GIVE_UP consecutive hangs or deaths the contender's remaining cells are not run:
         a library that deadlocks would otherwise cost a full timeout on every cell.
         """
         if self.failures.get(c.name, 0) >= GIVE_UP:
             return {"ok": False, "error": f"not run: gave up after {GIVE_UP} hangs/deaths in a row"}
-        if c.name not in self.harnesses:
+        if fresh or c.name not in self.harnesses:
             self.boot([c])
             if c.name not in self.harnesses:
                 return {"ok": False, "error": f"harness unavailable: {self.skipped.get(c.name)}"}
@@ -258,9 +259,8 @@ def run_cells(suite: Suite, workloads: list[Workload], cal: Calibration) -> list
                 order = [c for c in suite.active if eligible(c, w)]
                 rng.shuffle(order)
                 for position, c in enumerate(order):
-                    if w.kind == "stream":
-                        suite.boot([c])  # a fresh supervisor, so peak RSS is the stream's own
-                    rec = suite.measure(c, make_cell(w, n, cal, s))
+                    # stream: a fresh supervisor, so the peak RSS is the stream's own
+                    rec = suite.measure(c, make_cell(w, n, cal, s), fresh=w.kind == "stream")
                     rec.update(repeat=repeat, workload=w.name, n=n, contender=c.name)
                     rec.update(position=position, serial_s=serial)
                     runs.append(rec)
@@ -403,7 +403,10 @@ def print_report(rows: list[report.Row], suite: Suite, header: str) -> None:
     print()
     print(report.main_table(rows))
     print()
-    print("vs bp.map: speed / batchpool.map speed (jobs/s, or 1/start-up time); >1 = faster.")
+    ref = report.reference_name(rows)
+    if ref:
+        alias = CONTENDERS[ref].alias
+        print(f"vs {alias}: speed / {ref} speed (jobs/s, or 1/start-up time); >1 = faster.")
     print("par.eff: serial time / (wall x procs). sup.cpu: supervisor CPU time / wall.")
     for name in ("batchpool.map", "batchpool.imap"):
         table = report.versus_table(rows, name)

@@ -58,4 +58,4 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
 
     rows = doc["summary"]
     assert rows and all({"label", "contender", "runs", "rate_median"} <= set(r) for r in rows)
-    assert "vs bp.map" in proc.stdout  # the table was printed
+    assert "par.eff" in proc.stdout  # the table was printed
