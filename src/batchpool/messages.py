@@ -8,10 +8,13 @@ supervisor -> worker
     (RUN, job_ids, stages, payloads_blob)   run these jobs, in order; payloads_blob is one
                                            pickled list (20x cheaper than a pickle per job)
     (STOP,)                                the sentinel: tear down and exit 0
+    (STEAL,)                               hand back every job not started yet (another
+                                           worker is idle); answered by RETURNED at once
 
 worker -> supervisor
     (READY, pid)                           setup() done; send jobs
     (START_FAILED, error)                  task unpickling or setup() raised; exiting
+    (RETURNED, job_ids)                    the answer to STEAL: these never started
     (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
         values_blob: one pickled list, per job the return value (OK) or an error tuple
         OK           the value; the worker pickles it, so a value that cannot be pickled
@@ -44,9 +47,11 @@ from functools import partial
 
 RUN = 1
 STOP = 2
+STEAL = 3
 READY = 10
 START_FAILED = 11
 RESULTS = 12
+RETURNED = 13
 
 OK = 0
 ERROR = 1

@@ -35,9 +35,11 @@ from .messages import (
     OK,
     READY,
     RESULTS,
+    RETURNED,
     RUN,
     SPLIT,
     START_FAILED,
+    STEAL,
     STOP,
     UNPICKLABLE,
     dumps,
@@ -57,13 +59,13 @@ from .task import Policy
 from .timers import Timers
 
 log = logging.getLogger("batchpool")
+STEAL_MESSAGE = dumps((STEAL,))
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives up
 TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well under 1%
 MAX_BATCH = 512  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 PREFETCH_BELOW = 0.005  # seconds: longer jobs are not queued behind a running one
-PREFETCH_MAX_BYTES = 32 * 1024  # a message to a busy worker must fit its socket buffer
 STOP_GRACE = 30.0  # seconds a stopped worker gets for teardown() before it is killed
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
@@ -78,7 +80,7 @@ class _Worker:
         "pid",
         "ready",
         "outstanding",
-        "batches",
+        "stealing",
         "assigned",
         "jobs",
         "busy",
@@ -95,7 +97,7 @@ class _Worker:
         self.pid = proc.pid
         self.ready = False
         self.outstanding: deque[Job] = deque()  # sent, unanswered; a worker keeps this order
-        self.batches: deque[int] = deque()  # unanswered jobs per message sent, oldest first
+        self.stealing = False  # a STEAL is on its way; no new jobs until a result comes
         self.assigned = 0  # jobs ever sent (max_tasks_per_worker)
         self.jobs = 0
         self.busy = 0.0
@@ -293,6 +295,8 @@ class Supervisor:
         elif tag == READY:
             w.ready = True
             self.start_failures = 0
+        elif tag == RETURNED:
+            self._on_returned(w, set(message[1]))
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
 
@@ -300,6 +304,8 @@ class Supervisor:
         self, w: _Worker, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
     ) -> None:
         jobs = self._answered(w, ids)
+        if jobs:
+            w.stealing = False
         try:
             values = loads(blob)
         except Exception as exc:  # a value that pickled in the worker but cannot load here
@@ -328,7 +334,6 @@ class Supervisor:
     def _answered(self, w: _Worker, ids: list) -> list[Job]:
         """Take the answered jobs off the worker, which answers in the order it was sent."""
         outstanding = w.outstanding
-        batches = w.batches
         jobs = []
         for job_id in ids:
             if outstanding and outstanding[0].id == job_id:
@@ -339,10 +344,15 @@ class Supervisor:
                     continue
                 outstanding.remove(job)
                 jobs.append(job)
-            batches[0] -= 1
-            if not batches[0]:
-                batches.popleft()
         return jobs
+
+    def _on_returned(self, w: _Worker, ids: set[int]) -> None:
+        """Jobs handed back by a STEAL: to the front of the queue, free, for idle workers."""
+        returned = [job for job in w.outstanding if job.id in ids]
+        for job in returned:
+            w.outstanding.remove(job)
+        w.assigned -= len(returned)
+        self.book.requeue(returned)
 
     def _unloadable(self, jobs: list[Job], exc: Exception, now: float) -> None:
         if len(jobs) == 1:
@@ -354,7 +364,6 @@ class Supervisor:
     def _requeue_held(self, w: _Worker) -> None:
         self.book.requeue(list(w.outstanding))
         w.outstanding.clear()
-        w.batches.clear()
 
     # -- deaths --------------------------------------------------------------------------------
     def _on_exit(self, w: _Worker, now: float) -> None:
@@ -487,9 +496,6 @@ class Supervisor:
         return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS / t)))
 
     def _dispatch(self, now: float) -> None:
-        ready = self.book.ready
-        if not ready:
-            return
         open_workers = [
             w
             for w in self.workers.values()
@@ -497,29 +503,37 @@ class Supervisor:
         ]
         if not open_workers:
             return
-        open_workers.sort(key=lambda w: len(w.batches))
+        ready = self.book.ready
+        open_workers.sort(key=lambda w: len(w.outstanding))
         for w in open_workers:
             if not ready:
-                return
-            if len(w.batches) >= 2:
+                break
+            if w.stealing:
                 continue
             stage = ready[0].stage
-            t = self.job_time[stage]
-            prefetch = len(w.batches) == 1
-            if prefetch and t is not None and t >= PREFETCH_BELOW:
-                continue
-            n = min(self._batch_size(stage), -(-len(ready) // len(open_workers)))
+            size = self._batch_size(stage)
+            if w.outstanding:  # prefetch: the next batch waits in the worker's mailbox
+                t = self.job_time[stage]
+                if len(w.outstanding) > size or (t is not None and t >= PREFETCH_BELOW):
+                    continue
+            n = min(size, -(-len(ready) // len(open_workers)))
             if self.max_tasks is not None:
                 n = min(n, self.max_tasks - w.assigned)
-            if prefetch:
-                # A busy worker reads nothing until its batch is done: what we send must fit
-                # its socket buffer, or this thread blocks while that worker blocks on us.
-                per_job = self.job_bytes[stage]
-                n = min(n, PREFETCH_MAX_BYTES // per_job) if per_job else min(n, 1)
             if n > 0:
-                self._send(w, n, now, PREFETCH_MAX_BYTES if prefetch else None)
+                self._send(w, n, now)
+        if not ready:
+            self._steal(open_workers)
 
-    def _send(self, w: _Worker, n: int, now: float, limit: int | None) -> None:
+    def _steal(self, open_workers: list[_Worker]) -> None:
+        """An idle worker and nothing queued: take back jobs waiting behind running ones."""
+        if not any(not w.outstanding for w in open_workers):
+            return
+        for w in open_workers:
+            if len(w.outstanding) > 1 and not w.stealing:
+                w.stealing = True
+                w.proc.send(STEAL_MESSAGE)
+
+    def _send(self, w: _Worker, n: int, now: float) -> None:
         jobs = self.book.take(n, w.pid)
         try:
             blob = dumps([j.data for j in jobs])
@@ -528,17 +542,12 @@ class Supervisor:
             if not jobs:
                 return
             blob = dumps([j.data for j in jobs])
-        stage = jobs[0].stage
-        self.job_bytes[stage] = len(blob) // len(jobs) + 1
-        if limit is not None and len(blob) > limit:
-            self.book.requeue(jobs)  # wait until the worker is idle
-            return
+        self.job_bytes[jobs[0].stage] = len(blob) // len(jobs) + 1
         message = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs], blob))
         if not w.proc.send(message):
             self.book.requeue(jobs)  # it died; its sentinel will tell
             return
         w.outstanding.extend(jobs)
-        w.batches.append(len(jobs))
         w.assigned += len(jobs)
         if ("watch", w.slot) not in self.timers:
             self._schedule_watch(w, now)

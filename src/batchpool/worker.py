@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -25,9 +26,12 @@ from .messages import (
     OK,
     READY,
     RESULTS,
+    RETURNED,
     RUN,
     SPLIT,
     START_FAILED,
+    STEAL,
+    STOP,
     UNPICKLABLE,
     dumps,
     error_tuple,
@@ -126,58 +130,136 @@ def _serve(
     next_memory_check = 0.0
     monotonic = time.monotonic
     monotonic_ns = time.monotonic_ns
+    box = _Mailbox(conn)
+    threading.Thread(target=box.read, name="batchpool-reader", daemon=True).start()
+    out = _Results()
+    flushed = monotonic()
     while True:
-        try:
-            message = loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return  # the supervisor closed our pipe: nothing more will come
-        if message[0] != RUN:
-            return  # STOP
-        _, ids, stages, blob = message
-        if len(ids) == 1:  # a crash while unpickling a lone payload is charged to its job
-            progress[started_at] = monotonic_ns()
-            progress[job_at] = ids[0]
-        try:
-            payloads = loads(blob)
-        except BaseException as exc:
-            progress[job_at] = IDLE
-            _refuse_batch(conn, ids, exc)
+        item = box.next()
+        if item is None:
+            break  # STOP (or the supervisor's end of the pipe closed)
+        if item[0] is _MESSAGE:
+            _unpack(box, item, progress, job_at, started_at)
             continue
-        out = _Results()
-        flushed = monotonic()
+        _, job_id, stage, payload = item
+        progress[started_at] = monotonic_ns()
+        progress[job_at] = job_id
+        out.add(job_id, *_run_one(tasks[stage], payload))
+        progress[job_at] = IDLE
+        done += 1
+        now = monotonic()
         retiring = None
-        for job_id, stage, payload in zip(ids, stages, payloads, strict=True):
-            progress[started_at] = monotonic_ns()
-            progress[job_at] = job_id
-            out.add(job_id, *_run_one(tasks[stage], payload))
-            progress[job_at] = IDLE
-            done += 1
-            now = monotonic()
-            if max_tasks is not None and done >= max_tasks:
-                retiring = "max_tasks_per_worker"
-            elif rss is not None and now >= next_memory_check:
-                next_memory_check = now + MEMORY_CHECK_EVERY
-                if rss() > max_memory:
-                    retiring = "max_memory"
-            if retiring:
-                break
-            if now - flushed > FLUSH_EVERY:
-                out.send(conn, None)
-                out = _Results()
-                flushed = now
-        if out.ids or retiring:
-            out.send(conn, retiring)
+        if max_tasks is not None and done >= max_tasks:
+            retiring = "max_tasks_per_worker"
+        elif rss is not None and now >= next_memory_check:
+            next_memory_check = now + MEMORY_CHECK_EVERY
+            if rss() > max_memory:
+                retiring = "max_memory"
         if retiring:
+            out.send(box, retiring)
             return
+        if box.idle() or now - flushed > FLUSH_EVERY:
+            out.send(box, None)
+            out = _Results()
+            flushed = now
 
 
-def _refuse_batch(conn: Connection, ids: list[int], exc: BaseException) -> None:
+_MESSAGE = object()  # a RUN message not unpacked yet
+_JOB = object()  # one job of an unpacked message
+
+
+class _Mailbox:
+    """Jobs received and not started, shared by the main thread and the reader thread.
+
+    The reader thread always drains the pipe, so the supervisor can queue the next batch while
+    this worker is busy without ever blocking on a full pipe; and it answers STEAL at once,
+    handing back jobs that wait behind a long one, even while run() is inside C code.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.cond = threading.Condition(threading.Lock())
+        self.items: deque[tuple] = deque()
+        self.ended = False
+        self.send_lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        blob = dumps(message)
+        with self.send_lock:
+            self.conn.send_bytes(blob)
+
+    def read(self) -> None:
+        while True:
+            try:
+                message = loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                message = (STOP,)
+            if message[0] == RUN:
+                with self.cond:
+                    self.items.append((_MESSAGE, *message[1:]))
+                    self.cond.notify()
+            elif message[0] == STEAL:
+                self._give_back()
+            else:
+                with self.cond:
+                    self.ended = True
+                    self.cond.notify()
+                return
+
+    def _give_back(self) -> None:
+        with self.cond:
+            items = list(self.items)
+            self.items.clear()
+        ids: list[int] = []
+        for item in items:
+            if item[0] is _MESSAGE:
+                ids.extend(item[1])
+            else:
+                ids.append(item[1])
+        self.send((RETURNED, ids))
+
+    def next(self) -> tuple | None:
+        with self.cond:
+            while not self.items:
+                if self.ended:
+                    return None
+                self.cond.wait()
+            return self.items.popleft()
+
+    def idle(self) -> bool:
+        """Nothing waiting: send what we have now, the supervisor is about to need it."""
+        return not self.items
+
+    def push_front(self, jobs: list[tuple]) -> None:
+        with self.cond:
+            self.items.extendleft(reversed(jobs))
+
+
+def _unpack(box: _Mailbox, item: tuple, progress: Any, job_at: int, started_at: int) -> None:
+    """Unpickle a RUN message's payloads into single jobs at the front of the mailbox."""
+    _, ids, stages, blob = item
+    if len(ids) == 1:  # a crash while unpickling a lone payload is charged to its job
+        progress[started_at] = time.monotonic_ns()
+        progress[job_at] = ids[0]
+    try:
+        payloads = loads(blob)
+    except BaseException as exc:
+        progress[job_at] = IDLE
+        _refuse_batch(box, ids, exc)
+        return
+    progress[job_at] = IDLE
+    box.push_front(
+        [(_JOB, job_id, stage, p) for job_id, stage, p in zip(ids, stages, payloads, strict=True)]
+    )
+
+
+def _refuse_batch(box: _Mailbox, ids: list[int], exc: BaseException) -> None:
     """The payloads did not unpickle: alone, the job is charged; in a batch, split it."""
     if len(ids) == 1:
-        _send(conn, (RESULTS, ids, [UNPICKLABLE], [0.0], dumps([error_tuple(exc)]), None))
+        box.send((RESULTS, ids, [UNPICKLABLE], [0.0], dumps([error_tuple(exc)]), None))
     else:
         n = len(ids)
-        _send(conn, (RESULTS, ids, [SPLIT] * n, [0.0] * n, dumps([None] * n), None))
+        box.send((RESULTS, ids, [SPLIT] * n, [0.0] * n, dumps([None] * n), None))
 
 
 class _Results:
@@ -197,7 +279,7 @@ class _Results:
         self.elapsed.append(elapsed)
         self.values.append(value)
 
-    def send(self, conn: Connection, retiring: str | None) -> None:
+    def send(self, box: _Mailbox, retiring: str | None) -> None:
         try:
             blob = dumps(self.values)
         except BaseException:
@@ -208,7 +290,7 @@ class _Results:
                     self.outcomes[i] = UNPICKLABLE
                     self.values[i] = error_tuple(exc)
             blob = dumps(self.values)
-        _send(conn, (RESULTS, self.ids, self.outcomes, self.elapsed, blob, retiring))
+        box.send((RESULTS, self.ids, self.outcomes, self.elapsed, blob, retiring))
 
 
 def _run_one(task: Task, payload: Any) -> tuple[int, float, Any]:
