@@ -65,6 +65,7 @@ MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives
 TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well under 1%
 MAX_BATCH = 512  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
 PREFETCH_BELOW = 0.005  # seconds: longer jobs are not queued behind a running one
 STOP_GRACE = 30.0  # seconds a stopped worker gets for teardown() before it is killed
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
@@ -517,6 +518,8 @@ class Supervisor:
                 if len(w.outstanding) > size or (t is not None and t >= PREFETCH_BELOW):
                     continue
             n = min(size, -(-len(ready) // len(open_workers)))
+            if self.job_bytes[stage]:  # big payloads: several moderate messages pipeline better
+                n = min(n, max(1, MAX_MESSAGE_BYTES // self.job_bytes[stage]))
             if self.max_tasks is not None:
                 n = min(n, self.max_tasks - w.assigned)
             if n > 0:
