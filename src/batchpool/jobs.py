@@ -127,6 +127,20 @@ class JobBook:
             return
         self._final(job, value, None, elapsed)
 
+    def complete_all(self, jobs: list[Job], values: list, elapsed: list) -> None:
+        """complete() for a batch that all succeeded: one pass, counters updated once."""
+        if len(self.policies) > 1 or self.solo_queued:
+            for job, value, seconds in zip(jobs, values, elapsed, strict=True):
+                self.complete(job, value, seconds)
+            return
+        n = len(jobs)
+        self.sent -= n
+        self.succeeded += n
+        done = self.done.append
+        for job, value, seconds in zip(jobs, values, elapsed, strict=True):
+            job.data = None
+            done((job, result_of(job, value, None, seconds)))
+
     def attempt_failed(
         self, job: Job, error: JobError, *, retryable: bool, elapsed: float, now: float
     ) -> None:

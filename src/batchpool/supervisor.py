@@ -305,16 +305,35 @@ class Supervisor:
         self, w: _Worker, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
     ) -> None:
         jobs = self._answered(w, ids)
-        if jobs:
-            w.stealing = False
+        if not jobs:
+            return
+        w.stealing = False
         try:
             values = loads(blob)
         except Exception as exc:  # a value that pickled in the worker but cannot load here
-            self._unloadable(jobs, exc, now)
+            self._unloadable([j for j in jobs if j is not None], exc, now)
             return
         book = self.book
-        stage = jobs[0].stage if jobs else 0
+        stage = jobs[0].stage if jobs[0] is not None else 0
+        if outcomes.count(OK) == len(jobs) and None not in jobs:
+            book.complete_all(jobs, values, elapsed)  # the common case, in one pass
+        else:
+            self._outcomes(jobs, outcomes, elapsed, values, now)
+        total = sum(elapsed)
+        w.jobs += len(jobs)
+        w.busy += total
+        if outcomes[0] != SPLIT:
+            mean = total / len(jobs) + PER_JOB_OVERHEAD
+            old = self.job_time[stage]
+            self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
+
+    def _outcomes(
+        self, jobs: list[Job | None], outcomes: list, elapsed: list, values: list, now: float
+    ) -> None:
+        book = self.book
         for job, outcome, seconds, value in zip(jobs, outcomes, elapsed, values, strict=True):
+            if job is None:
+                continue
             if outcome == OK:
                 book.complete(job, value, seconds)
             elif outcome == SPLIT:
@@ -324,26 +343,19 @@ class Supervisor:
                 retryable = outcome == ERROR
                 error = JobError(kind, *value)
                 book.attempt_failed(job, error, retryable=retryable, elapsed=seconds, now=now)
-        total = sum(elapsed)
-        w.jobs += len(jobs)
-        w.busy += total
-        if jobs and outcomes[0] != SPLIT:
-            mean = total / len(jobs) + PER_JOB_OVERHEAD
-            old = self.job_time[stage]
-            self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
 
-    def _answered(self, w: _Worker, ids: list) -> list[Job]:
-        """Take the answered jobs off the worker, which answers in the order it was sent."""
+    def _answered(self, w: _Worker, ids: list) -> list[Job | None]:
+        """Take the answered jobs off the worker, which answers in the order it was sent;
+        None for an id it no longer holds (charged to a timeout kill already)."""
         outstanding = w.outstanding
-        jobs = []
+        jobs: list[Job | None] = []
         for job_id in ids:
             if outstanding and outstanding[0].id == job_id:
                 jobs.append(outstanding.popleft())
-            else:  # a result that raced a timeout kill: find it, or it was charged already
-                job = next((j for j in outstanding if j.id == job_id), None)
-                if job is None:
-                    continue
-                outstanding.remove(job)
+            else:
+                job = _find(outstanding, job_id)
+                if job is not None:
+                    outstanding.remove(job)
                 jobs.append(job)
         return jobs
 
@@ -603,8 +615,13 @@ class Supervisor:
         if not done:
             return
         by_consumer: dict[Any, list] = {}
-        for job, result in done:
-            by_consumer.setdefault(job.consumer, []).append((job, result))
+        last = items = None
+        for entry in done:
+            consumer = entry[0].consumer
+            if consumer is not last:  # results of one map() call come in runs
+                items = by_consumer.setdefault(consumer, [])
+                last = consumer
+            items.append(entry)  # type: ignore[union-attr]
         for consumer, items in by_consumer.items():
             try:
                 consumer.deliver(items)
