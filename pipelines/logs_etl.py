@@ -72,7 +72,7 @@ def _write_log(path: Path, seed: int) -> None:
 
 def log_files() -> Iterator[str]:
     """The source: makes each demo log if missing and yields its absolute path, in a stable
-    order. A generator: the first files are parsed while the later ones are still written."""
+    order. A generator: the run reads it lazily, a bounded window ahead of the workers."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     for i in range(FILES):
         path = LOG_DIR / f"access-{i:03d}.log"

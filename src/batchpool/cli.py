@@ -21,6 +21,7 @@ import click
 from tqdm import tqdm
 
 from . import __version__
+from .backends import BackendUnavailable
 from .journal import Journal, JournalError
 from .pipeline import DEFAULT_JOURNAL, Pipeline, output_line
 from .progress import summary
@@ -167,6 +168,18 @@ def main() -> None:
     help="How workers start [default: forkserver].",
 )
 @click.option("--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB.")
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where workers run: processes here, or actors of a Ray cluster (see docs/cluster.md).",
+)
+@click.option(
+    "--address",
+    metavar="ADDR",
+    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT [default: a local instance].",
+)
 @click.option("--journal", type=click.Path(dir_okay=False), help="Journal file to use.")
 @click.option(
     "--no-journal", is_flag=True, help="Keep no journal (an interrupted run cannot resume)."
@@ -189,6 +202,11 @@ def run(pipeline: str, **opts: Any) -> None:
         raise click.UsageError("--fresh starts over; it cannot be combined with --resume")
     if opts["no_journal"] and (opts["resume"] or opts["retry_failed"]):
         raise click.UsageError("--resume needs a journal")
+    if opts["address"] and opts["backend"] != "ray":
+        raise click.UsageError("--address is for --backend ray")
+    if opts["backend"] == "ray" and importlib.util.find_spec("ray") is None:
+        click.echo("batchpool: --backend ray needs Ray: pip install 'batchpool[ray]'", err=True)
+        sys.exit(EXIT_USAGE)
     _setup_logging(opts["verbose"], opts["quiet"])
     pipe = load_pipeline(pipeline)
     journal: Any = DEFAULT_JOURNAL
@@ -198,9 +216,11 @@ def run(pipeline: str, **opts: Any) -> None:
         journal = opts["journal"]
     pool_options = {
         k: opts[k]
-        for k in ("retries", "timeout", "backoff", "start_method", "max_memory")
+        for k in ("retries", "timeout", "backoff", "start_method", "max_memory", "address")
         if opts[k] is not None
     }
+    if opts["backend"] != "local":
+        pool_options["backend"] = opts["backend"]
     try:
         report = pipe.run(
             opts["procs"],
@@ -217,6 +237,9 @@ def run(pipeline: str, **opts: Any) -> None:
         sys.exit(EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # settings refused when the pool is built
         click.echo(f"batchpool: invalid settings: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (BackendUnavailable, ConnectionError) as exc:  # a backend missing or unreachable
+        click.echo(f"batchpool: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     if report.error:
         click.echo(f"batchpool: run stopped ({report.stopped_by}):\n{report.error}", err=True)

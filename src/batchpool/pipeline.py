@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import signal
 import tempfile
@@ -33,6 +34,7 @@ from .task import Task, resolve_policy
 MAX_FAILURES_KEPT = 1000  # RunReport.failures keeps the first ones; counts stay exact
 TIMING_SAMPLES = 10_000  # reservoir for p50/p95 attempt time: bounded memory
 POLL = 0.1  # seconds between looks at stop flags while waiting for results
+SUBMIT_BATCH = 64  # source items per post to the supervisor, at most
 
 
 class _Default:
@@ -204,6 +206,74 @@ def write_jsonl(book: Journal, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_EMPTY = object()  # the source has nothing ready yet
+_END = object()  # the source is exhausted
+
+
+class _SourceFailed(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class _Feed:
+    """Reads the source in its own thread into a bounded queue.
+
+    A slow or blocking source (a network listing, a generator reading files) then never keeps
+    the run loop from collecting results, journaling them and acting on signals. ``next()``
+    never blocks: it returns _EMPTY when no item is ready.
+    """
+
+    def __init__(self, iterator: Iterator[Any], size: int, poke: Callable[[], None]) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=size)
+        self.poke = poke
+        self.closed = False
+        thread = threading.Thread(
+            target=self._read, args=(iterator,), name="batchpool-source", daemon=True
+        )
+        thread.start()
+
+    def _read(self, iterator: Iterator[Any]) -> None:
+        try:
+            for item in enumerate(iterator):
+                if not self._put(item):
+                    return
+        except BaseException:
+            self._put(_SourceFailed(traceback.format_exc()))
+            return
+        self._put(_END)
+
+    def _put(self, item: Any) -> bool:
+        while not self.closed:
+            was_empty = self.queue.empty()
+            try:
+                self.queue.put(item, timeout=POLL)
+            except queue.Full:
+                continue
+            if was_empty:
+                self.poke()
+            return True
+        return False
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = self.queue.get_nowait()
+        except queue.Empty:
+            return _EMPTY
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, _SourceFailed):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop reading (a source blocked in a call stays blocked: its thread is a daemon)."""
+        self.closed = True
+
+
 class _Inbox:
     """The run's consumer: final results, and jobs dropped by a drain or terminate."""
 
@@ -211,6 +281,7 @@ class _Inbox:
         self.cond = threading.Condition(threading.Lock())
         self.results: deque[JobResult] = deque()
         self.dropped = 0
+        self.poked = False  # the source has items again
 
     def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
         with self.cond:
@@ -222,28 +293,46 @@ class _Inbox:
             self.dropped += 1
             self.cond.notify()
 
+    def poke(self) -> None:
+        with self.cond:
+            self.poked = True
+            self.cond.notify()
+
     def take(self, timeout: float) -> tuple[list[JobResult], int]:
         with self.cond:
-            if not self.results and not self.dropped:
+            if not self.results and not self.dropped and not self.poked:
                 self.cond.wait(timeout)
+            self.poked = False
             results = list(self.results)
             self.results.clear()
             dropped, self.dropped = self.dropped, 0
             return results, dropped
 
 
+class _HardStop(BaseException):
+    """Raised by the second signal wherever the run loop is: stop at once."""
+
+
 class _Stop:
-    """Stop requests from signal handlers: flags only, read by the run loop."""
+    """Stop requests from signal handlers.
+
+    The first signal sets a flag the run loop reads between results (it drains in-flight
+    attempts). The second raises _HardStop in the main thread, so that neither a drain nor a
+    sink can hold the run; a BaseException, so user code catching Exception cannot swallow it.
+    """
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.hard = False
+        self.armed = False  # may raise (the run loop and the drain catch these)
 
     def request(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        else:
+        elif not self.hard:
             self.hard = True
+            if self.armed:
+                raise _HardStop()
 
     def install(self) -> Callable[[], None]:
         """Route SIGINT/SIGTERM here while the run lasts (main thread only)."""
@@ -276,6 +365,7 @@ class _Run:
         self.retry_failed = retry_failed
         self.show_progress = progress
         self.stop = _Stop()
+        self.feed: _Feed | None = None
         self.inbox = _Inbox()
         self.error: str | None = None
         self.stopped_by: str | None = None
@@ -290,28 +380,34 @@ class _Run:
         pipeline = self.pipeline
         started = time.monotonic()
         method = pool_options.get("start_method") or default_start_method()
-        if method == "forkserver":
+        if method == "forkserver" and pool_options.get("backend", "local") == "local":
             start_forkserver_ignoring_sigterm()
         restore = self.stop.install()
         try:
-            source = self._source()
             pool = Pool._for_stages(
                 pipeline.stages, procs, preload=pipeline.preload, **pool_options
             )
+            try:
+                source = self._source(WINDOW_PER_PROC * pool.procs)
+            except BaseException:
+                pool.terminate()
+                raise
             total = _length(pipeline.source)
             self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
             try:
                 if self.journal is not None:
                     self.journal.begin(total=total, resume=self.resume)
+                self.stop.armed = True
                 self._loop(pool, source)
+            except _HardStop:
+                pass  # pool.terminate() below
             except BaseException:
+                self.stop.armed = False
                 pool.terminate()  # attempts cut short are not final: a resume runs them
                 raise
             finally:
-                if self.stop.hard:
-                    pool.terminate()
-                else:
-                    pool.close()
+                self.feed.close()  # type: ignore[union-attr]
+                self._shutdown(pool)
                 self.progress.close()
             metrics = pool.metrics()
             complete = self.stopped_by is None
@@ -326,24 +422,37 @@ class _Run:
             restore()
         return self._report(metrics, time.monotonic() - started, not complete)
 
-    def _source(self) -> Iterator[Any]:
+    def _source(self, window: int) -> Iterator[Any]:
+        """(index, payload) or (index, payload, recorded status), or _EMPTY: never blocks."""
         source = self.pipeline.source
-        if callable(source):
-            source = source()
-        iterator = iter(source)
-        if self.journal is None or not self.resume:
-            return enumerate(iterator)
-        if callable(self.pipeline.source) or isinstance(self.pipeline.source, Sequence):
+        if (
+            self.journal is not None
+            and self.resume
+            and (callable(source) or isinstance(source, Sequence))
+        ):
             # Re-readable: refuse a changed source before running anything.
-            source = self.pipeline.source
-            for _ in _merge(iter(source() if callable(source) else source), self.journal):
+            for _ in _merge(enumerate(source() if callable(source) else source), self.journal):
                 pass
-        return _merge(iterator, self.journal)
+        self.feed = _Feed(iter(source() if callable(source) else source), window, self.inbox.poke)
+        if self.journal is None or not self.resume:
+            return self.feed
+        return _merge(self.feed, self.journal)
+
+    def _shutdown(self, pool: Pool) -> None:
+        """Close (drain) the pool, or terminate it after a second signal, even mid-drain."""
+        try:
+            if self.stop.hard:
+                pool.terminate()
+            else:
+                pool.close()
+        except _HardStop:
+            pool.terminate()
+        finally:
+            self.stop.armed = False
 
     def _loop(self, pool: Pool, source: Iterator[Any]) -> None:
         window = WINDOW_PER_PROC * pool.procs
         intake = True
-        batch: list = []
         while True:
             if self.stop.reason and self.stopped_by is None:
                 self._halt(pool, self.stop.reason, None)
@@ -353,18 +462,32 @@ class _Run:
             if broken is not None and self.stopped_by is None:
                 self._halt(pool, "setup", f"workers cannot start: {broken.type}: {broken.message}")
             intake = intake and self.stopped_by is None
-            while intake and self.outstanding < window:
-                try:
-                    item = next(source)
-                except StopIteration:
-                    intake = False
-                    break
-                except SourceChangedError:
-                    raise
-                except Exception:
-                    self._halt(pool, "source", traceback.format_exc())
-                    intake = False
-                    break
+            more = False
+            if intake and self.outstanding < window:
+                intake, more = self._intake(pool, source, window)
+            if not self.outstanding and not intake:
+                return
+            # Items ready and room for them: only collect results that are in. Otherwise wait;
+            # the source thread pokes the inbox when it has items again.
+            results, dropped = self.inbox.take(0.0 if more else POLL)
+            if self.journal is not None and not results:
+                self._flush_quietly(pool)  # a quiet spell must not leave results uncommitted
+            self.outstanding -= dropped
+            for result in results:
+                self.outstanding -= 1
+                self._final(pool, result)
+
+    def _intake(self, pool: Pool, source: Iterator[Any], window: int) -> tuple[bool, bool]:
+        """Submit source items that are ready, up to a batch and the window. Returns (the
+        source may have more, items are ready now)."""
+        batch: list = []
+        try:
+            while self.outstanding < window:
+                if len(batch) >= SUBMIT_BATCH:
+                    return True, True
+                item = next(source)
+                if item is _EMPTY:
+                    return True, False
                 index, payload, recorded = item if len(item) == 3 else (*item, None)
                 if recorded is not None and not (recorded == "failed" and self.retry_failed):
                     self.skipped += 1
@@ -372,21 +495,15 @@ class _Run:
                     continue
                 batch.append(pool._make_job(index, payload, self.inbox))
                 self.outstanding += 1
-                if len(batch) >= 64 or self.outstanding >= window:
-                    pool._post_jobs(batch)
-                    batch = []
+            return True, False
+        except StopIteration:
+            return False, False
+        except _SourceFailed as exc:
+            self._halt(pool, "source", exc.text)
+            return False, False
+        finally:
             if batch:
                 pool._post_jobs(batch)
-                batch = []
-            if not self.outstanding and not intake:
-                return
-            results, dropped = self.inbox.take(POLL)
-            if self.journal is not None and not results:
-                self._flush_quietly(pool)  # a quiet spell must not leave results uncommitted
-            self.outstanding -= dropped
-            for result in results:
-                self.outstanding -= 1
-                self._final(pool, result)
 
     def _flush_quietly(self, pool: Pool) -> None:
         try:
@@ -466,11 +583,16 @@ class _Run:
         )
 
 
-def _merge(source: Iterator[Any], journal: Journal) -> Iterator[tuple[int, Any, str | None]]:
-    """(index, payload, recorded status) for each payload, checking recorded fingerprints."""
+def _merge(source: Iterator[Any], journal: Journal) -> Iterator[Any]:
+    """(index, payload, recorded status) for each (index, payload), checking recorded
+    fingerprints; _EMPTY passes through."""
     recorded = journal.recorded()
     current = next(recorded, None)
-    for index, payload in enumerate(source):
+    for item in source:
+        if item is _EMPTY:
+            yield _EMPTY
+            continue
+        index, payload = item
         while current is not None and current[0] < index:
             current = next(recorded, None)
         if current is not None and current[0] == index and current[2] is not None:

@@ -14,8 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from .backends import WorkerSpec
-from .backends.local import LocalBackend
+from .backends import WorkerSpec, check_backend, make_backend
 from .errors import PoolBroken, PoolClosed
 from .jobs import Job
 from .messages import dumps
@@ -116,6 +115,8 @@ class Pool:
         retries: int | None = None,
         timeout: float | None = None,
         backoff: float | None = None,
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         self._open(
             [task],
@@ -126,6 +127,8 @@ class Pool:
             max_memory=max_memory,
             overrides={"retries": retries, "timeout": timeout, "backoff": backoff},
             preload=(),
+            backend=backend,
+            address=address,
         )
 
     @classmethod
@@ -157,6 +160,8 @@ class Pool:
         max_memory: int | None = None,
         overrides: dict[str, Any],
         preload: Sequence[tuple[str, str]],
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__/atexit ignore a half-built pool
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
@@ -171,6 +176,7 @@ class Pool:
             _positive_int("chunksize", chunksize, allow_none=False)
         _positive_int("max_tasks_per_worker", max_tasks_per_worker)
         _positive_int("max_memory", max_memory)
+        check_backend(backend, address)
         try:
             tasks_blob = dumps(tasks)
         except Exception as exc:
@@ -178,15 +184,15 @@ class Pool:
         self.procs: int = procs  # type: ignore[assignment]
         self.start_method = method
         self._policies = policies
+        spec = WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory)
+        workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
             policies,
             procs=self.procs,
-            backend=LocalBackend(
-                method,
-                self.procs,
-                WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory),
-            ),
-            chunksize=None if chunksize == "auto" else int(chunksize),
+            backend=workers,
+            # a backend that cannot tell which job of a batch runs fixes the batch size (Ray: 1)
+            chunksize=getattr(workers, "chunksize", None)
+            or (None if chunksize == "auto" else int(chunksize)),
             max_tasks=max_tasks_per_worker,
         )
         self._futures = _Futures()

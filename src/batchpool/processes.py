@@ -42,7 +42,7 @@ def lifeline() -> Connection:
 def describe_exit(code: int | None) -> str:
     """'exit code 13', 'SIGKILL (-9)'."""
     if code is None:
-        return "still running"
+        return "exit status unknown"  # a worker whose platform does not report it (Ray)
     if code < 0:
         try:
             return f"{signal.Signals(-code).name} ({code})"

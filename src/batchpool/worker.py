@@ -308,3 +308,50 @@ def _rss_probe():
 
     memory_info = psutil.Process().memory_info
     return lambda: memory_info().rss
+
+
+# -- one message as one call (backends without a pipe to the worker: Ray) -------------------------
+
+
+class _Capture:
+    """Stands in for the mailbox: keeps the message the local loop would have sent."""
+
+    __slots__ = ("message",)
+
+    def __init__(self) -> None:
+        self.message: tuple | None = None
+
+    def send(self, message: tuple) -> None:
+        self.message = message
+
+
+def run_message(
+    tasks: list[Task],
+    ids: list[int],
+    stages: list[int],
+    blob: bytes,
+    retire: Any = None,
+) -> tuple:
+    """Run the jobs of one RUN message in order; return its one RESULTS message.
+
+    The job semantics of the local loop, for backends that carry each message as a call:
+    exceptions as plain data, retryable decided here against the real exception, a payload or
+    value that cannot be pickled charged to its own job. ``retire()``, if given, is asked
+    after each job why the worker leaves now (None: it stays); the jobs after it do not run.
+    """
+    box = _Capture()
+    try:
+        payloads = loads(blob)
+    except BaseException as exc:
+        _refuse_batch(box, ids, exc)  # type: ignore[arg-type]
+        return box.message  # type: ignore[return-value]
+    out = _Results()
+    retiring = None
+    for job_id, stage, payload in zip(ids, stages, payloads, strict=True):
+        out.add(job_id, *_run_one(tasks[stage], payload))
+        if retire is not None:
+            retiring = retire()
+            if retiring:
+                break
+    out.send(box, retiring)  # type: ignore[arg-type]
+    return box.message  # type: ignore[return-value]

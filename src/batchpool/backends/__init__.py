@@ -13,12 +13,20 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.reap() -> int | None    after the sentinel fired: the exit code (negative: signal)
 
 ``backend.start_worker(slot)`` returns a started handle; ``backend.close()`` releases what the
-backend holds. Messages are those of batchpool.messages, whatever carries them.
+backend holds; ``backend.chunksize`` (optional, int) fixes the jobs per RUN message where the
+backend cannot report which job of a batch is running (Ray: 1). Messages are those of
+batchpool.messages, whatever carries them.
+
+Backends: "local" (backends/local.py, processes of this machine) and "ray" (backends/ray.py,
+actors of a Ray cluster; needs the ``ray`` extra). ``make_backend`` picks one by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -29,3 +37,35 @@ class WorkerSpec:
     preload: tuple[tuple[str, str], ...]  # (module name, file path) to import first
     max_tasks: int | None
     max_memory: int | None
+
+
+class BackendUnavailable(ImportError):
+    """A backend whose optional dependency is not installed."""
+
+
+def check_backend(name: str, address: str | None) -> None:
+    """ValueError for an unknown backend, or an address a backend cannot use."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    if address is not None and name != "ray":
+        raise ValueError(f"address is for the ray backend, not {name!r}")
+
+
+def make_backend(
+    name: str, start_method: str, procs: int, spec: WorkerSpec, address: str | None = None
+) -> Any:
+    """The backend called ``name``: "local" (processes started by ``start_method``) or "ray"
+    (actors; ``address`` None starts a local Ray instance, "auto" or "ray://..." joins a
+    cluster). Raises ValueError for an unknown name, BackendUnavailable without ray."""
+    check_backend(name, address)
+    if name == "ray":
+        try:
+            from .ray import RayBackend
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the ray backend needs Ray: pip install 'batchpool[ray]' ({exc})"
+            ) from exc
+        return RayBackend(procs, spec, address)
+    from .local import LocalBackend
+
+    return LocalBackend(start_method, procs, spec)

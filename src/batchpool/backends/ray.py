@@ -1,0 +1,564 @@
+"""Workers as Ray actors: the same pools and pipelines on a Ray cluster.
+
+Each worker is one actor (``num_cpus=1``, ``max_restarts=0``, ``max_task_retries=0``: batchpool
+counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs once per actor and
+``teardown()`` at a clean stop. The supervisor sees the usual handle (backends/__init__.py):
+
+    send(RUN)      queued in the handle; at most DEPTH calls are submitted to the actor at a
+                   time (``actor.run.remote``), the rest can still be handed back by STEAL
+    a thread       per handle: waits for the calls to complete (their futures), writes each
+                   RESULTS message to ``conn`` (a pipe) as the actor produced it, and closes
+                   the write end of the ``sentinel`` pipe once the actor is dead
+    running()      the oldest unanswered call: an actor runs its calls one at a time, in order,
+                   and a Ray pool sends one job per call (``chunksize = 1``), so a crash or a
+                   timeout is charged to exactly the job that was running
+    kill()         ``ray.kill(actor, no_restart=True)``
+
+Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
+3 (worker.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
+batchpool killed the actor (a timeout, terminate, a stop past its grace); None when the actor
+died on its own (os._exit, a segfault, the OOM killer, a lost node): Ray does not report the
+process's exit status, so JobError.exitcode is None for crashes on Ray (the Ray error text is
+logged at INFO).
+
+Payloads and values travel through Ray as the same pickled blobs as on a pipe, so pickling
+failures are charged exactly as locally. Task classes are unpickled by reference: their module
+must be importable on every node (pipeline files given by path are imported from that path,
+and the driver's ``sys.path`` entries that exist on the node are appended).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from multiprocessing.connection import Pipe
+from typing import Any
+
+import psutil
+import ray
+import ray.exceptions
+
+from .. import worker
+from ..messages import (
+    IDLE,
+    READY,
+    RETURNED,
+    RUN,
+    START_FAILED,
+    STEAL,
+    STOP,
+    dumps,
+    error_tuple,
+    loads,
+)
+from . import WorkerSpec
+
+log = logging.getLogger("batchpool")
+
+DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
+START_TIMEOUT = 60.0  # seconds for Ray to place and start an actor before the start fails
+IDLE_PING = 1.0  # seconds: an idle actor is pinged, so a death between jobs is seen and charged
+DEATH_WAIT = 10.0  # seconds a killed actor gets to be reported dead
+RSS_EVERY = 0.5  # seconds between the actor's samples of its own memory
+EXIT_KILLED = -signal.SIGKILL
+
+# kinds of call
+_SETUP, _RUN, _PING, _STOP = "setup", "run", "ping", "stop"
+
+
+class _Actor:
+    """The remote side: one per worker. Every method catches what the user's code raises, so a
+    call fails only when the actor process dies."""
+
+    def __init__(self) -> None:
+        self.tasks: list = []
+        self.done = 0
+        self.retiring: str | None = None
+        self.max_tasks: int | None = None
+        self.max_memory: int | None = None
+        self._memory_info: Any = None
+        self._rss: int | None = None
+        self._rss_at = 0.0
+
+    def describe(self) -> tuple[int, str]:
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def ping(self) -> None:
+        return None
+
+    def setup(
+        self,
+        tasks_blob: bytes,
+        preload: tuple,
+        sys_path: tuple,
+        max_tasks: int | None,
+        max_memory: int | None,
+    ) -> tuple[bytes, int | None, bool]:
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
+        try:
+            for path in sys_path:
+                if path not in sys.path and os.path.isdir(path):
+                    sys.path.append(path)
+            worker._import_files(preload)
+            tasks = loads(tasks_blob)
+            for task in tasks:
+                task.setup()
+        except BaseException as exc:
+            sys.stderr.flush()
+            return dumps((START_FAILED, error_tuple(exc))), None, False
+        self.tasks = tasks
+        return dumps((READY, os.getpid())), self._sample_rss(), True
+
+    def run(self, ids: list, stages: list, blob: bytes) -> tuple[bytes, bool, int | None] | None:
+        if self.retiring:  # calls queued behind a retirement: the supervisor requeued them
+            return None
+        message = worker.run_message(self.tasks, ids, stages, blob, self._retire)
+        return dumps(message), bool(self.retiring), self._rss
+
+    def stop(self) -> None:
+        """Tear down and exit (by itself: no word from Ray's control plane needed)."""
+        for task in self.tasks:
+            try:
+                task.teardown()
+            except Exception as exc:
+                print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ray.actor.exit_actor()
+
+    def _retire(self) -> str | None:
+        """Asked after each job: leave now? As the local worker loop decides it."""
+        self.done += 1
+        if self.max_tasks is not None and self.done >= self.max_tasks:
+            self.retiring = "max_tasks_per_worker"
+        else:
+            rss = self._sample_rss()
+            if self.max_memory is not None and rss is not None and rss > self.max_memory:
+                self.retiring = "max_memory"
+        return self.retiring
+
+    def _sample_rss(self) -> int | None:
+        """This process's RSS, sampled at most every few ms (psutil costs ~10 us)."""
+        now = time.monotonic()
+        if now < self._rss_at:
+            return self._rss
+        self._rss_at = now + (worker.MEMORY_CHECK_EVERY if self.max_memory else RSS_EVERY)
+        try:
+            if self._memory_info is None:
+                import psutil
+
+                self._memory_info = psutil.Process().memory_info
+            self._rss = self._memory_info().rss
+        except Exception:
+            self._rss = None
+        return self._rss
+
+
+def init_ray(procs: int, address: str | None) -> bool:
+    """Connect this process to Ray if it is not yet; True if this call started Ray (the
+    backend then shuts it down at close). ``address=None`` starts a local instance with
+    ``procs`` CPUs (or joins $RAY_ADDRESS where that is set, as in a Ray job); "auto",
+    "HOST:PORT" or "ray://HOST:PORT" joins a running cluster."""
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {
+        "ignore_reinit_error": True,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+    }
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None  # a Ray job's driver: its cluster
+    if address is None:  # "local": a new instance, even where `ray start` made one
+        options.update(address="local", num_cpus=procs, include_dashboard=False)
+    else:
+        options.update(address=address)
+    # ray.init installs a SIGTERM handler that exits at once; the application's own handler
+    # (a pipeline's clean drain on SIGTERM) must stay in charge.
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    # The daemons of a local instance join this process group. Ray blocks SIGINT in them so a
+    # Ctrl-C to the group spares them; SIGTERM to the group must spare them too, or the
+    # attempts in flight could not drain. (A blocked mask survives exec; the cost is a slower
+    # ray.shutdown, which falls back from SIGTERM to SIGKILL after a second.)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if address is None else None
+    try:
+        ray.init(**options)
+    except ConnectionError as exc:
+        raise ConnectionError(f"cannot connect to Ray at {address}: {exc}") from exc
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+class RayBackend:
+    """Starts one actor per worker slot; owns the Ray connection if it made it."""
+
+    chunksize = 1  # one job per call: running() then names the job in progress exactly
+
+    def __init__(self, procs: int, spec: WorkerSpec, address: str | None = None) -> None:
+        self.spec = spec
+        self.owns_ray = init_ray(procs, address)
+        self.actor_class = ray.remote(_Actor).options(
+            num_cpus=1, max_restarts=0, max_task_retries=0
+        )
+        self.sys_path = tuple(dict.fromkeys(os.path.abspath(p or os.curdir) for p in sys.path))
+        self.node_id = _local_node_id()
+        try:
+            cpus = ray.cluster_resources().get("CPU", 0)
+        except Exception:
+            cpus = procs
+        if cpus < procs:
+            log.warning(
+                "the Ray cluster has %g CPUs for %d workers: workers beyond them wait for "
+                "room, and fail to start after %g s",
+                cpus,
+                procs,
+                START_TIMEOUT,
+            )
+
+    def start_worker(self, slot: int) -> RayWorker:
+        return RayWorker(self, slot)
+
+    def close(self) -> None:
+        if self.owns_ray and ray.is_initialized():
+            try:
+                ray.shutdown()
+            except Exception:
+                log.debug("ray.shutdown failed", exc_info=True)
+
+
+class _Call:
+    """One call to the actor: queued (future None), then submitted."""
+
+    __slots__ = ("kind", "args", "job", "future", "at")
+
+    def __init__(self, kind: str, args: tuple = (), job: int = IDLE) -> None:
+        self.kind = kind
+        self.args = args
+        self.job = job
+        self.future: Any = None  # set once submitted
+        self.at = 0.0  # monotonic time it was submitted; 0: still ours (STEAL may take it)
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+
+class RayWorker:
+    """The supervisor's handle to one actor (see the module docstring).
+
+    Locking: ``_cond`` guards the call queue and is never held while calling into Ray (Ray
+    runs the futures' done callbacks, which take it, on its own threads); ``_submitting``
+    keeps submissions in queue order, which is the order the actor runs them in.
+    """
+
+    def __init__(self, backend: RayBackend, slot: int) -> None:
+        self.slot = slot
+        self.conn, self._out = Pipe(duplex=False)
+        self.sentinel, self._sentinel_w = os.pipe()
+        self._cond = threading.Condition(threading.Lock())
+        self._submitting = threading.Lock()
+        self._calls: deque[_Call] = deque()  # oldest first; the first DEPTH are submitted
+        self._replies: list[bytes] = []  # RETURNED messages for the thread to write
+        self._last_done = time.monotonic()  # when the previous call's answer came
+        self._killing = False
+        self._leaving = False  # stopping or retiring: no more jobs
+        self._ended = False
+        self._rss: int | None = None
+        self.exitcode: int | None = None
+        self.actor: Any = None
+        self.pid = 0
+        self._proc: psutil.Process | None = None
+        try:
+            self.actor = backend.actor_class.remote()
+            self.pid, node = ray.get(self.actor.describe.remote(), timeout=START_TIMEOUT)
+            # On this node, the process itself tells when the actor is dead, Ray or no Ray.
+            self._proc = psutil.Process(self.pid) if node == backend.node_id else None
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                raise RuntimeError(
+                    f"Ray did not start a worker within {START_TIMEOUT:g} s (are there free "
+                    "CPUs in the cluster?)"
+                ) from None
+            raise
+        spec = backend.spec
+        setup = (spec.tasks_blob, spec.preload, backend.sys_path, spec.max_tasks, spec.max_memory)
+        self._calls.append(_Call(_SETUP, setup))
+        self._submit()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"batchpool-ray-{slot}", daemon=True
+        )
+        self._thread.start()
+
+    # -- the handle protocol ---------------------------------------------------------------
+    def send(self, blob: bytes) -> bool:
+        message = loads(blob)
+        tag = message[0]
+        with self._cond:
+            if self._ended or self._killing:
+                return False
+            if tag == RUN:
+                if self._leaving:
+                    return False
+                ids = message[1]
+                job = ids[0] if len(ids) == 1 else IDLE
+                self._calls.append(_Call(_RUN, tuple(message[1:]), job))
+            elif tag == STEAL:
+                self._steal()
+                return True
+            elif tag == STOP:
+                if self._leaving:
+                    return True
+                self._leaving = True
+                self._calls.append(_Call(_STOP))
+            else:
+                log.debug("ray worker %s: unknown message %r", self.pid, tag)
+                return True
+        self._submit()
+        return True
+
+    def running(self) -> tuple[int, float]:
+        with self._cond:
+            if self._calls:
+                call = self._calls[0]
+                if call.kind == _RUN and call.at:
+                    return call.job, max(call.at, self._last_done)
+            return IDLE, 0.0
+
+    def rss(self) -> int | None:
+        return self._rss
+
+    def kill(self) -> None:
+        with self._cond:
+            self._killing = True
+            self._cond.notify_all()
+        self._kill_actor()
+
+    def reap(self) -> int | None:
+        self._thread.join(DEATH_WAIT + 5)
+        if self._thread.is_alive():  # pragma: no cover - Ray never reported the death
+            log.warning("ray worker %s: no word of its death; giving up on it", self.pid)
+        for close in (self.conn.close, lambda: os.close(self.sentinel)):
+            try:
+                close()
+            except OSError:
+                pass
+        return self.exitcode
+
+    # -- calls -----------------------------------------------------------------------------
+    def _submit(self) -> None:
+        """Submit the queued calls that fit in the actor's DEPTH, in queue order."""
+        with self._submitting:
+            with self._cond:
+                todo = []
+                for i, call in enumerate(self._calls):
+                    if i >= DEPTH:
+                        break
+                    if not call.at:
+                        call.at = time.monotonic()
+                        todo.append(call)
+            for call in todo:
+                try:
+                    future = getattr(self.actor, call.kind).remote(*call.args).future()
+                except Exception as exc:  # Ray itself is gone: the actor with it
+                    future = _failed(exc)
+                with self._cond:
+                    call.future = future
+                future.add_done_callback(self._wake)
+
+    def _wake(self, _: Any = None) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _steal(self) -> None:
+        """Hand back the jobs not submitted to the actor yet (those can no longer be)."""
+        kept: deque[_Call] = deque()
+        ids: list[int] = []
+        for call in self._calls:
+            if call.kind == _RUN and not call.at:
+                ids.extend(call.args[0])
+            else:
+                kept.append(call)
+        self._calls = kept
+        self._replies.append(dumps((RETURNED, ids)))
+        self._cond.notify_all()
+
+    # -- the thread --------------------------------------------------------------------------
+    def _serve(self) -> None:
+        code: int | None = None
+        try:
+            code = self._loop()
+        except BaseException:
+            log.exception("ray worker %s: its thread failed", self.pid)
+            self.kill()
+        finally:
+            with self._cond:
+                self.exitcode = code
+                self._ended = True
+            for close in (self._out.close, lambda: os.close(self._sentinel_w)):
+                try:
+                    close()
+                except OSError:
+                    pass
+
+    def _loop(self) -> int | None:
+        while True:
+            replies, call, killing = self._next()
+            for reply in replies:
+                self._write(reply)
+            if call is None:
+                if killing:
+                    return self._await_death(EXIT_KILLED)
+                continue
+            try:
+                value = call.future.result()
+            except Exception as exc:
+                if killing or self._killing:
+                    return self._await_death(EXIT_KILLED)
+                if call.kind == _STOP:  # exit_actor(): the call never answers
+                    return self._await_death(0)
+                detail = str(exc).strip().splitlines()
+                log.info("ray worker %s died: %s", self.pid, detail[-1] if detail else repr(exc))
+                if not isinstance(exc, _DEAD):  # not surely dead (unreachable, Ray trouble)
+                    self._kill_actor()
+                    self._await_death(None)
+                return None  # the call stays first: running() names its job
+            with self._cond:
+                self._calls.popleft()
+                self._last_done = time.monotonic()
+            self._submit()
+            code = self._answer(call, value)
+            if code is not _CONTINUE:
+                return code  # type: ignore[return-value]
+
+    def _next(self) -> tuple[list[bytes], _Call | None, bool]:
+        """Wait for something to do: replies to write, the oldest call answered, or a kill."""
+        while True:
+            with self._cond:
+                while True:
+                    replies, self._replies = self._replies, []
+                    call = self._calls[0] if self._calls and self._calls[0].done() else None
+                    if replies or call is not None or self._killing:
+                        return replies, call, self._killing
+                    if self._calls:
+                        self._cond.wait()
+                    elif not self._cond.wait(IDLE_PING) and not self._calls:
+                        self._calls.append(_Call(_PING))  # is the idle actor still there?
+                        break
+            self._submit()
+
+    def _answer(self, call: _Call, value: Any) -> object:
+        if call.kind == _RUN:
+            if value is None:
+                return _CONTINUE  # refused: it was queued behind a retirement
+            message, retiring, self._rss = value
+            self._write(message)
+            if retiring:
+                with self._cond:
+                    self._leaving = True
+                    self._calls = deque(c for c in self._calls if c.at)
+                    self._calls.append(_Call(_STOP))
+                self._submit()
+            return _CONTINUE
+        if call.kind == _SETUP:
+            message, self._rss, ok = value
+            self._write(message)
+            if ok:
+                return _CONTINUE
+            self._kill_actor()
+            return self._await_death(worker.EXIT_START_FAILED)
+        if call.kind == _STOP:  # answered after all: make sure it goes
+            self._kill_actor()
+            return self._await_death(0)
+        return _CONTINUE  # a ping
+
+    def _write(self, message: bytes) -> None:
+        try:
+            self._out.send_bytes(message)
+        except OSError:  # the supervisor has reaped us already
+            pass
+
+    def _kill_actor(self) -> None:
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # already dead, or Ray is gone
+            log.debug("ray.kill of worker %s failed", self.pid, exc_info=True)
+
+    def _await_death(self, code: int | None) -> int | None:
+        """Return ``code`` once the actor is dead: its process gone (on this node), or Ray
+        reporting it dead (a call to it fails)."""
+        deadline = time.monotonic() + DEATH_WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if self._proc is not None:
+                if not _alive(self._proc):
+                    return code
+                if left > 0:
+                    time.sleep(0.01)  # inside a deadline-bound loop
+                    continue
+            if left <= 0:
+                log.warning(
+                    "ray worker %s: not reported dead %g s after a kill", self.pid, DEATH_WAIT
+                )
+                return code
+            try:
+                ray.get(self.actor.ping.remote(), timeout=min(1.0, left))
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except Exception:
+                return code
+            time.sleep(0.01)  # the kill has not landed yet; the loop is deadline-bound
+
+    def _discard(self) -> None:
+        if self.actor is not None:
+            self._kill_actor()
+        for fd in (self.sentinel, self._sentinel_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.conn.close()
+        self._out.close()
+
+
+def _local_node_id() -> str | None:
+    """This process's Ray node, None under Ray Client (the driver is elsewhere)."""
+    try:
+        from ray.util.client import ray as client
+
+        if client.is_connected():
+            return None
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
+
+
+_CONTINUE = object()
+# Errors that mean the actor is gone for good (ActorUnavailableError, a RayActorError too,
+# means it may come back: it is killed first).
+_DEAD = tuple(
+    cls for cls in (getattr(ray.exceptions, "ActorDiedError", None),) if cls is not None
+) or (ray.exceptions.RayActorError,)

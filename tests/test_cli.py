@@ -1,0 +1,843 @@
+"""The ``batchpool`` command, run for real: a child Python process per command, in tmp_path (so
+journals land there), on pipeline files written by the tests. Exit codes, messages, --output and
+--report, pipeline specs, start methods, signals as a terminal sends them, SIGKILL of the
+supervisor, ``results``, and the README's commands and example pipelines.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from batchpool import __version__
+from batchpool.journal import Journal, JournalError
+
+pytestmark = pytest.mark.timeout(110)
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "pipelines"
+# The console script's entry point, run by this interpreter: works in any virtual environment.
+CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+# A pipeline configured by environment variables (read at import and at run, so workers under
+# every start method see the same): BP_N jobs; each appends its payload to BP_RUNS (O_APPEND),
+# sleeps BP_SLEEP seconds, and raises PermanentError for payloads in BP_FAIL (comma separated)
+# while the file BP_FLAG exists (always, when BP_FLAG is unset).
+JOBS_PY = """
+import os
+import time
+
+from batchpool import PermanentError, Pipeline, Task
+
+N = int(os.environ.get("BP_N", "8"))
+FAIL = {int(x) for x in os.environ.get("BP_FAIL", "").split(",") if x}
+
+
+class Work(Task):
+    retries = 0
+
+    def run(self, n):
+        runs = os.environ.get("BP_RUNS")
+        if runs:
+            fd = os.open(runs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(fd, b"%d\\n" % n)
+            os.close(fd)
+        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
+        flag = os.environ.get("BP_FLAG")
+        if n in FAIL and (not flag or os.path.exists(flag)):
+            raise PermanentError(f"payload {n} refused")
+        return n * n
+
+
+pipeline = Pipeline(list(range(N)), Work(), name="jobs")
+"""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def environ(**extra: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("BP_N", "BP_FAIL", "BP_RUNS", "BP_SLEEP", "BP_FLAG"):
+        env.pop(key, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def bp(
+    *args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        env=env or environ(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start(*args: Any, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """In a new session: its own process group, as a terminal's foreground job would be."""
+    return subprocess.Popen(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def reason(stderr: str) -> str:
+    """The message of a refusal: stderr without click's usage and hint lines. Exactly one."""
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith(("Usage:", "Try '"))
+    ]
+    assert len(lines) == 1, f"expected a one-line reason, got:\n{stderr}"
+    return lines[0]
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies count as gone)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def committed_indexes(journal: Path) -> list[int]:
+    """Indexes with a final outcome in a journal, read while its run may still write."""
+    try:
+        with Journal.open_readonly(journal) as book:
+            return [row["index"] for row in book.rows()]
+    except JournalError:
+        return []
+
+
+def check_output(path: Path, n: int) -> list[dict]:
+    """--output: exactly one line per job, ordered by index, with the documented keys."""
+    lines = jsonl(path.read_text())
+    assert [x["index"] for x in lines] == list(range(n))
+    for x in lines:
+        assert set(x) == {"index", "ok", "value", "error", "attempts"}
+    return lines
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Path:
+    return write(tmp_path / "jobs.py", JOBS_PY)
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    r = bp("--version", cwd=tmp_path)
+    assert r.returncode == 0
+    assert __version__ in r.stdout and "batchpool" in r.stdout
+
+
+def test_help_lists_commands_and_options(tmp_path: Path) -> None:
+    r = bp("--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "run" in r.stdout and "results" in r.stdout
+    r = bp("run", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    for option in (
+        "--procs",
+        "--retries",
+        "--timeout",
+        "--backoff",
+        "--start-method",
+        "--max-memory",
+        "--journal",
+        "--no-journal",
+        "--resume",
+        "--fresh",
+        "--retry-failed",
+        "--output",
+        "--report",
+        "--no-progress",
+        "--verbose",
+        "--quiet",
+    ):
+        assert option in r.stdout, option
+    r = bp("results", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "--format" in r.stdout and "--failed" in r.stdout
+
+
+def test_all_ok_exit_0_output_and_report(tmp_path: Path, jobs: Path) -> None:
+    r = bp(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        "--output",
+        "out.jsonl",
+        "--report",
+        "report.json",
+        cwd=tmp_path,
+        env=environ(BP_N=10),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "10 jobs: 10 ok, 0 failed" in r.stderr
+    assert (tmp_path / ".batchpool" / "jobs.sqlite").is_file()
+    lines = check_output(tmp_path / "out.jsonl", 10)
+    assert all(x["ok"] and x["value"] == x["index"] ** 2 and x["attempts"] == 1 for x in lines)
+    assert all(x["error"] is None for x in lines)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["succeeded"], report["failed"]) == (10, 0)
+    assert report["metrics"]["submitted"] == 10
+    assert report["metrics"]["succeeded"] == 10
+
+
+def test_some_failed_exit_1(tmp_path: Path, jobs: Path) -> None:
+    r = bp(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        "--output",
+        "out.jsonl",
+        "--report",
+        "report.json",
+        cwd=tmp_path,
+        env=environ(BP_N=8, BP_FAIL="2,5"),
+    )
+    assert r.returncode == 1, r.stderr
+    assert "8 jobs: 6 ok, 2 failed" in r.stderr
+    assert "Traceback" not in r.stderr
+    lines = check_output(tmp_path / "out.jsonl", 8)
+    failed = [x for x in lines if not x["ok"]]
+    assert [x["index"] for x in failed] == [2, 5]
+    assert failed[0]["value"] is None
+    assert failed[0]["error"]["type"] == "PermanentError"
+    assert failed[0]["error"]["kind"] == "error"
+    assert "payload 2 refused" in failed[0]["error"]["message"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["succeeded"], report["failed"]) == (6, 2)
+    assert sorted(f["index"] for f in report["failures"]) == [2, 5]
+    assert report["metrics"]["failed"] == 2
+
+
+def test_quiet_prints_nothing(tmp_path: Path, jobs: Path) -> None:
+    r = bp("run", jobs, "--procs", 2, "-q", cwd=tmp_path, env=environ(BP_N=3))
+    assert r.returncode == 0
+    assert r.stdout == "" and r.stderr == ""
+
+
+# -- refusals: exit 2, one line, no traceback ---------------------------------------------------
+
+
+BAD_FILES = {
+    "syntax.py": ("def broken(:\n", "syntax error"),
+    "noattr.py": ("from batchpool import Pipeline\nother = 1\n", "pipeline"),
+    "notpipe.py": ("pipeline = [1, 2, 3]\n", "not a batchpool.Pipeline"),
+    "raises.py": ("raise RuntimeError('no database here')\n", "no database here"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_pipeline_file_exit_2(tmp_path: Path, name: str) -> None:
+    text, expected = BAD_FILES[name]
+    (tmp_path / name).write_text(text)
+    r = bp("run", name, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert expected in reason(r.stderr)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "missing.py"], "not found"),
+        (["run", "missing.py:thing"], "not found"),
+        (["run", "no_such_package.mod:pipeline"], "no_such_package"),
+        (["run", "jobs.py:nothing"], "nothing"),
+        (["run", "jobs.py", "--procs", "0"], "--procs"),
+        (["run", "jobs.py", "--retries", "-1"], "--retries"),
+        (["run", "jobs.py", "--timeout", "0"], "--timeout"),
+        (["run", "jobs.py", "--max-memory", "lots"], "--max-memory"),
+        (["run", "jobs.py", "--start-method", "teleport"], "--start-method"),
+        (["run", "jobs.py", "--journal", "plain-file/sub/j.sqlite"], "plain-file"),
+        (["run", "jobs.py", "--fresh", "--resume"], "--fresh"),
+        (["results", "missing.sqlite"], "missing.sqlite"),
+        (["results", "plain-file"], "plain-file"),
+    ],
+)
+def test_bad_input_exit_2(tmp_path: Path, jobs: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "plain-file").write_text("not a directory, not a journal\n")
+    r = bp(*args, cwd=tmp_path, env=environ(BP_N=2))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert expected in reason(r.stderr)
+    assert not (tmp_path / "plain-file").is_dir()
+
+
+def test_unfinished_journal_needs_resume_or_fresh(tmp_path: Path) -> None:
+    """A run stopped by its source leaves an unfinished journal; a plain run refuses it."""
+    write(
+        tmp_path / "stops.py",
+        """
+        from batchpool import Pipeline, Task
+
+
+        class Double(Task):
+            def run(self, n):
+                return 2 * n
+
+
+        def numbers():
+            yield from range(3)
+            raise ValueError("the source broke at 3")
+
+
+        pipeline = Pipeline(numbers, Double())
+        """,
+    )
+    r = bp("run", "stops.py", "--procs", 2, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "ValueError: the source broke at 3" in r.stderr
+    assert "stopped by source" in r.stderr
+    r = bp("run", "stops.py", "--procs", 2, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    message = reason(r.stderr)
+    assert "--resume" in message and "--fresh" in message
+    # --fresh starts over (and stops at the same place, the source being what it is).
+    r = bp("run", "stops.py", "--procs", 2, "--fresh", cwd=tmp_path)
+    assert r.returncode == 1 and "stopped by source" in r.stderr
+
+
+# -- pipeline specs, start methods, output values ---------------------------------------------
+
+
+def test_file_colon_name(tmp_path: Path) -> None:
+    write(
+        tmp_path / "two.py",
+        """
+        from batchpool import Pipeline, Task
+
+
+        class Neg(Task):
+            def run(self, n):
+                return -n
+
+
+        pipeline = Pipeline([1, 2], Neg(), name="first")
+        second = Pipeline([3, 4, 5], Neg(), name="second")
+        """,
+    )
+    r = bp("run", "two.py:second", "--procs", 2, "--output", "o.jsonl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x["value"] for x in check_output(tmp_path / "o.jsonl", 3)] == [-3, -4, -5]
+    assert (tmp_path / ".batchpool" / "second.sqlite").is_file()
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_package_module_name(tmp_path: Path, start_method: str) -> None:
+    write(tmp_path / "mypkg" / "__init__.py", "")
+    write(
+        tmp_path / "mypkg" / "pipes.py",
+        """
+        from batchpool import Pipeline, Task
+
+
+        class Cube(Task):
+            def run(self, n):
+                return n**3
+
+
+        cubes = Pipeline(list(range(5)), Cube())
+        """,
+    )
+    r = bp(
+        "run",
+        "mypkg.pipes:cubes",
+        "--procs",
+        2,
+        "--start-method",
+        start_method,
+        "--output",
+        "o.jsonl",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [x["value"] for x in check_output(tmp_path / "o.jsonl", 5)] == [0, 1, 8, 27, 64]
+    assert (tmp_path / ".batchpool" / "pipes.sqlite").is_file()  # the module's name
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_tasks_in_the_file_under_each_start_method(tmp_path: Path, start_method: str) -> None:
+    """The task class, a helper function, a sibling module: all found by the workers."""
+    write(tmp_path / "pipes" / "mathbits.py", "def poly(n):\n    return n * n + 1\n")
+    write(
+        tmp_path / "pipes" / "methods.py",
+        """
+        import os
+
+        from mathbits import poly
+
+        from batchpool import Pipeline, Task
+
+        OFFSET = 100
+
+
+        def shift(n):
+            return n + OFFSET
+
+
+        class Calc(Task):
+            def __init__(self, scale):
+                self.scale = scale
+
+            def run(self, n):
+                return {"value": shift(poly(n)) * self.scale, "pid": os.getpid()}
+
+
+        pipeline = Pipeline(list(range(6)), Calc(scale=2))
+        """,
+    )
+    r = bp(
+        "run",
+        "pipes/methods.py",
+        "--procs",
+        2,
+        "--start-method",
+        start_method,
+        "--output",
+        "o.jsonl",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = check_output(tmp_path / "o.jsonl", 6)
+    assert [x["value"]["value"] for x in lines] == [(n * n + 1 + 100) * 2 for n in range(6)]
+    assert os.getpid() not in {x["value"]["pid"] for x in lines}
+
+
+def test_output_falls_back_to_repr(tmp_path: Path) -> None:
+    write(
+        tmp_path / "weird.py",
+        """
+        from batchpool import Pipeline, Task
+
+
+        class Thing:
+            def __repr__(self):
+                return "Thing(42)"
+
+
+        VALUES = [
+            {3, 1, 2},
+            Thing(),
+            {"nested": frozenset([7]), "ok": [1, 2]},
+            {1: "int keys"},
+            (1, "tuple"),
+            b"raw",
+            None,
+        ]
+
+
+        class Weird(Task):
+            def run(self, i):
+                return VALUES[i]
+
+
+        pipeline = Pipeline(list(range(len(VALUES))), Weird())
+        """,
+    )
+    r = bp(
+        "run", "weird.py", "--procs", 2, "--output", "o.jsonl", "--report", "r.json", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    values = [x["value"] for x in check_output(tmp_path / "o.jsonl", 7)]
+    assert values[0] == "{1, 2, 3}"
+    assert values[1] == "Thing(42)"
+    assert values[2] == {"nested": "frozenset({7})", "ok": [1, 2]}
+    assert values[3] in ({"1": "int keys"}, "{1: 'int keys'}")
+    assert values[4] == [1, "tuple"]
+    assert values[5] == "b'raw'"
+    assert values[6] is None
+    assert json.loads((tmp_path / "r.json").read_text())["succeeded"] == 7
+
+
+def test_retry_failed_reruns_only_the_failed(tmp_path: Path, jobs: Path) -> None:
+    flag, runs = tmp_path / "flag", tmp_path / "runs"
+    flag.touch()
+    env = environ(BP_N=8, BP_FAIL="1,6", BP_FLAG=flag, BP_RUNS=runs)
+    r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=env)
+    assert r.returncode == 1
+    assert len(read_lines(runs)) == 8
+    flag.unlink()  # the cause of the failures is fixed
+    r = bp(
+        "run", jobs, "--procs", 2, "--retry-failed", "--output", "o.jsonl", cwd=tmp_path, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(int(x) for x in read_lines(runs)[8:]) == [1, 6]
+    lines = check_output(tmp_path / "o.jsonl", 8)
+    assert all(x["ok"] and x["value"] == x["index"] ** 2 for x in lines)
+    # A plain run of a complete journal does all the work again.
+    r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and len(read_lines(runs)) == 18
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def test_results_of_a_complete_journal(tmp_path: Path, jobs: Path) -> None:
+    r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=environ(BP_N=6, BP_FAIL="4"))
+    assert r.returncode == 1
+    journal = ".batchpool/jobs.sqlite"
+    r = bp("results", journal, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl(r.stdout)
+    assert [x["index"] for x in rows] == list(range(6))
+    assert [x["ok"] for x in rows] == [True] * 4 + [False, True]
+    assert rows[3]["value"] == 9 and rows[4]["error"]["type"] == "PermanentError"
+
+    r = bp("results", journal, "--failed", cwd=tmp_path)
+    assert r.returncode == 0
+    assert [x["index"] for x in jsonl(r.stdout)] == [4]
+
+    r = bp("results", journal, "--format", "csv", cwd=tmp_path)
+    assert r.returncode == 0
+    table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [int(row["index"]) for row in table] == list(range(6))
+    assert table[2]["value"] == "4" and table[2]["ok"] == "True"
+    assert table[4]["ok"] == "False" and table[4]["error_type"] == "PermanentError"
+    assert "payload 4 refused" in table[4]["error"]
+
+    r = bp("results", journal, "--format", "csv", "--failed", cwd=tmp_path)
+    assert [row["index"] for row in csv.DictReader(io.StringIO(r.stdout))] == ["4"]
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def interrupted_journal_results(tmp_path: Path, n: int) -> set[int]:
+    """``batchpool results`` on the journal an interrupted run left: unique final rows."""
+    r = bp("results", ".batchpool/jobs.sqlite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    indexes = [x["index"] for x in jsonl(r.stdout)]
+    assert indexes == sorted(set(indexes)) and set(indexes) <= set(range(n))
+    r = bp("results", ".batchpool/jobs.sqlite", "--format", "csv", cwd=tmp_path)
+    assert r.returncode == 0
+    assert len(list(csv.DictReader(io.StringIO(r.stdout)))) == len(indexes)
+    return set(indexes)
+
+
+def resume_completes(tmp_path: Path, jobs: Path, n: int, runs: Path, recorded: set[int]) -> None:
+    """--resume finishes the run: one line per index, and no recorded job ran again."""
+    ran_before = len(read_lines(runs))
+    r = bp(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        "--resume",
+        "--output",
+        "o.jsonl",
+        cwd=tmp_path,
+        env=environ(BP_N=n, BP_SLEEP=0.01, BP_RUNS=runs),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = check_output(tmp_path / "o.jsonl", n)
+    assert all(x["ok"] and x["value"] == x["index"] ** 2 for x in lines)
+    ran_after = {int(x) for x in read_lines(runs)[ran_before:]}
+    assert not ran_after & recorded, f"jobs recorded as final ran again: {ran_after & recorded}"
+    assert ran_after | recorded == set(range(n))
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_drains_and_resume_completes(
+    tmp_path: Path, jobs: Path, sig: signal.Signals, code: int
+) -> None:
+    n, runs = 24, tmp_path / "runs"
+    proc = start(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        cwd=tmp_path,
+        env=environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
+    )
+    try:
+        wait_for(lambda: len(read_lines(runs)) >= 4, 60, "jobs to run")
+        os.killpg(proc.pid, sig)  # the whole group, as a terminal (or systemd) does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, err
+    assert f"stopped by {sig.name}" in err
+    assert "Traceback" not in err
+    wait_for(lambda: not group_alive(proc.pid), 15, "the process group to be empty")
+    recorded = interrupted_journal_results(tmp_path, n)
+    assert len(recorded) < n
+    resume_completes(tmp_path, jobs, n, runs, recorded)
+
+
+def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
+    n, runs = 8, tmp_path / "runs"
+    proc = start(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        cwd=tmp_path,
+        env=environ(BP_N=n, BP_SLEEP=8, BP_RUNS=runs),
+    )
+    try:
+        wait_for(lambda: len(read_lines(runs)) >= 2, 60, "both workers to be busy")
+        os.killpg(proc.pid, signal.SIGINT)
+        first = time.monotonic()
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert took < 6, f"the second Ctrl-C took {took:.1f} s: it waited for the 8 s jobs"
+    wait_for(lambda: not group_alive(proc.pid), 15, "the process group to be empty")
+    recorded = interrupted_journal_results(tmp_path, n)
+    assert not recorded  # nothing had finished
+    resume_completes(tmp_path, jobs, n, runs, recorded)
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_sigkill_of_the_supervisor(tmp_path: Path, jobs: Path, start_method: str) -> None:
+    n, runs = 24, tmp_path / "runs"
+    journal = tmp_path / ".batchpool" / "jobs.sqlite"
+    proc = start(
+        "run",
+        jobs,
+        "--procs",
+        2,
+        "--start-method",
+        start_method,
+        cwd=tmp_path,
+        env=environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
+    )
+    try:
+        wait_for(lambda: len(committed_indexes(journal)) >= 2, 60, "committed results")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor only: workers must notice alone
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    pids = [c.pid for c in children]
+    assert pids, "no worker processes seen"
+    try:
+        wait_for(lambda: gone(pids), 15, "the orphaned workers to exit")
+    finally:
+        for pid in pids:  # do not leak them into other tests if they did not
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    recorded = interrupted_journal_results(tmp_path, n)
+    assert 2 <= len(recorded) < n
+    resume_completes(tmp_path, jobs, n, runs, recorded)
+
+
+# -- the README's commands and the example pipelines ------------------------------------------
+
+
+def test_readme_first_command(tmp_path: Path) -> None:
+    r = bp("run", PIPELINES / "primes.py", "--procs", 2, cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "200 jobs: 200 ok, 0 failed" in r.stderr
+
+
+def test_example_mandelbrot(tmp_path: Path) -> None:
+    r = bp("run", PIPELINES / "mandelbrot.py", "--procs", 2, cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    data = (tmp_path / "mandelbrot.pgm").read_bytes()
+    header = b"P5\n640 480\n255\n"
+    assert data.startswith(header)
+    pixels = data[len(header) :]
+    assert len(pixels) == 640 * 480
+    inside = pixels.count(0)
+    assert 0.1 < inside / len(pixels) < 0.5  # the set is there, and not everywhere
+    assert max(pixels) > 200  # its bright edge too
+
+
+def test_example_logs_etl(tmp_path: Path) -> None:
+    r = bp("run", PIPELINES / "logs_etl.py", "--procs", 2, cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "40 log files" in r.stdout
+    summary = json.loads((tmp_path / "logs_summary.json").read_text())
+    assert summary["files"] == 40 and summary["failed_files"] == []
+    assert summary["requests"] == 40 * 5000
+    assert sum(summary["status"].values()) == summary["requests"]
+    assert 0 < summary["error_rate"] < 0.1
+    assert len(list((tmp_path / ".batchpool" / "logs-demo").glob("*.log"))) == 40
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_example_flaky(tmp_path: Path, start_method: str) -> None:
+    """Under each start method: the crash and timeout markers are files, not process state."""
+    r = bp(
+        "run",
+        PIPELINES / "flaky.py",
+        "--procs",
+        2,
+        "--start-method",
+        start_method,
+        "--report",
+        "r.json",
+        cwd=tmp_path,
+        timeout=90,
+    )
+    assert r.returncode == 1, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["succeeded"], report["failed"]) == (21, 3)
+    metrics = report["metrics"]
+    assert metrics["timed_out"] == 1 and metrics["crashed"] == 1 and metrics["retried"] >= 10
+    r = bp("results", ".batchpool/flaky.sqlite", "--failed", cwd=tmp_path)
+    failed = {x["index"]: x for x in jsonl(r.stdout)}
+    assert sorted(failed) == [7, 13, 19]
+    assert failed[7]["attempts"] == 1 and failed[7]["error"]["type"] == "PermanentError"
+    assert failed[13]["attempts"] == 4 and failed[13]["error"]["type"] == "ValueError"
+
+
+# -- a slow or blocking source -----------------------------------------------------------------
+
+SLOW_SOURCE_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+
+class Stamp(Task):
+    def run(self, n):
+        return time.time()
+
+
+def source():
+    for n in range(int(os.environ["BP_N"])):
+        yield n
+        time.sleep(float(os.environ["BP_SLEEP"]))
+
+
+pipeline = Pipeline(source, Stamp(), name="slow")
+"""
+
+
+def test_slow_source_feeds_workers_as_items_arrive(tmp_path: Path) -> None:
+    """Items of a slow source run as they come, not once a batch of them is read."""
+    path = write(tmp_path / "slow.py", SLOW_SOURCE_PY)
+    begun = time.time()
+    done = bp(
+        "run",
+        path,
+        "--procs",
+        "2",
+        "--output",
+        "out.jsonl",
+        cwd=tmp_path,
+        env=environ(BP_N=10, BP_SLEEP=0.2),
+    )
+    assert done.returncode == 0, done.stderr
+    stamps = [json.loads(line)["value"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    # The source takes ~2 s; its first item must have run long before the source ended.
+    assert stamps[0] - begun < stamps[-1] - begun - 1.0
+
+
+def test_second_sigint_leaves_a_blocking_source(tmp_path: Path) -> None:
+    """A source blocked for a long time cannot hold the run after two Ctrl-C."""
+    path = write(tmp_path / "slow.py", SLOW_SOURCE_PY)
+    proc = start("run", path, "--procs", "2", cwd=tmp_path, env=environ(BP_N=3, BP_SLEEP=60))
+    journal = tmp_path / ".batchpool" / "slow.sqlite"
+    try:
+        wait_for(lambda: _final_rows(journal) >= 1, 30, "the first job recorded")
+        os.killpg(proc.pid, signal.SIGINT)
+        begun = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - begun < 10, "the first Ctrl-C did not leave the source"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = bp("results", journal, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.count("\n") >= 1
+
+
+def _final_rows(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    done = bp("results", journal, cwd=journal.parent)
+    return done.stdout.count("\n") if done.returncode == 0 else 0
