@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import psutil
 import pytest
-
 from helpers import START_METHODS
 
 LEAK_DEADLINE = 5.0  # seconds a test's processes get to go away after it ends
@@ -15,6 +15,15 @@ LEAK_DEADLINE = 5.0  # seconds a test's processes get to go away after it ends
 # ignore, but only as direct children of this process: a worker forked by the forkserver has
 # the server's command line too, and it is exactly what the check is for.
 IGNORED_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+# Ray's daemons and worker processes (test_ray_backend.py runs a Ray instance for its module and
+# checks its own actors are gone): they are Ray's to manage, at any depth.
+RAY_PROCESSES = (
+    "ray::",
+    "/ray/core/src/ray/",
+    "/ray/dashboard/",
+    "/ray/_private/",
+    "/ray/autoscaler/",
+)
 
 
 @pytest.fixture(params=START_METHODS)
@@ -44,6 +53,14 @@ def _is_ignored_helper(proc: psutil.Process, me: int) -> bool:
     return any(marker in cmd for marker in IGNORED_HELPERS)
 
 
+def _is_ray(proc: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(marker in cmd for marker in RAY_PROCESSES)
+
+
 def _leftovers() -> list[psutil.Process]:
     """Descendants of this process, the multiprocessing helpers excepted (their children
     included: the forkserver's children are workers)."""
@@ -54,7 +71,7 @@ def _leftovers() -> list[psutil.Process]:
         return []
     found = []
     for proc in procs:
-        if _is_ignored_helper(proc, me):
+        if _is_ignored_helper(proc, me) or _is_ray(proc):
             continue
         try:
             if not proc.is_running():
@@ -79,21 +96,40 @@ def _kill(procs: list[psutil.Process]) -> None:
             pass
 
 
+def _engine_threads() -> set[threading.Thread]:
+    """Live threads of batchpool (a pool's supervisor): an open pool may still start workers,
+    so a test that ends with one running would leak processes the check could not see yet."""
+    return {t for t in threading.enumerate() if t.name.startswith("batchpool") and t.is_alive()}
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes():
     """Fail a test that leaves live descendant processes behind (zombies too, once the
-    deadline has passed). Leftovers are killed, so one leak does not cascade."""
+    deadline has passed), or a pool still running. Leftover processes are killed, so one leak
+    does not cascade."""
+    threads_before = _engine_threads()
     yield
     deadline = time.monotonic() + LEAK_DEADLINE
-    left = _leftovers()
-    while left and time.monotonic() < deadline:
+
+    def check() -> tuple[list[psutil.Process], set[threading.Thread]]:
+        return _leftovers(), _engine_threads() - threads_before
+
+    left, threads = check()
+    while (left or threads) and time.monotonic() < deadline:
         time.sleep(0.02)  # inside a deadline-bound condition loop
-        left = _leftovers()
+        left, threads = check()
+    problems = []
+    if threads:
+        problems.append(
+            f"{len(threads)} pool thread(s) still running {LEAK_DEADLINE:g} s after the test "
+            f"(a pool left open?): {sorted(t.name for t in threads)}"
+        )
     if left:
         described = [_describe(p) for p in left]
         _kill(left)
-        pytest.fail(
+        problems.append(
             f"{len(described)} process(es) still alive {LEAK_DEADLINE:g} s after the test:\n  "
-            + "\n  ".join(described),
-            pytrace=False,
+            + "\n  ".join(described)
         )
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

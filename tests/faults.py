@@ -99,6 +99,13 @@ class LockError(Exception):
         self.lock = threading.Lock()
 
 
+class BadStrError(Exception):
+    """str() of it raises: the failure must still be reported."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no string for you")
+
+
 class CustomRetryable(KeyError):
     """A subclass of a retry_on class, defined only here."""
 
@@ -297,6 +304,23 @@ class Hang(Base):
         return payload
 
 
+class SpawnChildAndHang(Base):
+    """Starts a grandchild process (recording its pid), then hangs: a timeout kill must not
+    leave the grandchild behind."""
+
+    def __init__(self, marker_dir: str, **policy: Any) -> None:
+        super().__init__(**policy)
+        self.marker_dir = str(marker_dir)
+
+    def run(self, payload: Any) -> Any:
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        mark_unique(self.marker_dir, f"grandchild-{child.pid}")
+        while True:
+            time.sleep(3600)
+
+
 class Sleep(Base):
     """Sleep ``seconds`` (or ``payload`` seconds when None), return the payload."""
 
@@ -390,6 +414,15 @@ class CountUnpickles(Base):
         mark_unique(self.marker_dir, f"unpickle-{os.getpid()}")
 
     def run(self, payload: Any) -> Any:
+        return os.getpid()
+
+
+class SleepPid(Base):
+    """Sleeps ``payload`` seconds; returns the pid."""
+
+    def run(self, payload: Any) -> Any:
+        if payload:
+            time.sleep(payload)
         return os.getpid()
 
 
@@ -510,11 +543,13 @@ class FaultTask(Base):
 
 
 class Chaos(Base):
-    """test_chaos: behaviour chosen deterministically by the payload (the job's index)."""
+    """test_chaos: behaviour chosen deterministically by the payload (the job's index); "ok"
+    jobs sleep ``work`` seconds."""
 
-    def __init__(self, marker_dir: str, **policy: Any) -> None:
+    def __init__(self, marker_dir: str, work: float = 0.0, **policy: Any) -> None:
         super().__init__(**policy)
         self.marker_dir = str(marker_dir)
+        self.work = work
 
     @staticmethod
     def plan(i: int) -> str:
@@ -533,6 +568,7 @@ class Chaos(Base):
     def run(self, i: int) -> Any:
         plan = self.plan(i)
         if plan == "ok":
+            time.sleep(self.work)
             return i * i
         if plan == "raise":
             raise ValueError(f"job {i} always fails")

@@ -51,21 +51,35 @@ def alive(pids: Iterable[int]) -> list[int]:
     return [p for p in pids if not pid_gone(p)]
 
 
-def run_jobs(pool: Any, payloads: Iterable[Any], timeout: float = 60.0) -> list[Any]:
+def run_jobs(
+    pool: Any,
+    payloads: Iterable[Any],
+    timeout: float = 60.0,
+    max_restarts: int | None = None,
+) -> list[Any]:
     """submit() every payload and wait for all results, with a deadline: an engine that loses a
     job fails the test with an AssertionError (and the enclosing ``with Pool`` terminates the
-    pool) instead of hanging the whole session."""
+    pool) instead of hanging the whole session. With ``max_restarts``, a restart storm (more
+    worker restarts than that) fails the test as soon as it shows."""
     futures = [pool.submit(p) for p in payloads]
-    done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
-    if not_done:
-        try:
-            metrics = pool.metrics()
-        except Exception as exc:  # pragma: no cover - diagnostics only
-            metrics = repr(exc)
-        raise AssertionError(
-            f"{len(not_done)} of {len(futures)} jobs unfinished after {timeout:g} s; "
-            f"metrics: {metrics}"
-        )
+    deadline = time.monotonic() + timeout
+    while True:
+        _, not_done = wait(futures, timeout=0.05, return_when=FIRST_EXCEPTION)
+        if not not_done:
+            break
+        problem = None
+        if max_restarts is not None and pool.metrics().worker_restarts > max_restarts:
+            problem = f"restart storm: more than {max_restarts} worker restarts"
+        elif time.monotonic() >= deadline:
+            problem = f"timed out after {timeout:g} s"
+        if problem:
+            try:
+                metrics = pool.metrics()
+            except Exception as exc:  # pragma: no cover - diagnostics only
+                metrics = repr(exc)
+            raise AssertionError(
+                f"{problem}; {len(not_done)} of {len(futures)} jobs unfinished; metrics: {metrics}"
+            )
     return [f.result() for f in futures]
 
 

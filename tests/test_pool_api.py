@@ -5,11 +5,20 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import pytest
-from faults import CountSetup, CountUnpickles, Echo, Raise, Sleep, Square, marks_by_pid
+from faults import (
+    CountSetup,
+    CountUnpickles,
+    Echo,
+    Raise,
+    Sleep,
+    SleepPid,
+    Square,
+    marks_by_pid,
+)
 from helpers import all_gone, wait_for
 
 from batchpool import JobFailed, JobResult, Metrics, Pool
@@ -236,3 +245,96 @@ def test_results_carry_the_worker_pid() -> None:
         results = pool.map(range(20))
         pids = set(pool.pids())
     assert set(Counter(r.worker for r in results)) <= pids
+
+
+def test_concurrent_maps_from_two_threads_do_not_mix() -> None:
+    outputs: dict[str, list] = {}
+
+    def run(name: str, pool: Pool) -> None:
+        outputs[name] = pool.map([(name, i) for i in range(300)])
+
+    with Pool(Echo(), procs=2) as pool:
+        threads = [threading.Thread(target=run, args=(n, pool)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    for name in ("a", "b"):
+        results = outputs[name]
+        assert [r.value for r in results] == [(name, i) for i in range(300)]
+        assert [r.index for r in results] == list(range(300))
+
+
+def test_concurrent_submits_get_unique_indexes() -> None:
+    futures: list[Future] = []
+    lock = threading.Lock()
+
+    def submit_many(pool: Pool) -> None:
+        for i in range(100):
+            f = pool.submit(i)
+            with lock:
+                futures.append(f)
+
+    with Pool(Echo(), procs=2) as pool:
+        threads = [threading.Thread(target=submit_many, args=(pool,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        results = [f.result(timeout=60) for f in futures]
+    assert sorted(r.index for r in results) == list(range(400))
+
+
+def test_future_callbacks_may_submit_more_work() -> None:
+    chain: list[int] = []
+    finished = threading.Event()
+
+    with Pool(Square(), procs=2) as pool:
+
+        def follow(future: Future) -> None:
+            value = future.result().value
+            chain.append(value)
+            if len(chain) < 5:
+                pool.submit(len(chain) + 1).add_done_callback(follow)
+            else:
+                finished.set()
+
+        pool.submit(1).add_done_callback(follow)
+        assert finished.wait(30), chain
+    assert chain == [1, 4, 9, 16, 25]
+
+
+def test_cancelled_futures_do_not_block_close() -> None:
+    pool = Pool(Sleep(0.05), procs=1)
+    futures = [pool.submit(i) for i in range(10)]
+    cancelled = [f for f in futures[5:] if f.cancel()]
+    pool.close()
+    assert all(f.done() for f in futures)
+    assert all(f.result().ok for f in futures if not f.cancelled())
+    assert all(f.cancelled() for f in cancelled)
+
+
+def test_many_tiny_jobs_are_fast() -> None:
+    # Batching: 20,000 no-op jobs should take well under a second; allow a loaded machine 15 s.
+    with Pool(Square(), procs=2) as pool:
+        results = pool.map(range(20_000))
+        metrics = pool.metrics()
+    assert [r.value for r in results[:5]] == [0, 1, 4, 9, 16]
+    assert all(r.ok for r in results)
+    assert metrics.elapsed < 15
+
+
+def test_many_small_rounds_never_stall() -> None:
+    # Thousands of short rounds exercise the interleavings of dispatch, prefetch and work
+    # stealing between two workers. A pool that strands queued jobs shows up as a stalled
+    # round; one that stops feeding a worker shows up at the end, when two long jobs must run
+    # side by side on both workers.
+    with Pool(SleepPid(), procs=2) as pool:
+        for round_no in range(4000):
+            futures = [pool.submit(0) for _ in range(5)]
+            _, not_done = wait(futures, timeout=10)
+            assert not not_done, f"round {round_no} stalled: {pool.metrics()}"
+            assert all(f.result().ok for f in futures)
+        results = pool.map([0.5, 0.5])
+        assert results[0].value != results[1].value, pool.metrics()

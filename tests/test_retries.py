@@ -175,3 +175,29 @@ def test_waiting_retry_does_not_occupy_a_worker(tmp_path: Path) -> None:
     assert len(a_times) == 2
     assert a_times[1] - a_times[0] >= 1.0
     assert b_at < a_times[1]  # B was done before A's retry even started
+
+
+def test_exception_with_broken_str_still_reported() -> None:
+    with Pool(Raise("BadStrError", retries=1), procs=1) as pool:
+        r = run_one(pool, "x")
+        assert run_one(pool, "y").attempts == 2  # the worker is fine
+    assert not r.ok
+    assert r.error.kind == "error"
+    assert r.error.type == "BadStrError"
+    assert r.attempts == 2
+    assert isinstance(r.error.message, str)
+
+
+@pytest.mark.parametrize("exc", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+def test_base_exceptions_fail_at_once_without_killing_the_worker(exc: str) -> None:
+    # Not in the default retry_on (Exception,): the job fails at once, as an "error".
+    with Pool(Raise(exc, retries=3), procs=1) as pool:
+        r = run_one(pool, "x")
+        metrics = pool.metrics()
+        after = pool.map([1, 2])
+    assert not r.ok
+    assert r.error.kind == "error"
+    assert r.error.type == exc
+    assert r.attempts == 1
+    assert metrics.crashed == 0 and metrics.worker_restarts == 0
+    assert [x.ok for x in after] == [False, False]  # Raise always raises; the pool answers

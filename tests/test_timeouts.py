@@ -11,8 +11,15 @@ from batchpool import Pool
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.mark.parametrize("payload", ["hang", "spin"], ids=["sleep-in-c", "busy-python"])
-def test_hang_killed_past_timeout(payload: str, start_method: str) -> None:
+def test_hang_killed_past_timeout(start_method: str) -> None:
+    _check_hang_killed("hang", start_method)  # sleeping in C
+
+
+def test_busy_loop_killed_past_timeout() -> None:
+    _check_hang_killed("spin", "forkserver")  # spinning in Python
+
+
+def _check_hang_killed(payload: str, start_method: str) -> None:
     with Pool(Hang(timeout=0.5, retries=1), procs=2, start_method=start_method) as pool:
         wait_for(lambda: len(pool.pids()) == 2, 30, "two workers")
         before = set(pool.pids())
@@ -84,3 +91,16 @@ def test_hang_inside_a_batch_is_charged_to_its_own_job() -> None:
         if i != 7:
             assert r.ok and r.value == i, r
             assert r.attempts == 1, r
+
+
+def test_timeout_kill_leaves_no_grandchild(tmp_path) -> None:
+    # The hung worker had started a process of its own: killing the worker must not leave it
+    # running (the leak fixture would also catch it; this names the culprit).
+    from faults import SpawnChildAndHang
+
+    with Pool(SpawnChildAndHang(tmp_path, timeout=1.0, retries=0), procs=1) as pool:
+        r = run_jobs(pool, ["x"], timeout=30)[0]
+    assert r.error is not None and r.error.kind == "timeout"
+    grandchildren = [int(p.name.split("-")[1].split(".")[0]) for p in tmp_path.glob("grandchild-*")]
+    assert len(grandchildren) == 1
+    wait_for(lambda: all(pid_gone(p) for p in grandchildren), 5, "the grandchild to be killed")

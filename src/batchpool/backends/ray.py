@@ -29,9 +29,12 @@ and the driver's ``sys.path`` entries that exist on the node are appended).
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -57,13 +60,19 @@ from ..messages import (
     error_tuple,
     loads,
 )
+from ..pool import _terminate_live_pools
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
 
+# Ray shuts itself down at exit, and it registered that when imported, above: register the
+# termination of pools still open again, after it, so it runs first, while Ray still works.
+atexit.register(_terminate_live_pools)
+
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
 START_TIMEOUT = 60.0  # seconds for Ray to place and start an actor before the start fails
-IDLE_PING = 1.0  # seconds: an idle actor is pinged, so a death between jobs is seen and charged
+IDLE_PING = 1.0  # seconds: an idle actor is pinged: a death between jobs is seen, charged to none
 DEATH_WAIT = 10.0  # seconds a killed actor gets to be reported dead
 RSS_EVERY = 0.5  # seconds between the actor's samples of its own memory
 EXIT_KILLED = -signal.SIGKILL
@@ -97,6 +106,7 @@ class _Actor:
         tasks_blob: bytes,
         preload: tuple,
         sys_path: tuple,
+        main: tuple[str, str] | None,
         max_tasks: int | None,
         max_memory: int | None,
     ) -> tuple[bytes, int | None, bool]:
@@ -106,6 +116,8 @@ class _Actor:
             for path in sys_path:
                 if path not in sys.path and os.path.isdir(path):
                     sys.path.append(path)
+            if main is not None:
+                _import_main(*main)
             worker._import_files(preload)
             tasks = loads(tasks_blob)
             for task in tasks:
@@ -152,13 +164,35 @@ class _Actor:
         self._rss_at = now + (worker.MEMORY_CHECK_EVERY if self.max_memory else RSS_EVERY)
         try:
             if self._memory_info is None:
-                import psutil
-
                 self._memory_info = psutil.Process().memory_info
             self._rss = self._memory_info().rss
         except Exception:
             self._rss = None
         return self._rss
+
+
+def _main_module() -> tuple[str, str] | None:
+    """How an actor can import the driver's ``__main__``, as the spawn start method does:
+    ("module", name) for ``python -m name``, ("file", path) for a script, None otherwise."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return "module", spec.name
+    path = getattr(main, "__file__", None)
+    if path and path.endswith(".py") and os.path.isfile(path):
+        return "file", os.path.abspath(path)
+    return None
+
+
+def _import_main(kind: str, name: str) -> None:
+    """In an actor: import the driver's main module as ``__mp_main__`` (its ``if __name__ ==
+    "__main__"`` block does not run) and let ``__main__.X`` unpickle from it."""
+    if "__mp_main__" not in sys.modules:
+        if kind == "module":
+            sys.modules["__mp_main__"] = importlib.import_module(name)
+        else:
+            worker._import_files([("__mp_main__", name)])
+    sys.modules["__main__"] = sys.modules["__mp_main__"]
 
 
 def init_ray(procs: int, address: str | None) -> bool:
@@ -178,6 +212,7 @@ def init_ray(procs: int, address: str | None) -> bool:
     if address is None:  # "local": a new instance, even where `ray start` made one
         options.update(address="local", num_cpus=procs, include_dashboard=False)
     else:
+        _check_reachable(address)
         options.update(address=address)
     # ray.init installs a SIGTERM handler that exits at once; the application's own handler
     # (a pipeline's clean drain on SIGTERM) must stay in charge.
@@ -200,6 +235,17 @@ def init_ray(procs: int, address: str | None) -> bool:
     return True
 
 
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: ray.init would retry for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to Ray at {address}: {exc}") from None
+
+
 class RayBackend:
     """Starts one actor per worker slot; owns the Ray connection if it made it."""
 
@@ -213,6 +259,8 @@ class RayBackend:
         )
         self.sys_path = tuple(dict.fromkeys(os.path.abspath(p or os.curdir) for p in sys.path))
         self.node_id = _local_node_id()
+        # Task classes of the driver's __main__ (a script's): the actors import that too.
+        self.main = _main_module() if b"__main__" in spec.tasks_blob else None
         try:
             cpus = ray.cluster_resources().get("CPU", 0)
         except Exception:
@@ -292,7 +340,14 @@ class RayWorker:
                 ) from None
             raise
         spec = backend.spec
-        setup = (spec.tasks_blob, spec.preload, backend.sys_path, spec.max_tasks, spec.max_memory)
+        setup = (
+            spec.tasks_blob,
+            spec.preload,
+            backend.sys_path,
+            backend.main,
+            spec.max_tasks,
+            spec.max_memory,
+        )
         self._calls.append(_Call(_SETUP, setup))
         self._submit()
         self._thread = threading.Thread(
@@ -369,6 +424,8 @@ class RayWorker:
                         todo.append(call)
             for call in todo:
                 try:
+                    if not ray.is_initialized():
+                        raise ray.exceptions.RayActorError(error_msg="Ray was shut down")
                     future = getattr(self.actor, call.kind).remote(*call.args).future()
                 except Exception as exc:  # Ray itself is gone: the actor with it
                     future = _failed(exc)
@@ -489,6 +546,8 @@ class RayWorker:
             pass
 
     def _kill_actor(self) -> None:
+        if not ray.is_initialized():  # shut down: its actors went with it (and calls into
+            return  # Ray now would start a new instance)
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # already dead, or Ray is gone
@@ -506,6 +565,8 @@ class RayWorker:
                 if left > 0:
                     time.sleep(0.01)  # inside a deadline-bound loop
                     continue
+            if not ray.is_initialized():
+                return code
             if left <= 0:
                 log.warning(
                     "ray worker %s: not reported dead %g s after a kill", self.pid, DEATH_WAIT
@@ -557,8 +618,6 @@ def _failed(exc: BaseException) -> Future:
 
 
 _CONTINUE = object()
-# Errors that mean the actor is gone for good (ActorUnavailableError, a RayActorError too,
-# means it may come back: it is killed first).
-_DEAD = tuple(
-    cls for cls in (getattr(ray.exceptions, "ActorDiedError", None),) if cls is not None
-) or (ray.exceptions.RayActorError,)
+# The error that means the actor is gone for good. Others (ActorUnavailableError, a
+# RayActorError too: it may come back) get the actor killed first.
+_DEAD = getattr(ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError)

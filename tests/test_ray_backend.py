@@ -1,0 +1,415 @@
+"""The pool contract on the Ray backend (batchpool.backends.ray): workers are Ray actors of a
+local Ray instance started once for this module (2 CPUs, no dashboard).
+
+Results in order, retries with backoff counted by batchpool (Ray's own retries are off),
+permanent errors, timeouts that kill and replace the actor, crashes charged to the running job,
+serialization failures, setup/teardown once per actor, retirement, terminate, metrics
+invariants; the CLI with ``--backend ray`` (its own Ray instance) through an interrupted run
+and its resume; and what happens without Ray installed.
+
+Conftest's leak check ignores Ray's daemons and worker processes; the tests here check that
+the actors they used are gone instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from faults import (  # noqa: E402
+    CountSetup,
+    FailTimes,
+    FaultOnUnpickle,
+    Hang,
+    RecordPid,
+    RefusesPickle,
+    SetupFails,
+    SleepMarked,
+    Square,
+    attempts_of,
+    marks_by_pid,
+)
+from helpers import all_gone, check_invariants, child_env, run_jobs, wait_for  # noqa: E402
+from ray_tasks import ExitOn, RaiseByPayload, ReturnUnpicklable  # noqa: E402
+
+from batchpool import Pipeline, Pool  # noqa: E402
+from batchpool.backends import BackendUnavailable  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+PROCS = 2
+GONE = 20.0  # seconds for Ray to report a killed or stopped actor's process gone
+CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(
+        address="local",
+        num_cpus=PROCS,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def ray_pool(task: Any, **options: Any) -> Pool:
+    return Pool(task, PROCS, backend="ray", **options)
+
+
+def check_gone(pids: set[int]) -> None:
+    """The actors' processes end with the pool (or with their kill)."""
+    wait_for(lambda: all_gone(pids), GONE, f"actor processes {sorted(pids)} to exit")
+
+
+# -- the basics ----------------------------------------------------------------------------------
+
+
+def test_map_in_order_on_actors() -> None:
+    with ray_pool(Square()) as pool:
+        results = pool.map(range(60))
+        streamed = [r.value for r in pool.imap(range(10))]
+        single = pool.submit(7).result(timeout=60)
+        check_invariants(pool.metrics())
+    assert [r.value for r in results] == [i * i for i in range(60)]
+    assert [r.index for r in results] == list(range(60))
+    assert all(r.ok and r.attempts == 1 and r.error is None for r in results)
+    assert streamed == [i * i for i in range(10)]
+    assert single.value == 49
+    pids = {r.worker for r in results}
+    assert 1 <= len(pids) <= PROCS and os.getpid() not in pids
+    # actors are Ray's processes, not this process's children
+    assert not pids & {c.pid for c in psutil.Process().children()}
+    check_gone(pids)
+
+
+def test_setup_once_per_actor_teardown_at_stop_and_retirement(tmp_path: Path) -> None:
+    with ray_pool(CountSetup(tmp_path), max_tasks_per_worker=3) as pool:
+        results = run_jobs(pool, range(9), timeout=120)
+        check_invariants(pool.metrics())
+        restarts = pool.metrics().worker_restarts
+    pids = [r.value for r in results]
+    assert [r.worker for r in results] == pids  # run() ran in the actor JobResult names
+    assert all(pids.count(pid) <= 3 for pid in pids)
+    assert len(set(pids)) >= 3 and restarts >= 1
+    setups = marks_by_pid(tmp_path, "setup")
+    teardowns = marks_by_pid(tmp_path, "teardown")
+    assert all(setups.get(pid) == 1 for pid in pids), setups
+    assert all(teardowns.get(pid) == 1 for pid in pids), teardowns  # retired or stopped
+    check_gone(set(setups))
+
+
+def test_bad_backend_settings() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        Pool(Square(), 1, backend="dask")
+    with pytest.raises(ValueError, match="address"):
+        Pool(Square(), 1, address="auto")
+
+
+# -- failures --------------------------------------------------------------------------------------
+
+
+def test_retries_with_backoff_counted_by_batchpool(tmp_path: Path) -> None:
+    task = FailTimes(2, tmp_path, retries=3, backoff=0.3, jitter=0.0)
+    with ray_pool(task) as pool:
+        results = run_jobs(pool, ["a", "b", "c"], timeout=60)
+        m = pool.metrics()
+    assert all(r.ok and r.attempts == 3 for r in results), results
+    assert [r.value for r in results] == ["a", "b", "c"]
+    for key in "abc":
+        times = [at for at, _ in attempts_of(tmp_path, key)]
+        assert len(times) == 3  # batchpool's attempts, and no more: Ray retried nothing
+        assert times[1] - times[0] >= 0.3 - 0.02
+        assert times[2] - times[1] >= 0.6 - 0.02
+    assert m.retried == 6 and m.started == 9
+    check_invariants(m)
+
+
+def test_errors_permanent_and_exhausted() -> None:
+    with ray_pool(RaiseByPayload(retries=2)) as pool:
+        results = run_jobs(pool, ["value", "key", "permanent", "fine"], timeout=60)
+        check_invariants(pool.metrics())
+    value, key, permanent, fine = results
+    assert not value.ok and value.attempts == 3
+    assert value.error.kind == "error" and value.error.type == "ValueError"
+    assert "value refused" in value.error.message and "raise ValueError" in value.error.traceback
+    assert not key.ok and key.attempts == 1 and key.error.type == "KeyError"  # not retry_on
+    assert not permanent.ok and permanent.attempts == 1
+    assert permanent.error.type == "PermanentError"
+    assert fine.ok and fine.value == "fine"
+
+
+def test_timeout_kills_and_replaces_the_actor() -> None:
+    with ray_pool(Hang(timeout=1.0, retries=0)) as pool:
+        started = time.monotonic()
+        results = run_jobs(pool, ["hang", "spin", "after"], timeout=90)
+        took = time.monotonic() - started
+        m = pool.metrics()
+        hung = {r.worker for r in results[:2]}
+        check_gone(hung)  # killed, not left running
+        again = run_jobs(pool, list(range(8)), timeout=60)
+        wait_for(lambda: len(pool.pids()) == PROCS, 30, "two live actors")
+        check_invariants(pool.metrics())
+    for r in results[:2]:
+        assert not r.ok and r.attempts == 1
+        assert r.error.kind == "timeout" and r.error.type == "TimeoutError"
+        assert 1.0 <= r.elapsed < 10.0
+    assert results[2].ok and results[2].value == "after"
+    assert took < 60
+    assert m.timed_out == 2 and m.worker_restarts >= 2
+    assert [r.value for r in again] == list(range(8))
+    assert not {r.worker for r in again} & hung
+
+
+def test_crash_is_charged_to_its_job_and_retried(tmp_path: Path) -> None:
+    payloads = [("a", 1), ("b", 0), ("c", 2), ("d", 9)]
+    with ray_pool(ExitOn(tmp_path, retries=2)) as pool:
+        results = run_jobs(pool, payloads, timeout=180)
+        m = pool.metrics()
+        check_invariants(m)
+    a, b, c, d = results
+    assert a.ok and a.value == "a" and a.attempts == 2
+    assert b.ok and b.attempts == 1  # never charged for the crashes beside it
+    assert c.ok and c.value == "c" and c.attempts == 3
+    assert not d.ok and d.attempts == 3
+    assert d.error.kind == "crash" and d.error.type == "WorkerCrashed"
+    assert d.error.exitcode is None  # Ray does not report the exit status
+    assert "died while running the job" in d.error.message
+    assert m.crashed == 1 + 2 + 3 and m.worker_restarts >= 6
+    dead = {pid for at, pid in attempts_of(tmp_path, "d")}
+    assert len(dead) == 3  # each attempt in a fresh actor
+    check_gone(dead)
+
+
+def test_actor_dying_while_idle_is_replaced_free_of_charge() -> None:
+    with ray_pool(RecordPid()) as pool:
+        pool.map(range(4))
+        pids = wait_for(lambda: len(pool.pids()) == PROCS and pool.pids(), 30, "both actors")
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)  # no job is running: idle actors are pinged
+        replaced = lambda: victim not in pool.pids() and len(pool.pids()) == PROCS  # noqa: E731
+        wait_for(replaced, 30, "the dead actor to be replaced")
+        later = pool.map(range(6))
+        m = pool.metrics()
+        check_invariants(m)
+    assert m.crashed == 0 and m.failed == 0 and m.worker_restarts >= 1
+    assert all(r.ok and r.attempts == 1 for r in later)
+    assert victim not in {r.worker for r in later}
+
+
+def test_serialization_failures_are_charged_once() -> None:
+    payloads = ["lock", "refuses", "rebuild", RefusesPickle(), FaultOnUnpickle("exception"), "ok"]
+    with ray_pool(ReturnUnpicklable(retries=3)) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        later = run_jobs(pool, ["still", "working"], timeout=60)
+        check_invariants(pool.metrics())
+    for r in results[:5]:
+        assert not r.ok and r.attempts == 1, r
+        assert r.error.kind == "serialization", r.error
+    assert results[5].ok and results[5].value == "ok"
+    assert [r.value for r in later] == ["still", "working"]
+
+
+def test_setup_failures_give_up_after_three_starts(tmp_path: Path) -> None:
+    with ray_pool(SetupFails(tmp_path)) as pool:
+        results = pool.map(["a", "b"])
+        wait_for(lambda: not pool.pids(), 30, "no actors left")
+    assert all(not r.ok and r.error.kind == "error" for r in results)
+    assert all("setup boom" in r.error.message for r in results)
+    setups = marks_by_pid(tmp_path, "setup")
+    assert 3 <= sum(setups.values()) <= 3 + PROCS  # one actor each; no restart storm
+    assert set(setups.values()) == {1}
+    check_gone(set(setups))
+
+
+def test_terminate_kills_the_actors(tmp_path: Path) -> None:
+    pool = ray_pool(SleepMarked(tmp_path, 60.0))
+    try:
+        futures = [pool.submit(f"slow{i}") for i in range(4)]
+        busy = lambda: len(list(tmp_path.glob("slow*.attempt.*"))) >= PROCS  # noqa: E731
+        wait_for(busy, 60, "both actors busy")
+        pids = set(pool.pids())
+    finally:
+        started = time.monotonic()
+        pool.terminate()
+    assert time.monotonic() - started < 30
+    assert all(f.cancelled() for f in futures)
+    check_gone(pids)
+
+
+def test_pipeline_stages_on_ray() -> None:
+    pipeline = Pipeline(range(20), Square(), Square(), name="ray-stages")
+    report = pipeline.run(PROCS, journal=None, progress=False, backend="ray")
+    assert report.succeeded == 20 and report.failed == 0
+    check_invariants(report.metrics)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+# BP_N jobs; each appends its payload to BP_RUNS, sleeps BP_SLEEP seconds, returns n * n.
+JOBS_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+N = int(os.environ.get("BP_N", "8"))
+
+
+class Work(Task):
+    retries = 0
+
+    def run(self, n):
+        fd = os.open(os.environ["BP_RUNS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, b"%d\\n" % n)
+        os.close(fd)
+        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
+        return n * n
+
+
+pipeline = Pipeline(list(range(N)), Work(), name="jobs")
+"""
+
+
+def cli_env(**extra: Any) -> dict[str, str]:
+    env = child_env()
+    env.pop("RAY_ADDRESS", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def read_runs(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def output_lines(path: Path, n: int) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert [x["index"] for x in lines] == list(range(n))  # exactly one line per job
+    return lines
+
+
+def group_alive(pgid: int) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_cli_run_with_ray_interrupted_then_resumed(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    """A signal to the whole process group (a terminal's Ctrl-C, ``kill -TERM -PGID``) also
+    reaches the local Ray instance's daemons: they must survive it, so the attempts in flight
+    drain into the journal, and ``--resume`` completes the run."""
+    jobs = tmp_path / "jobs.py"
+    jobs.write_text(textwrap.dedent(JOBS_PY))
+    n, runs = 24, tmp_path / "runs"
+    args = ["run", jobs, "--backend", "ray", "--procs", PROCS, "--no-progress"]
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args)],
+        cwd=tmp_path,
+        env=cli_env(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        wait_for(lambda: len(read_runs(runs)) >= 4, 120, "jobs to run on Ray")
+        os.killpg(proc.pid, sig)  # the whole group, Ray's daemons included
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, err
+    assert f"stopped by {sig.name}" in err and "Traceback" not in err
+    assert "crashed" not in err and "0 failed" in err  # drained, not killed with Ray
+    wait_for(lambda: not group_alive(proc.pid), 60, "the run's process group to be empty")
+    recorded = set(read_runs(runs))
+    assert 4 <= len(recorded) < n
+
+    before = len(read_runs(runs))
+    r = subprocess.run(
+        [*CLI, *map(str, [*args, "--resume", "--output", "out.jsonl"])],
+        cwd=tmp_path,
+        env=cli_env(BP_N=n, BP_SLEEP=0.01, BP_RUNS=runs),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = output_lines(tmp_path / "out.jsonl", n)
+    assert all(x["ok"] and x["value"] == x["index"] ** 2 for x in lines)
+    rerun = read_runs(runs)[before:]
+    assert set(rerun) | recorded == set(range(n))
+    assert len(rerun) <= n - len(recorded) + PROCS  # at most the drained attempts again
+
+
+NO_RAY = "import sys; sys.modules['ray'] = None; "  # `import ray` now fails as if not installed
+
+
+def test_without_ray_installed(tmp_path: Path) -> None:
+    code = NO_RAY + textwrap.dedent("""
+        import batchpool
+        from batchpool.backends import BackendUnavailable
+        from faults import Square
+        assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None]
+        try:
+            batchpool.Pool(Square(), 1, backend="ray")
+        except BackendUnavailable as exc:
+            assert isinstance(exc, ImportError)
+            print(exc)
+        else:
+            raise SystemExit("no error")
+    """)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'batchpool[ray]'" in r.stdout
+    assert issubclass(BackendUnavailable, ImportError)
+
+    jobs = tmp_path / "jobs.py"
+    jobs.write_text(textwrap.dedent(JOBS_PY))
+    main = NO_RAY + "from batchpool.cli import main; main(prog_name='batchpool')"
+    r = subprocess.run(
+        [sys.executable, "-c", main, "run", str(jobs), "--backend", "ray"],
+        cwd=tmp_path,
+        env=cli_env(BP_RUNS=tmp_path / "runs"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "batchpool: --backend ray needs Ray: pip install 'batchpool[ray]'"
+    ]
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,132 @@
+"""Serialization failures are charged to one job, as one attempt, never retried."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from faults import Echo, FailsUnpickle, Length, RefusesPickle, UnpicklableResult
+from helpers import check_invariants, run_jobs
+
+from batchpool import Pool
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _assert_serialization(r, type_name: str | None = None) -> None:
+    assert not r.ok
+    assert r.value is None
+    assert r.error.kind == "serialization"
+    assert r.attempts == 1
+    assert r.error.type
+    if type_name is not None:
+        assert r.error.type == type_name
+
+
+@pytest.mark.parametrize(
+    "bad, type_name",
+    [
+        (lambda: None, None),
+        (threading.Lock(), "TypeError"),
+        (RefusesPickle(), "ValueError"),
+    ],
+    ids=["lambda", "lock", "reduce-raises"],
+)
+@pytest.mark.parametrize("chunksize", ["auto", 10])
+def test_unpicklable_payload(bad, type_name, chunksize) -> None:
+    payloads = [0, 1, bad, 3, 4]
+    with Pool(Echo(retries=3), procs=2, chunksize=chunksize) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+        after = pool.map(range(5))
+    _assert_serialization(results[2], type_name)
+    if type_name == "ValueError":
+        assert "refuses to be pickled" in results[2].error.message
+    for i in (0, 1, 3, 4):
+        assert results[i].ok and results[i].value == i and results[i].attempts == 1
+    assert [r.value for r in after] == list(range(5))
+    assert metrics.crashed == 0 and metrics.retried == 0
+    check_invariants(metrics)
+
+
+def test_unpicklable_payload_in_map_and_imap() -> None:
+    with Pool(Echo(), procs=2) as pool:
+        mapped = pool.map([1, RefusesPickle(), 3])
+        streamed = list(pool.imap([1, RefusesPickle(), 3]))
+    for results in (mapped, streamed):
+        assert [r.index for r in results] == [0, 1, 2]
+        _assert_serialization(results[1], "ValueError")
+        assert results[0].value == 1 and results[2].value == 3
+
+
+@pytest.mark.parametrize("chunksize", ["auto", 10])
+def test_payload_that_fails_to_unpickle_in_the_worker(chunksize) -> None:
+    payloads = [0, 1, FailsUnpickle(), 3, 4]
+    with Pool(Echo(retries=3), procs=2, chunksize=chunksize) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+    _assert_serialization(results[2], "ValueError")
+    assert "cannot be rebuilt" in results[2].error.message
+    for i in (0, 1, 3, 4):
+        assert results[i].ok and results[i].value == i and results[i].attempts == 1
+    assert metrics.crashed == 0 and metrics.worker_restarts == 0
+    check_invariants(metrics)
+
+
+@pytest.mark.parametrize(
+    "bad, type_name",
+    [("lambda", None), ("lock", "TypeError"), ("refuse", "ValueError")],
+)
+@pytest.mark.parametrize("chunksize", ["auto", 10])
+def test_unpicklable_result(bad, type_name, chunksize) -> None:
+    payloads = ["a", "b", bad, "d", "e"]
+    with Pool(UnpicklableResult(retries=3), procs=2, chunksize=chunksize) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+    _assert_serialization(results[2], type_name)
+    for i in (0, 1, 3, 4):
+        assert results[i].ok and results[i].value == payloads[i] and results[i].attempts == 1
+    assert metrics.crashed == 0 and metrics.worker_restarts == 0
+    check_invariants(metrics)
+
+
+@pytest.mark.parametrize("chunksize", ["auto", 10])
+def test_result_that_fails_to_unpickle_in_the_parent(chunksize) -> None:
+    payloads = ["a", "b", "unload", "d", "e"]
+    with Pool(UnpicklableResult(retries=3), procs=2, chunksize=chunksize) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+        after = pool.map(range(5))
+    _assert_serialization(results[2], "ValueError")
+    assert "cannot be rebuilt" in results[2].error.message
+    for i in (0, 1, 3, 4):
+        assert results[i].ok and results[i].value == payloads[i] and results[i].attempts == 1
+    assert [r.value for r in after] == list(range(5))
+    check_invariants(metrics)
+
+
+def test_large_payload_round_trip() -> None:
+    big = b"\x5a" * (64 * 1024 * 1024)
+    with Pool(Length(), procs=2) as pool:
+        results = run_jobs(pool, [big, b"small", big], timeout=60)
+    assert [r.value for r in results] == [len(big), 5, len(big)]
+    assert all(r.ok and r.attempts == 1 for r in results)
+
+
+def test_large_payload_streamed_through_imap() -> None:
+    chunk = 8 * 1024 * 1024
+
+    def source():
+        for i in range(12):
+            yield bytes([i]) * chunk
+
+    with Pool(Length(), procs=2) as pool:
+        results = list(pool.imap(source()))
+    assert [r.value for r in results] == [chunk] * 12
+
+
+def test_large_result_round_trip() -> None:
+    size = 32 * 1024 * 1024
+    with Pool(Echo(), procs=1) as pool:
+        r = run_jobs(pool, [b"\x01" * size], timeout=60)[0]
+    assert r.ok and len(r.value) == size
