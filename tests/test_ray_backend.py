@@ -261,6 +261,44 @@ def test_pipeline_stages_on_ray() -> None:
     check_invariants(report.metrics)
 
 
+MAIN_SCRIPT = """
+import json
+import sys
+
+import batchpool
+
+
+class Double(batchpool.Task):  # defined in __main__: actors import this script to find it
+    def run(self, x):
+        return 2 * x
+
+
+if __name__ == "__main__":
+    with batchpool.Pool(Double(), 2, backend="ray", address=sys.argv[1]) as pool:
+        results = pool.map(range(6))
+    print(json.dumps([[r.value, r.worker] for r in results]))
+"""
+
+
+def test_script_joins_a_running_cluster_with_tasks_of_its_main(tmp_path: Path) -> None:
+    script = tmp_path / "double.py"
+    script.write_text(textwrap.dedent(MAIN_SCRIPT))
+    address = ray.get_runtime_context().gcs_address  # this module's instance, as a cluster
+    r = subprocess.run(
+        [sys.executable, str(script), address],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    pairs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [value for value, _ in pairs] == [2 * i for i in range(6)]
+    check_gone({pid for _, pid in pairs})
+    assert ray.cluster_resources().get("CPU") == PROCS  # joined it, did not stop it
+
+
 # -- the command line --------------------------------------------------------------------------
 
 # BP_N jobs; each appends its payload to BP_RUNS, sleeps BP_SLEEP seconds, returns n * n.

@@ -60,6 +60,7 @@ UNPICKLABLE = 3
 SPLIT = 4
 
 IDLE = -1  # progress slot value between jobs
+FLUSHING = -2  # progress slot value while pickling and sending a batch of results
 
 dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads

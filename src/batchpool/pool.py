@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import multiprocessing
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -25,7 +23,6 @@ from .task import Policy, Task, resolve_policy
 WINDOW_PER_PROC = 256  # imap read-ahead: enough to keep batches full, small enough to bound memory
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the input is pickled
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 def default_start_method() -> str:
@@ -163,7 +160,7 @@ class Pool:
         backend: str = "local",
         address: str | None = None,
     ) -> None:
-        self._closed = True  # until fully built, so __del__/atexit ignore a half-built pool
+        self._closed = True  # until fully built, so __del__ ignores a half-built pool
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
         procs = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
         method = start_method or default_start_method()
@@ -200,7 +197,6 @@ class Pool:
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
         self._closed = False
-        _live_pools.add(self)
         self._supervisor.start()
 
     # -- submitting ----------------------------------------------------------------------
@@ -322,7 +318,6 @@ class Pool:
     def _join(self) -> None:
         if threading.current_thread() is not self._supervisor.thread:
             self._supervisor.done.wait()
-        _live_pools.discard(self)
 
     def __enter__(self) -> Pool:
         return self
@@ -338,13 +333,3 @@ class Pool:
         if not getattr(self, "_closed", True):
             self._closed = True
             self._supervisor.post(("close",))
-
-
-@atexit.register
-def _terminate_live_pools() -> None:
-    """An open pool at interpreter exit is terminated: exit never hangs on workers."""
-    for pool in list(_live_pools):
-        try:
-            pool.terminate()
-        except Exception:
-            pass

@@ -20,6 +20,7 @@ other thread sees it whole. Job state changes happen in jobs.JobBook, nowhere el
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -32,6 +33,8 @@ from typing import Any
 from .jobs import Job, JobBook, error_from
 from .messages import (
     ERROR,
+    FLUSHING,
+    IDLE,
     OK,
     READY,
     RESULTS,
@@ -60,6 +63,17 @@ from .timers import Timers
 
 log = logging.getLogger("batchpool")
 STEAL_MESSAGE = dumps((STEAL,))
+LIVE: set[Supervisor] = set()  # running supervisors, strongly held: a dropped Pool's included
+
+
+@atexit.register
+def _terminate_at_exit() -> None:
+    """A pool still open at interpreter exit is terminated: exit never waits on a worker."""
+    for supervisor in list(LIVE):
+        supervisor.post(("terminate",))
+    for supervisor in list(LIVE):
+        supervisor.done.wait(10)
+
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives up
 TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well under 1%
@@ -132,6 +146,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
+        self._post_lock = threading.Lock()
         self.workers: dict[int, _Worker] = {}  # slot -> worker
         self.job_time: list[float | None] = [None] * len(policies)  # EWMA seconds per job
         self.job_bytes: list[int] = [0] * len(policies)  # pickled payload bytes per job, last seen
@@ -150,16 +165,20 @@ class Supervisor:
 
     # -- called from any thread ----------------------------------------------------------------
     def start(self) -> None:
+        LIVE.add(self)
         self.thread.start()
 
     def post(self, command: tuple) -> None:
         self.commands.append(command)
         if not self._wake_pending:
             self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"!")
-            except (BlockingIOError, OSError):
-                pass  # already readable, or the loop has ended
+            with self._post_lock:
+                if self._wake_w < 0:
+                    return  # the loop has ended (its fd number may belong to a file now)
+                try:
+                    os.write(self._wake_w, b"!")
+                except (BlockingIOError, OSError):
+                    pass  # already readable
 
     def snapshot(self) -> Metrics:
         with self.lock:
@@ -208,9 +227,12 @@ class Supervisor:
         finally:
             with self.lock:
                 self.finished_at = time.monotonic()
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+            with self._post_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
             self.backend.close()
+            LIVE.discard(self)
             self.done.set()
 
     def _waitables(self) -> list:
@@ -366,6 +388,8 @@ class Supervisor:
             w.outstanding.remove(job)
         w.assigned -= len(returned)
         self.book.requeue(returned)
+        if not w.outstanding:
+            w.stealing = False  # it gave back everything: no result will come to clear it
 
     def _unloadable(self, jobs: list[Job], exc: Exception, now: float) -> None:
         if len(jobs) == 1:
@@ -391,8 +415,8 @@ class Supervisor:
             running, error = w.killed_for
             if running not in w.outstanding:
                 running = None  # its result made it out before the kill
-        elif w.outstanding:
-            running = _find(w.outstanding, job_id)
+        elif w.outstanding and not w.stopping:
+            running = self._blame(w, job_id)
             error = JobError(
                 KIND_CRASH,
                 "WorkerCrashed",
@@ -402,11 +426,6 @@ class Supervisor:
             )
         if running is not None:
             w.outstanding.remove(running)
-        elif w.outstanding and not w.stopping:
-            # Died between jobs, or while unpickling a batch: which job is to blame? Each runs
-            # alone next, so a job that kills its worker is charged on its own.
-            self.book.requeue(list(w.outstanding), solo=True)
-            w.outstanding.clear()
         self._requeue_held(w)
         if running is not None:
             elapsed = max(0.0, now - started_at)
@@ -426,6 +445,22 @@ class Supervisor:
                     code,
                 )
             )
+
+    def _blame(self, w: _Worker, job_id: int) -> Job | None:
+        """The job a worker died (or hung) for, or None when it cannot tell.
+
+        Between jobs, while unpickling a batch or while pickling a batch of results, several
+        jobs are candidates: each then runs alone, without an attempt charged, so that a job
+        that kills its worker is charged on its own; a job alone (or already isolated) is.
+        """
+        if job_id not in (IDLE, FLUSHING):
+            return _find(w.outstanding, job_id)
+        head = w.outstanding[0]
+        if head.solo or (job_id == FLUSHING and len(w.outstanding) == 1):
+            return head
+        self.book.requeue(list(w.outstanding), solo=True)
+        w.outstanding.clear()
+        return None
 
     def _start_failed(self, error: JobError) -> None:
         self.start_failures += 1
@@ -458,13 +493,18 @@ class Supervisor:
         if w is None or w.killed_for is not None:
             return
         job_id, started_at = w.proc.running()
-        job = _find(w.outstanding, job_id)
+        if job_id == FLUSHING:  # a hang while pickling results counts against the first
+            job = w.outstanding[0] if w.outstanding else None
+        else:
+            job = _find(w.outstanding, job_id)
         timeout = job is not None and self.policies[job.stage].timeout
         if timeout:
             deadline = started_at + timeout
             if now >= deadline:
                 message = f"attempt exceeded its {timeout:g} s timeout; worker {w.pid} killed"
-                w.killed_for = (job, JobError(KIND_TIMEOUT, "TimeoutError", message))
+                error = JobError(KIND_TIMEOUT, "TimeoutError", message)
+                blamed = self._blame(w, job_id)  # several candidates: each runs alone next
+                w.killed_for = (blamed, error)
                 log.info("job %s: %s", job.index, message)
                 w.proc.kill()
                 return

@@ -22,6 +22,7 @@ from typing import Any
 from .messages import (
     ERROR,
     FATAL,
+    FLUSHING,
     IDLE,
     OK,
     READY,
@@ -156,12 +157,22 @@ def _serve(
             if rss() > max_memory:
                 retiring = "max_memory"
         if retiring:
-            out.send(box, retiring)
+            _flush(out, box, retiring, progress, job_at, started_at)
             return
         if box.idle() or now - flushed > FLUSH_EVERY:
-            out.send(box, None)
+            _flush(out, box, None, progress, job_at, started_at)
             out = _Results()
             flushed = now
+
+
+def _flush(
+    out: _Results, box: _Mailbox, retiring: str | None, progress: Any, job_at: int, started_at: int
+) -> None:
+    """Send results; the slot says FLUSHING, so a death or hang in pickling is attributed."""
+    progress[started_at] = time.monotonic_ns()
+    progress[job_at] = FLUSHING
+    out.send(box, retiring)
+    progress[job_at] = IDLE
 
 
 _MESSAGE = object()  # a RUN message not unpacked yet

@@ -184,15 +184,18 @@ def _main_module() -> tuple[str, str] | None:
     return None
 
 
+MAIN_ALIAS = "__batchpool_main__"  # not __mp_main__: a Ray worker has one already, itself
+
+
 def _import_main(kind: str, name: str) -> None:
-    """In an actor: import the driver's main module as ``__mp_main__`` (its ``if __name__ ==
+    """In an actor: import the driver's main module under another name (its ``if __name__ ==
     "__main__"`` block does not run) and let ``__main__.X`` unpickle from it."""
-    if "__mp_main__" not in sys.modules:
+    if MAIN_ALIAS not in sys.modules:
         if kind == "module":
-            sys.modules["__mp_main__"] = importlib.import_module(name)
+            sys.modules[MAIN_ALIAS] = importlib.import_module(name)
         else:
-            worker._import_files([("__mp_main__", name)])
-    sys.modules["__main__"] = sys.modules["__mp_main__"]
+            worker._import_files([(MAIN_ALIAS, name)])
+    sys.modules["__main__"] = sys.modules[MAIN_ALIAS]
 
 
 def init_ray(procs: int, address: str | None) -> bool:
