@@ -62,6 +62,8 @@ def make_backend(
         try:
             from .ray import RayBackend
         except ImportError as exc:
+            if (exc.name or "").partition(".")[0] != "ray":
+                raise  # not Ray missing: a bug, with its traceback
             raise BackendUnavailable(
                 f"the ray backend needs Ray: pip install 'batchpool[ray]' ({exc})"
             ) from exc

@@ -24,7 +24,8 @@ logged at INFO).
 Payloads and values travel through Ray as the same pickled blobs as on a pipe, so pickling
 failures are charged exactly as locally. Task classes are unpickled by reference: their module
 must be importable on every node (pipeline files given by path are imported from that path,
-and the driver's ``sys.path`` entries that exist on the node are appended).
+the driver's ``__main__`` script too where the tasks come from it, as under spawn, and the
+driver's ``sys.path`` entries that exist on the node are appended). See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -60,14 +61,14 @@ from ..messages import (
     error_tuple,
     loads,
 )
-from ..pool import _terminate_live_pools
+from ..supervisor import _terminate_at_exit
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
 
 # Ray shuts itself down at exit, and it registered that when imported, above: register the
 # termination of pools still open again, after it, so it runs first, while Ray still works.
-atexit.register(_terminate_live_pools)
+atexit.register(_terminate_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
