@@ -15,12 +15,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from helpers import wait_for
 
 from batchpool import __version__
 from batchpool.journal import Journal, JournalError
@@ -108,17 +108,6 @@ def start(*args: Any, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -811,7 +800,9 @@ def test_slow_source_feeds_workers_as_items_arrive(tmp_path: Path) -> None:
         env=environ(BP_N=10, BP_SLEEP=0.2),
     )
     assert done.returncode == 0, done.stderr
-    stamps = [json.loads(line)["value"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    stamps = [
+        json.loads(line)["value"] for line in (tmp_path / "out.jsonl").read_text().splitlines()
+    ]
     # The source takes ~2 s; its first item must have run long before the source ended.
     assert stamps[0] - begun < stamps[-1] - begun - 1.0
 
