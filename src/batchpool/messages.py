@@ -5,8 +5,10 @@ Every message is a plain tuple ``(TAG, ...)`` pickled with the highest protocol 
 this path runs once per batch of jobs, so the shapes are documented here instead of typed:
 
 supervisor -> worker
-    (RUN, job_ids, stages, payloads_blob)   run these jobs, in order; payloads_blob is one
-                                           pickled list (20x cheaper than a pickle per job)
+    (RUN, job_ids, stages) + payloads      run these jobs, in order; ``payloads`` follows as
+                                           a frame of its own: one pickled list (20x cheaper
+                                           than a pickle per job, and megabytes of payload
+                                           are not copied into another pickle)
     (STOP,)                                the sentinel: tear down and exit 0
     (STEAL,)                               hand back every job not started yet (another
                                            worker is idle); answered by RETURNED at once

@@ -598,8 +598,8 @@ class Supervisor:
                 return
             blob = dumps([j.data for j in jobs])
         self.job_bytes[jobs[0].stage] = len(blob) // len(jobs) + 1
-        message = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs], blob))
-        if not w.proc.send(message):
+        header = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs]))
+        if not w.proc.send(header, blob):
             self.book.requeue(jobs)  # it died; its sentinel will tell
             return
         w.outstanding.extend(jobs)

@@ -203,11 +203,13 @@ class _Mailbox:
         while True:
             try:
                 message = loads(self.conn.recv_bytes())
+                if message[0] == RUN:  # its payloads follow as a frame of their own
+                    message = (_MESSAGE, message[1], message[2], self.conn.recv_bytes())
             except (EOFError, OSError):
                 message = (STOP,)
-            if message[0] == RUN:
+            if message[0] is _MESSAGE:
                 with self.cond:
-                    self.items.append((_MESSAGE, *message[1:]))
+                    self.items.append(message)
                     self.cond.notify()
             elif message[0] == STEAL:
                 self._give_back()

@@ -4,7 +4,9 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.slot, handle.pid        which worker (pid: for JobResult.worker and the logs)
     handle.conn                    poll() / recv_bytes(): messages from the worker
     handle.sentinel                waitable by multiprocessing.connection.wait; ready at death
-    handle.send(blob) -> bool      a message to the worker; False if it is gone
+    handle.send(blob, payloads=None) -> bool
+                                   a message to the worker (RUN: with its payloads frame);
+                                   False if it is gone
     handle.running() -> (job id, started at)   the job in progress (IDLE between jobs) and
                                    its start in time.monotonic() seconds: crash and timeout
                                    attribution inside a batch

@@ -68,10 +68,12 @@ class LocalWorker:
         self.sentinel = self.proc.sentinel
         self.pid: int = self.proc.pid  # type: ignore[assignment]
 
-    def send(self, blob: bytes) -> bool:
+    def send(self, blob: bytes, payloads: bytes | None = None) -> bool:
         """False if the worker is gone (its sentinel will report the death)."""
         try:
             self.conn.send_bytes(blob)
+            if payloads is not None:
+                self.conn.send_bytes(payloads)
             return True
         except OSError:
             return False

@@ -360,7 +360,7 @@ class RayWorker:
         self._thread.start()
 
     # -- the handle protocol ---------------------------------------------------------------
-    def send(self, blob: bytes) -> bool:
+    def send(self, blob: bytes, payloads: bytes | None = None) -> bool:
         message = loads(blob)
         tag = message[0]
         with self._cond:
@@ -371,7 +371,7 @@ class RayWorker:
                     return False
                 ids = message[1]
                 job = ids[0] if len(ids) == 1 else IDLE
-                self._calls.append(_Call(_RUN, tuple(message[1:]), job))
+                self._calls.append(_Call(_RUN, (message[1], message[2], payloads), job))
             elif tag == STEAL:
                 self._steal()
                 return True
