@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -832,3 +833,54 @@ def _final_rows(journal: Path) -> int:
         return 0
     done = bp("results", journal, cwd=journal.parent)
     return done.stdout.count("\n") if done.returncode == 0 else 0
+
+
+# -- what a person sees ------------------------------------------------------------------------
+
+
+def _run_on_terminal(args: list[Any], cwd: Path) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal, as in an interactive shell."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        env=environ(),
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, jobs: Path) -> None:
+    code, screen = _run_on_terminal(["run", jobs, "--procs", "2"], tmp_path)
+    assert code == 0, screen
+    assert "ok=" in screen and "restarts=" in screen and "job/s" in screen  # the tqdm bar
+    assert "8 jobs: 8 ok, 0 failed" in screen  # the summary
+    code, screen = _run_on_terminal(["run", jobs, "--procs", "2", "--no-progress"], tmp_path)
+    assert code == 0 and "ok=" not in screen and "8 jobs: 8 ok" in screen
+
+
+def test_verbose_logs_retries_and_crashes_with_the_job_index(tmp_path: Path) -> None:
+    done = bp("run", PIPELINES / "flaky.py", "--procs", "2", "-v", cwd=tmp_path, timeout=90)
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"job \d+: attempt 1 failed \(\w+: .*\); retry in", done.stderr)
+    assert re.search(r"job \d+: worker \d+ crashed", done.stderr)
+    assert re.search(r"job \d+: attempt exceeded its 1 s timeout", done.stderr)
