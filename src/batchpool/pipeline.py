@@ -151,9 +151,13 @@ class Pipeline:
         if journal is None and output is not None:  # --output is written from a journal
             tmp = tempfile.TemporaryDirectory(prefix="batchpool-")
             journal = Path(tmp.name) / "results.sqlite"
+        stop = _Stop()
+        # Until run() returns: a Ctrl-C while --output is written must not escape as
+        # KeyboardInterrupt and leave a half-written file.
+        restore = stop.install()
         try:
             book = _open_journal(journal, name, resume, fresh, retry_failed)
-            run = _Run(self, book, resume or retry_failed, retry_failed, progress)
+            run = _Run(self, book, resume or retry_failed, retry_failed, progress, stop)
             try:
                 report = run.execute(procs, pool_options)
             except BaseException:
@@ -172,6 +176,7 @@ class Pipeline:
                     book.close(flush=False)
             return report
         finally:
+            restore()
             if tmp is not None:
                 tmp.cleanup()
 
@@ -358,13 +363,14 @@ class _Run:
         resume: bool,
         retry_failed: bool,
         progress: bool,
+        stop: _Stop,
     ) -> None:
         self.pipeline = pipeline
         self.journal = journal
         self.resume = resume
         self.retry_failed = retry_failed
         self.show_progress = progress
-        self.stop = _Stop()
+        self.stop = stop
         self.feed: _Feed | None = None
         self.inbox = _Inbox()
         self.error: str | None = None
@@ -382,44 +388,41 @@ class _Run:
         method = pool_options.get("start_method") or default_start_method()
         if method == "forkserver" and pool_options.get("backend", "local") == "local":
             start_forkserver_ignoring_sigterm()
-        restore = self.stop.install()
+        pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
         try:
-            pool = Pool._for_stages(
-                pipeline.stages, procs, preload=pipeline.preload, **pool_options
-            )
-            try:
-                source = self._source(WINDOW_PER_PROC * pool.procs)
-            except BaseException:
-                pool.terminate()
-                raise
-            total = _length(pipeline.source)
-            self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
-            try:
-                if self.journal is not None:
-                    self.journal.begin(total=total, resume=self.resume)
-                self.stop.armed = True
-                self._loop(pool, source)
-            except _HardStop:
-                pass  # pool.terminate() below
-            except BaseException:
-                self.stop.armed = False
-                pool.terminate()  # attempts cut short are not final: a resume runs them
-                raise
-            finally:
-                self.feed.close()  # type: ignore[union-attr]
-                self._shutdown(pool)
-                self.progress.close()
-            metrics = pool.metrics()
-            complete = self.stopped_by is None
+            source = self._source(WINDOW_PER_PROC * pool.procs)
+        except BaseException:
+            pool.terminate()
+            raise
+        total = _length(pipeline.source)
+        self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
+        try:
             if self.journal is not None:
-                try:
-                    self.journal.finish(complete=complete)
-                except JournalError as exc:
-                    self.stopped_by = self.stopped_by or "journal"
-                    self.error = self.error or str(exc)
-                    complete = False
+                self.journal.begin(total=total, resume=self.resume)
+            self.stop.armed = True
+            self._loop(pool, source)
+        except _HardStop:
+            pass  # pool.terminate() below
+        except BaseException:
+            self.stop.armed = False
+            pool.terminate()  # attempts cut short are not final: a resume runs them
+            raise
         finally:
-            restore()
+            self.stop.armed = False
+            self.feed.close()  # type: ignore[union-attr]
+            self._shutdown(pool)
+            self.progress.close()
+        metrics = pool.metrics()
+        if self.stop.reason and self.stopped_by is None:  # a signal the loop never saw
+            self.stopped_by = self.stop.reason
+        complete = self.stopped_by is None
+        if self.journal is not None:
+            try:
+                self.journal.finish(complete=complete)
+            except JournalError as exc:
+                self.stopped_by = self.stopped_by or "journal"
+                self.error = self.error or str(exc)
+                complete = False
         return self._report(metrics, time.monotonic() - started, not complete)
 
     def _source(self, window: int) -> Iterator[Any]:
@@ -444,6 +447,7 @@ class _Run:
             if self.stop.hard:
                 pool.terminate()
             else:
+                self.stop.armed = True  # a second signal cuts the drain short
                 pool.close()
         except _HardStop:
             pool.terminate()
