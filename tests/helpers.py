@@ -115,3 +115,15 @@ def check_invariants(m: Any) -> None:
     assert m.started == m.succeeded + m.failed + m.retried, m
     assert m.queued == 0, m
     assert m.in_flight == 0, m
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies count as gone)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (OSError, psutil.Error):
+            pass
+    return found

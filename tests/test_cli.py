@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import group_alive, wait_for
 
 from batchpool import __version__
 from batchpool.journal import Journal, JournalError
@@ -131,18 +131,6 @@ def reason(stderr: str) -> str:
     ]
     assert len(lines) == 1, f"expected a one-line reason, got:\n{stderr}"
     return lines[0]
-
-
-def group_alive(pgid: int) -> list[int]:
-    """Live processes of a process group (zombies count as gone)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-        except (OSError, psutil.Error):
-            pass
-    return found
 
 
 def gone(pids: list[int]) -> bool:

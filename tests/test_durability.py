@@ -28,6 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,18 +88,6 @@ def finish(proc: subprocess.Popen, cwd: Path, timeout: float = RUN_DEADLINE) -> 
 
 def cli(args: list[str], cwd: Path, env: dict[str, str], **kw: Any) -> tuple[int, str]:
     return finish(start(args, cwd, env, **kw), cwd)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until ``predicate`` is truthy (returned) or the deadline passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def line_count(path: Path) -> int:

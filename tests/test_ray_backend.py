@@ -42,7 +42,14 @@ from faults import (  # noqa: E402
     attempts_of,
     marks_by_pid,
 )
-from helpers import all_gone, check_invariants, child_env, run_jobs, wait_for  # noqa: E402
+from helpers import (  # noqa: E402
+    all_gone,
+    check_invariants,
+    child_env,
+    group_alive,
+    run_jobs,
+    wait_for,
+)
 from ray_tasks import ExitOn, RaiseByPayload, ReturnUnpicklable  # noqa: E402
 
 from batchpool import Pipeline, Pool  # noqa: E402
@@ -344,17 +351,6 @@ def output_lines(path: Path, n: int) -> list[dict]:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert [x["index"] for x in lines] == list(range(n))  # exactly one line per job
     return lines
-
-
-def group_alive(pgid: int) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-        except (OSError, psutil.Error):
-            pass
-    return found
 
 
 @pytest.mark.parametrize(
