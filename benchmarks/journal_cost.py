@@ -10,6 +10,9 @@ Throughput: ``Pipeline(list, Task).run(procs=2, progress=False, journal=PATH)`` 
 child process per size runs a journaled pipeline over a lazy generator of no-op jobs while a
 thread samples its own RSS every 50 ms (psutil); bounded memory means the peak does not grow
 with the number of jobs.
+
+A watchdog stops a run (SIGINT to this process: the pipeline drains) that delivers no result for
+``STALL_S`` seconds; such a run is reported as stalled, not timed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +43,7 @@ from batchpool import JobResult, Pipeline  # noqa: E402
 
 PROCS = 2
 MB = 1024 * 1024
+STALL_S = 10.0  # no result for this long: the run is stuck
 
 
 class RssSampler:
@@ -77,17 +82,51 @@ class Checksum:
             self.total += result.value
 
 
+class Watchdog:
+    """Interrupts this process (SIGINT: the running pipeline drains and returns) when the sink
+    has seen no new result for ``STALL_S`` seconds."""
+
+    def __init__(self, sink: Checksum) -> None:
+        self.sink = sink
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def _watch(self) -> None:
+        seen, since = -1, time.monotonic()
+        while not self._stop.wait(0.25):
+            if self.sink.count != seen:
+                seen, since = self.sink.count, time.monotonic()
+            elif time.monotonic() - since > STALL_S:
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def timed_run(
     payloads: Iterable[Any], fn: Callable[[Any], Any], n: int, expected_sum: int, journal: bool
-) -> float:
-    """Seconds for one pipeline run over ``payloads``; checks every job came back right."""
+) -> float | None:
+    """Seconds for one pipeline run over ``payloads`` (None: it stalled); checks every job came
+    back right."""
     sink = Checksum()
     pipe = Pipeline(payloads, CallTask(fn), name="journal_cost", sink=sink)
     with tempfile.TemporaryDirectory(prefix="journal-cost-") as tmp:
         path = Path(tmp) / "journal.sqlite" if journal else None
-        t0 = time.perf_counter()
-        report = pipe.run(procs=PROCS, progress=False, journal=path)
-        took = time.perf_counter() - t0
+        with Watchdog(sink) as dog:
+            t0 = time.perf_counter()
+            report = pipe.run(procs=PROCS, progress=False, journal=path)
+            took = time.perf_counter() - t0
+        if dog.fired:
+            print(f"  (stalled: {sink.count} of {n} jobs, journal={journal})", file=sys.stderr)
+            return None
         if path is not None:
             with sqlite3.connect(path) as conn:
                 rows = conn.execute("SELECT count(*) FROM jobs WHERE status = 'ok'").fetchone()[0]
@@ -110,9 +149,14 @@ def throughput(quick: bool, repeat: int) -> list[dict[str, Any]]:
         n, expected = len(payloads), sum(payloads)
         timed_run(payloads[: 4 * PROCS], fn, 4 * PROCS, sum(payloads[: 4 * PROCS]), True)  # warm
         best = {False: float("inf"), True: float("inf")}
+        stalls = {False: 0, True: 0}
         for _ in range(repeat):
             for journal in (False, True):
-                best[journal] = min(best[journal], timed_run(payloads, fn, n, expected, journal))
+                took = timed_run(payloads, fn, n, expected, journal)
+                if took is None:
+                    stalls[journal] += 1
+                else:
+                    best[journal] = min(best[journal], took)
         rows.append(
             {
                 "workload": name,
@@ -121,6 +165,7 @@ def throughput(quick: bool, repeat: int) -> list[dict[str, Any]]:
                 "journal": n / best[True],
                 "ratio": best[False] / best[True],
                 "extra": best[True] - best[False],
+                "stalls": f"{stalls[False]}/{stalls[True]} of {repeat}",
             }
         )
     return rows
@@ -130,19 +175,17 @@ def rss_child(n: int) -> None:
     """In a fresh process: a journaled run of ``n`` no-op jobs from a generator; print JSON."""
     with tempfile.TemporaryDirectory(prefix="journal-cost-") as tmp:
         path = Path(tmp) / "journal.sqlite"
-        pipe = Pipeline(stream_source(n), CallTask(noop), name="journal_cost_rss")
-        with RssSampler() as rss:
+        sink = Checksum()
+        pipe = Pipeline(stream_source(n), CallTask(noop), name="journal_cost_rss", sink=sink)
+        with RssSampler() as rss, Watchdog(sink) as dog:
             t0 = time.perf_counter()
             report = pipe.run(procs=PROCS, progress=False, journal=path)
             took = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-    if report.succeeded != n:
+    if not dog.fired and (report.succeeded != n or sink.total != n * (n - 1) // 2):
         raise RuntimeError(f"wrong run: {report.succeeded} ok of {n}")
-    print(
-        json.dumps(
-            {"jobs": n, "baseline": rss.baseline, "peak": rss.peak, "secs": took, "bytes": size}
-        )
-    )
+    row = {"jobs": n, "baseline": rss.baseline, "peak": rss.peak, "secs": took, "bytes": size}
+    print(json.dumps({**row, "done": sink.count, "stalled": dog.fired}))
 
 
 def memory(sizes: list[int]) -> list[dict[str, Any]]:
@@ -183,12 +226,12 @@ def main() -> None:
     print("\nthroughput, jobs/s (wall time of Pipeline.run, pool start included)")
     print(
         f"{'workload':<18} {'jobs':>7} {'no journal':>11} {'journal':>9} {'journal/none':>13} "
-        f"{'extra s/run':>12}"
+        f"{'extra s/run':>12} {'stalls none/journal':>20}"
     )
     for r in throughput(args.quick, repeat):
         print(
             f"{r['workload']:<18} {r['jobs']:>7} {r['plain']:>11,.0f} {r['journal']:>9,.0f} "
-            f"{r['ratio']:>13.2f} {r['extra']:>12.3f}"
+            f"{r['ratio']:>13.2f} {r['extra']:>12.3f} {r['stalls']:>20}"
         )
 
     sizes = [20_000, 100_000] if args.quick else [100_000, 1_000_000]
@@ -198,10 +241,11 @@ def main() -> None:
         f"{'journal MB':>11} {'jobs/s':>8}"
     )
     for r in memory(sizes):
+        stalled = f"  STALLED after {r['done']:,} jobs" if r["stalled"] else ""
         print(
             f"{r['jobs']:>9,} {r['baseline'] / MB:>12.1f} {r['peak'] / MB:>8.1f} "
             f"{(r['peak'] - r['baseline']) / MB:>10.1f} {r['bytes'] / MB:>11.1f} "
-            f"{r['jobs'] / r['secs']:>8,.0f}"
+            f"{r['done'] / r['secs']:>8,.0f}{stalled}"
         )
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 

@@ -249,14 +249,20 @@ class _Feed:
         self._put(_END)
 
     def _put(self, item: Any) -> bool:
-        while not self.closed:
-            was_empty = self.queue.empty()
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            pass
+        else:
+            if self.queue.qsize() == 1:  # it was empty: the run loop may be waiting for it
+                self.poke()
+            return True
+        while not self.closed:  # full: the run loop drains it, and will want to hear of more
             try:
                 self.queue.put(item, timeout=POLL)
             except queue.Full:
                 continue
-            if was_empty:
-                self.poke()
+            self.poke()
             return True
         return False
 

@@ -74,7 +74,7 @@ def kill_tree(pid: int) -> None:
 
 
 def start_forkserver_ignoring_sigterm() -> None:
-    """Start the forkserver with SIGTERM ignored, for runs that own the signals.
+    """Start the forkserver with SIGTERM (and SIGINT) ignored, for runs that own the signals.
 
     A terminal or service manager may signal the whole process group; a forkserver killed by
     that SIGTERM would make every worker look dead (its sentinel pipes close) while they still
@@ -86,8 +86,11 @@ def start_forkserver_ignoring_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGINT too: the server's children start with its disposition, and a worker between fork
+    # and worker.main() must not die of a Ctrl-C meant for the supervisor.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

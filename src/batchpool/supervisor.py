@@ -253,8 +253,10 @@ class Supervisor:
         """One pass of the loop; True when the supervisor is finished."""
         now = time.monotonic()
         if self._wake_r in ready:
-            self._wake_pending = False
+            # Drain, then clear: a post() between the two finds the flag set and does not
+            # write, and its command is run just below. The other order loses that wakeup.
             os.read(self._wake_r, 4096)
+            self._wake_pending = False
         self._run_commands(now)
         if self.terminating:
             return True
