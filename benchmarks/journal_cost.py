@@ -32,10 +32,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # handed on to workers by multiprocessing
 
+from harness import RssSampler  # noqa: E402
 from workloads import CallTask, calibrate, noop, spin, stream_source  # noqa: E402
 
 import batchpool  # noqa: E402
@@ -44,30 +43,6 @@ from batchpool import JobResult, Pipeline  # noqa: E402
 PROCS = 2
 MB = 1024 * 1024
 STALL_S = 10.0  # no result for this long: the run is stuck
-
-
-class RssSampler:
-    """Peak RSS of this process, sampled by a thread every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.process = psutil.Process()
-        self.interval = interval
-        self.baseline = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 class Checksum:
