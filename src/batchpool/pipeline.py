@@ -26,7 +26,7 @@ from typing import Any
 from .jobs import Job
 from .journal import Journal, JournalError, fingerprint
 from .pool import WINDOW_PER_PROC, Pool, default_start_method
-from .processes import start_forkserver_ignoring_sigterm
+from .processes import start_forkserver_ignoring_signals
 from .progress import Progress
 from .results import JobError, JobResult, Metrics
 from .task import Task, resolve_policy
@@ -393,7 +393,7 @@ class _Run:
         started = time.monotonic()
         method = pool_options.get("start_method") or default_start_method()
         if method == "forkserver" and pool_options.get("backend", "local") == "local":
-            start_forkserver_ignoring_sigterm()
+            start_forkserver_ignoring_signals()
         pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
         try:
             source = self._source(WINDOW_PER_PROC * pool.procs)

@@ -73,8 +73,8 @@ def kill_tree(pid: int) -> None:
         pass
 
 
-def start_forkserver_ignoring_sigterm() -> None:
-    """Start the forkserver with SIGTERM (and SIGINT) ignored, for runs that own the signals.
+def start_forkserver_ignoring_signals() -> None:
+    """Start the forkserver with SIGTERM and SIGINT ignored, for runs that own the signals.
 
     A terminal or service manager may signal the whole process group; a forkserver killed by
     that SIGTERM would make every worker look dead (its sentinel pipes close) while they still
