@@ -572,8 +572,11 @@ class Supervisor:
                 if len(w.outstanding) > size or (t is not None and t >= PREFETCH_BELOW):
                     continue
             n = min(size, -(-len(ready) // len(open_workers)))
-            if self.job_bytes[stage]:  # big payloads: several moderate messages pipeline better
-                n = min(n, max(1, MAX_MESSAGE_BYTES // self.job_bytes[stage]))
+            per_job = self.job_bytes[stage]
+            if n > 1 and n * per_job < MAX_MESSAGE_BYTES // 2:  # small so far: the next too?
+                per_job = max(per_job, _pickled_size(ready[0].data))
+            if per_job:  # big payloads: several moderate messages pipeline better
+                n = min(n, max(1, MAX_MESSAGE_BYTES // per_job))
             if self.max_tasks is not None:
                 n = min(n, self.max_tasks - w.assigned)
             if n > 0:
@@ -599,7 +602,16 @@ class Supervisor:
             if not jobs:
                 return
             blob = dumps([j.data for j in jobs])
-        self.job_bytes[jobs[0].stage] = len(blob) // len(jobs) + 1
+        per_job = len(blob) // len(jobs) + 1
+        self.job_bytes[jobs[0].stage] = per_job
+        if len(jobs) > 1 and len(blob) > 2 * MAX_MESSAGE_BYTES:
+            # Payloads behind the first grew past the estimate: one giant message would leave
+            # the other workers idle while it travels. Send a moderate one; the rest go back
+            # to the front of the queue.
+            keep = max(1, MAX_MESSAGE_BYTES // per_job)
+            self.book.requeue(jobs[keep:])
+            jobs = jobs[:keep]
+            blob = dumps([j.data for j in jobs])
         header = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs]))
         if not w.proc.send(header, blob):
             self.book.requeue(jobs)  # it died; its sentinel will tell
@@ -669,6 +681,13 @@ class Supervisor:
                 consumer.deliver(items)
             except Exception:
                 log.exception("delivering results failed")
+
+
+def _pickled_size(data: Any) -> int:
+    try:
+        return len(dumps(data))
+    except Exception:
+        return 0  # _send reports it as the job's serialization error
 
 
 def _find(jobs: deque[Job], job_id: int) -> Job | None:

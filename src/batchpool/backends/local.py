@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -34,6 +36,21 @@ class LocalBackend:
         pass
 
 
+SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; the kernel caps it at net.core.[rw]mem_max
+
+
+def _widen(*conns: Any) -> None:
+    """Let a whole batch of payloads fit in the socket: the supervisor's send then returns
+    at once instead of waiting for this worker to read, and feeds the next worker."""
+    for conn in conns:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        finally:
+            sock.close()
+
+
 class LocalWorker:
     """One worker process: its private duplex pipe (a killed worker breaks only its own), and
     its two slots of the backend's shared progress array."""
@@ -46,6 +63,7 @@ class LocalWorker:
         job_at, _ = progress_slot(slot)
         progress[job_at] = IDLE
         parent_end, child_end = ctx.Pipe(duplex=True)
+        _widen(parent_end, child_end)
         self.proc = ctx.Process(
             target=worker.main,
             args=(
