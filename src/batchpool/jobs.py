@@ -65,15 +65,16 @@ class JobBook:
         self.ready: deque[Job] = deque()
         self.retry_timers = Timers()
         self.sent = 0  # jobs in workers' hands
-        self.done: list[tuple[Job, JobResult]] = []  # final results not yet delivered
+        # final results not yet delivered, in runs that share a consumer (a batch, usually)
+        self.done: list[tuple[Any, list[tuple[Job, JobResult]]]] = []
         self.submitted = self.started = self.succeeded = self.failed = self.retried = 0
         self.timed_out = self.crashed = 0
         self.solo_queued = 0  # jobs flagged solo anywhere in the queue (rare; skip scans)
 
     # -- entry ---------------------------------------------------------------------------
-    def add(self, job: Job) -> None:
-        self.submitted += 1
-        self.ready.append(job)
+    def add(self, jobs: list[Job]) -> None:
+        self.submitted += len(jobs)
+        self.ready.extend(jobs)
 
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int) -> list[Job]:
@@ -136,10 +137,15 @@ class JobBook:
         n = len(jobs)
         self.sent -= n
         self.succeeded += n
-        done = self.done.append
+        consumer = jobs[0].consumer
+        run: list[tuple[Job, JobResult]] = []
         for job, value, seconds in zip(jobs, values, elapsed, strict=True):
             job.data = None
-            done((job, result_of(job, value, None, seconds)))
+            if job.consumer is not consumer:
+                self.done.append((consumer, run))
+                consumer, run = job.consumer, []
+            run.append((job, result_of(job, value, None, seconds)))
+        self.done.append((consumer, run))
 
     def attempt_failed(
         self, job: Job, error: JobError, *, retryable: bool, elapsed: float, now: float
@@ -195,7 +201,7 @@ class JobBook:
         job.data = None
         if job.solo:
             self.solo_queued -= 1
-        self.done.append((job, result_of(job, value, error, elapsed)))
+        self.done.append((job.consumer, [(job, result_of(job, value, error, elapsed))]))
 
     @property
     def unfinished(self) -> int:

@@ -280,9 +280,7 @@ class Supervisor:
             command = self.commands.popleft()
             kind = command[0]
             if kind == "submit":
-                add = self.book.add
-                for job in command[1]:
-                    add(job)
+                self.book.add(command[1])
                 if self.broken is not None:
                     self.book.fail_unsent(self.broken)
             elif kind == "close":
@@ -372,6 +370,9 @@ class Supervisor:
         """Take the answered jobs off the worker, which answers in the order it was sent;
         None for an id it no longer holds (charged to a timeout kill already)."""
         outstanding = w.outstanding
+        front = _take_front(outstanding, ids)
+        if front is not None:
+            return front  # type: ignore[return-value]
         jobs: list[Job | None] = []
         for job_id in ids:
             if outstanding and outstanding[0].id == job_id:
@@ -669,18 +670,31 @@ class Supervisor:
         if not done:
             return
         by_consumer: dict[Any, list] = {}
-        last = items = None
-        for entry in done:
-            consumer = entry[0].consumer
-            if consumer is not last:  # results of one map() call come in runs
-                items = by_consumer.setdefault(consumer, [])
-                last = consumer
-            items.append(entry)  # type: ignore[union-attr]
+        for consumer, run in done:
+            items = by_consumer.get(consumer)
+            if items is None:
+                by_consumer[consumer] = run
+            else:
+                items.extend(run)
         for consumer, items in by_consumer.items():
             try:
                 consumer.deliver(items)
             except Exception:
                 log.exception("delivering results failed")
+
+
+def _take_front(jobs: deque[Job], ids: list[int]) -> list[Job] | None:
+    """The first len(ids) jobs, if they are exactly ``ids`` (a whole batch answered in order,
+    nothing lost to a timeout kill or a steal): one pass instead of a search per id."""
+    k = len(ids)
+    if not k or len(jobs) < k or jobs[k - 1].id != ids[-1]:
+        return None
+    popleft = jobs.popleft
+    front = [popleft() for _ in range(k)]
+    if [job.id for job in front] == ids:
+        return front
+    jobs.extendleft(reversed(front))
+    return None
 
 
 def _pickled_size(data: Any) -> int:

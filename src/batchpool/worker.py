@@ -163,7 +163,7 @@ def _serve(
             return
         # A failure is reported at once: its backoff starts now, and a crash of a later job
         # of the batch cannot lose the record of this attempt.
-        if outcome != OK or box.idle() or now - flushed > FLUSH_EVERY:
+        if outcome != OK or box.at_boundary() or now - flushed > FLUSH_EVERY:
             _flush(out, box, None, progress, job_at, started_at)
             out = _Results()
             flushed = now
@@ -243,9 +243,11 @@ class _Mailbox:
                 self.cond.wait()
             return self.items.popleft()
 
-    def idle(self) -> bool:
-        """Nothing waiting: send what we have now, the supervisor is about to need it."""
-        return not self.items
+    def at_boundary(self) -> bool:
+        """The jobs of one message are done: send their results now, so the supervisor sends
+        the next batch while this worker runs the one it has queued (or goes idle)."""
+        items = self.items
+        return not items or items[0][0] is _MESSAGE
 
     def push_front(self, jobs: list[tuple]) -> None:
         with self.cond:
