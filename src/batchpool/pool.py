@@ -17,10 +17,12 @@ from .errors import PoolBroken, PoolClosed
 from .jobs import Job
 from .messages import dumps
 from .results import JobError, JobResult, Metrics
-from .supervisor import Supervisor
+from .supervisor import MAX_BATCH, Supervisor
 from .task import Policy, Task, resolve_policy
 
-WINDOW_PER_PROC = 256  # imap read-ahead: enough to keep batches full, small enough to bound memory
+# imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
+# to bound memory
+WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the input is pickled
 

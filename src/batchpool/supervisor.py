@@ -80,7 +80,6 @@ TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well und
 MAX_BATCH = 512  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
-PREFETCH_BELOW = 0.005  # seconds: longer jobs are not queued behind a running one
 STOP_GRACE = 30.0  # seconds a stopped worker gets for teardown() before it is killed
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
@@ -568,10 +567,10 @@ class Supervisor:
                 continue
             stage = ready[0].stage
             size = self._batch_size(stage)
-            if w.outstanding:  # prefetch: the next batch waits in the worker's mailbox
-                t = self.job_time[stage]
-                if len(w.outstanding) > size or (t is not None and t >= PREFETCH_BELOW):
-                    continue
+            # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
+            # between batches; a batch stuck behind a long job is taken back by _steal.
+            if len(w.outstanding) > size:
+                continue
             n = min(size, -(-len(ready) // len(open_workers)))
             per_job = self.job_bytes[stage]
             if n > 1 and n * per_job < MAX_MESSAGE_BYTES // 2:  # small so far: the next too?

@@ -1,0 +1,31 @@
+"""The package's public names, and what a worker process has to import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import batchpool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_every_public_name_resolves() -> None:
+    for name in batchpool.__all__:
+        assert getattr(batchpool, name) is not None
+    assert set(batchpool.__all__) <= set(dir(batchpool))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        batchpool.Nope  # noqa: B018
+
+
+def test_a_worker_imports_neither_the_journal_nor_the_progress_bar() -> None:
+    # Every worker (and the forkserver) imports batchpool.worker before its first job.
+    code = (
+        "import sys, batchpool.worker; "
+        "print(sorted(m for m in ('sqlite3', 'tqdm', 'click', 'batchpool.pipeline') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
