@@ -388,10 +388,14 @@ class RayWorker:
 
     def running(self) -> tuple[int, float]:
         with self._cond:
-            if self._calls:
-                call = self._calls[0]
+            for call in self._calls:
+                # A ping returns at once; when the actor dies, Ray may fail its answer too,
+                # though the death hit the job submitted behind it.
+                if call.kind == _PING:
+                    continue
                 if call.kind == _RUN and call.at:
                     return call.job, max(call.at, self._last_done)
+                break
             return IDLE, 0.0
 
     def rss(self) -> int | None:
