@@ -113,6 +113,20 @@ def test_large_payload_round_trip() -> None:
     assert all(r.ok and r.attempts == 1 for r in results)
 
 
+def test_payloads_that_grow_from_bytes_to_megabytes() -> None:
+    # Tiny jobs first: batches grow to hundreds of jobs. Then a tiny head and megabytes behind
+    # it: the batch sized for tiny payloads is cut and the rest go back to the queue, uncharged.
+    grown = [b"x"] + [bytes([i]) * 1_500_000 for i in range(40)]
+    with Pool(Length(), procs=2) as pool:
+        assert all(r.ok for r in pool.map([b"y"] * 2_000))
+        results = run_jobs(pool, grown, timeout=60)
+        metrics = pool.metrics()
+    assert [r.value for r in results] == [len(p) for p in grown]
+    assert all(r.ok and r.attempts == 1 for r in results)
+    check_invariants(metrics)
+    assert metrics.started == metrics.submitted == 2_000 + len(grown)
+
+
 def test_large_payload_streamed_through_imap() -> None:
     chunk = 8 * 1024 * 1024
 
