@@ -8,8 +8,6 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
-import psutil
-
 _lifeline_lock = threading.Lock()
 _lifeline: tuple[Connection, int] | None = None  # (read end for workers, write end we keep)
 
@@ -57,6 +55,8 @@ def kill_tree(pid: int) -> None:
     SIGKILL, not SIGTERM: a hang inside C code ignores Python-level handlers, and a worker
     ignores SIGTERM anyway.
     """
+    import psutil  # imported on first use: a pool starts ~25 ms sooner without it
+
     try:
         proc = psutil.Process(pid)
         victims = proc.children(recursive=True)

@@ -209,7 +209,7 @@ class Supervisor:
     def _run(self) -> None:
         try:
             with self.lock:
-                self.timers.schedule(time.monotonic(), "rss")
+                self.timers.schedule(time.monotonic() + RSS_EVERY, "rss")
                 self._start_workers()
             while True:
                 ready = wait(self._waitables(), self._timeout())

@@ -8,8 +8,6 @@ import socket
 from multiprocessing.context import BaseContext
 from typing import Any
 
-import psutil
-
 from .. import worker
 from ..messages import IDLE, progress_slot
 from ..processes import kill_tree, lifeline
@@ -101,6 +99,8 @@ class LocalWorker:
         return self.progress[job_at], self.progress[started_at] / 1e9
 
     def rss(self) -> int | None:
+        import psutil  # first used a second after the pool starts (see processes.kill_tree)
+
         try:
             return psutil.Process(self.pid).memory_info().rss
         except psutil.Error:
