@@ -59,3 +59,20 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     rows = doc["summary"]
     assert rows and all({"label", "contender", "runs", "rate_median"} <= set(r) for r in rows)
     assert "par.eff" in proc.stdout  # the table was printed
+
+
+@pytest.mark.timeout(60)
+def test_overhead_split_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--jobs", "2000", "--repeat=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"batchpool.map", "mp.map", "mp.imap_unordered(c=1)"}
+    for rate, parent_us, workers_us in rows.values():
+        # CPU times tick at 10 ms: a few thousand jobs may read 0 for the workers
+        assert float(rate.replace(",", "")) > 0 and float(parent_us) >= 0 <= float(workers_us)
