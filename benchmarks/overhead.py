@@ -58,17 +58,18 @@ def main() -> None:
         bp.map(range(4 * args.procs))
         mp.map(noop, range(4 * args.procs))
         mp_pids = [p.pid for p in mp._pool]  # type: ignore[attr-defined]
+        few = payloads[: args.jobs // 10]  # one message per job: a tenth is plenty
         contenders = {
-            "batchpool.map": (lambda: bp.map(payloads), bp.pids()),
-            "mp.map": (lambda: mp.map(noop, payloads), mp_pids),
+            "batchpool.map": (lambda: bp.map(payloads), bp.pids(), len(payloads)),
+            "mp.map": (lambda: mp.map(noop, payloads), mp_pids, len(payloads)),
             "mp.imap_unordered(c=1)": (
-                lambda: list(mp.imap_unordered(noop, payloads[: args.jobs // 10])),
+                lambda: list(mp.imap_unordered(noop, few)),
                 mp_pids,
+                len(few),
             ),
         }
         for _ in range(args.repeat):
-            for name, (run, pids) in contenders.items():
-                n = args.jobs // 10 if name.endswith("(c=1)") else args.jobs
+            for name, (run, pids, n) in contenders.items():
                 rows.setdefault(name, []).append(_measure(run, pids, n))
     print(
         f"{args.jobs:,} no-op jobs, procs={args.procs}, forkserver, median of {args.repeat}; "
