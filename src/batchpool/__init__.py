@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import JobFailed, PermanentError
+    from .errors import JobFailed, PermanentError, PoolBroken, PoolClosed
     from .pipeline import Pipeline, RunReport
     from .pool import Pool
     from .results import JobError, JobResult, Metrics
@@ -27,6 +27,8 @@ _HOMES = {
     "PermanentError": "errors",
     "Pipeline": "pipeline",
     "Pool": "pool",
+    "PoolBroken": "errors",
+    "PoolClosed": "errors",
     "RunReport": "pipeline",
     "Task": "task",
 }
@@ -39,6 +41,8 @@ __all__ = [
     "PermanentError",
     "Pipeline",
     "Pool",
+    "PoolBroken",
+    "PoolClosed",
     "RunReport",
     "Task",
     "__version__",

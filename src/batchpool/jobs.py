@@ -9,8 +9,10 @@ retry timers, or delivered.
                  +---- requeue -------+   (worker died or retired before starting it: free)
 
 A multi-stage job re-enters QUEUED for its next stage with the previous stage's value as its
-``data``; ``payload`` stays the source payload that the final JobResult reports. Counters follow
-the SPEC's Metrics and count stage-jobs: each stage a job enters is one ``submitted``.
+``data``; ``payload`` stays the source payload that the final JobResult reports, and its
+``attempts`` add up every stage's. Counters are kept per stage (StageCount); Metrics sums them
+into per-job counts. A job with a Future (``tag``) moves it to RUNNING when first dispatched; a
+future cancelled before that drops its job at dispatch (or at once, through ``cancel``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Job:
         "tag",
         "worker",
         "solo",
+        "prior",
     )
 
     def __init__(self, id: int, index: int, payload: Any, consumer: Any, tag: Any = None) -> None:
@@ -54,6 +57,39 @@ class Job:
         self.tag = tag  # the consumer's own handle for the job (a Future, say)
         self.worker: int | None = None  # pid of the worker of the latest attempt
         self.solo = False  # sent alone: its batch failed as a whole (see messages.SPLIT)
+        self.prior = 0  # attempts made in the stages before this one
+
+
+class StageCount:
+    """One stage's counters (see results.StageMetrics)."""
+
+    __slots__ = (
+        "submitted",
+        "started",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "retried",
+        "timed_out",
+        "crashed",
+    )
+
+    def __init__(self) -> None:
+        self.submitted = self.started = self.succeeded = self.failed = self.cancelled = 0
+        self.retried = self.timed_out = self.crashed = 0
+
+    def counts(self) -> tuple[int, ...]:
+        """In results.StageMetrics' field order."""
+        return (
+            self.submitted,
+            self.started,
+            self.succeeded,
+            self.failed,
+            self.cancelled,
+            self.retried,
+            self.timed_out,
+            self.crashed,
+        )
 
 
 class JobBook:
@@ -67,18 +103,18 @@ class JobBook:
         self.sent = 0  # jobs in workers' hands
         # final results not yet delivered, in runs that share a consumer (a batch, usually)
         self.done: list[tuple[Any, list[tuple[Job, JobResult]]]] = []
-        self.submitted = self.started = self.succeeded = self.failed = self.retried = 0
-        self.timed_out = self.crashed = 0
+        self.stages = [StageCount() for _ in policies]
         self.solo_queued = 0  # jobs flagged solo anywhere in the queue (rare; skip scans)
 
     # -- entry ---------------------------------------------------------------------------
     def add(self, jobs: list[Job]) -> None:
-        self.submitted += len(jobs)
+        self.stages[0].submitted += len(jobs)
         self.ready.extend(jobs)
 
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int) -> list[Job]:
-        """Up to n jobs from the front, for one message to worker ``pid``."""
+        """Up to n jobs from the front, for one message to worker ``pid``. A job whose Future
+        was cancelled is dropped here instead; the others' futures become RUNNING."""
         ready = self.ready
         n = min(n, len(ready))
         if self.solo_queued:
@@ -86,11 +122,19 @@ class JobBook:
         taken = []
         for _ in range(n):
             job = ready.popleft()
+            tag = job.tag
+            if tag is not None and not tag.claim():  # a pool.JobFuture, cancelled
+                self._cancelled(job)
+                continue
             job.attempts += 1
             job.worker = pid
             taken.append(job)
         self.sent += len(taken)
-        self.started += len(taken)
+        if len(self.stages) == 1:
+            self.stages[0].started += len(taken)
+        else:
+            for job in taken:
+                self.stages[job.stage].started += 1
         return taken
 
     def _solo_cut(self, n: int) -> int:
@@ -108,22 +152,47 @@ class JobBook:
         attempt charged."""
         for job in reversed(jobs):
             job.attempts -= 1
+            self.stages[job.stage].started -= 1
             if solo and not job.solo:
                 job.solo = True
                 self.solo_queued += 1
             self.ready.appendleft(job)
         self.sent -= len(jobs)
-        self.started -= len(jobs)
+
+    def cancel(self, job: Job) -> bool:
+        """Drop a queued job whose Future was cancelled; False if it is not queued (taken
+        already, or dropped at dispatch)."""
+        try:
+            self.ready.remove(job)
+        except ValueError:
+            return False
+        self._cancelled(job)
+        return True
+
+    def cancel_held(self, jobs: list[Job], *, sent: bool = True) -> None:
+        """Count as cancelled jobs that no queue holds: taken by killed workers (``sent``),
+        or never added."""
+        for job in jobs:
+            self._cancelled(job)
+        if sent:
+            self.sent -= len(jobs)
+
+    def _cancelled(self, job: Job) -> None:
+        self.stages[job.stage].cancelled += 1
+        if job.solo:
+            self.solo_queued -= 1
+        job.data = None
 
     # -- outcomes ------------------------------------------------------------------------
     def complete(self, job: Job, value: Any, elapsed: float) -> None:
         self.sent -= 1
-        self.succeeded += 1
+        self.stages[job.stage].succeeded += 1
         if job.stage + 1 < len(self.policies):
             job.stage += 1
             job.data = value
+            job.prior += job.attempts
             job.attempts = 0
-            self.submitted += 1
+            self.stages[job.stage].submitted += 1
             self.ready.appendleft(job)  # finish old jobs first: keeps ordered streams moving
             return
         self._final(job, value, None, elapsed)
@@ -136,7 +205,7 @@ class JobBook:
             return
         n = len(jobs)
         self.sent -= n
-        self.succeeded += n
+        self.stages[0].succeeded += n
         consumer = jobs[0].consumer
         run: list[tuple[Job, JobResult]] = []
         for job, value, seconds in zip(jobs, values, elapsed, strict=True):
@@ -151,13 +220,14 @@ class JobBook:
         self, job: Job, error: JobError, *, retryable: bool, elapsed: float, now: float
     ) -> None:
         self.sent -= 1
+        count = self.stages[job.stage]
         if error.kind == KIND_TIMEOUT:
-            self.timed_out += 1
+            count.timed_out += 1
         elif error.kind == KIND_CRASH:
-            self.crashed += 1
+            count.crashed += 1
         policy = self.policies[job.stage]
         if should_retry(job.attempts, policy.retries, retryable):
-            self.retried += 1
+            count.retried += 1
             delay = backoff_delay(
                 job.attempts, policy.backoff, policy.max_backoff, policy.jitter, self.rand
             )
@@ -171,7 +241,8 @@ class JobBook:
                 delay,
             )
             return
-        self.failed += 1
+        count.failed += 1
+        log.info("job %s: failed for good (%s: %s)", job.index, error.type, error.message)
         self._final(job, None, error, elapsed)
 
     def release_due(self, now: float) -> None:
@@ -185,16 +256,20 @@ class JobBook:
         for job in list(self.ready) + waiting:
             # The attempt it was queued for ends here, failed: counted like one that ran.
             job.attempts += 1
-            self.started += 1
-            self.failed += 1
+            count = self.stages[job.stage]
+            count.started += 1
+            count.failed += 1
             self._final(job, None, error, 0.0)
         self.ready.clear()
 
     def abandon(self) -> list[Job]:
-        """Every unfinished job not in a worker's hands, for terminate()."""
+        """Every unfinished job not in a worker's hands, counted as cancelled: for a drain or
+        terminate()."""
         waiting = [job for _, job in self.retry_timers.pop_due(float("inf"))]
         jobs = list(self.ready) + waiting
         self.ready.clear()
+        for job in jobs:
+            self._cancelled(job)
         return jobs
 
     def _final(self, job: Job, value: Any, error: JobError | None, elapsed: float) -> None:
@@ -206,6 +281,10 @@ class JobBook:
     @property
     def unfinished(self) -> int:
         return len(self.ready) + len(self.retry_timers) + self.sent
+
+    @property
+    def queued(self) -> int:
+        return len(self.ready) + len(self.retry_timers)
 
 
 def error_from(kind: str, exc: BaseException) -> JobError:
@@ -224,7 +303,7 @@ def result_of(job: Job, value: Any, error: JobError | None, elapsed: float) -> J
     d["payload"] = job.payload
     d["value"] = value
     d["error"] = error
-    d["attempts"] = job.attempts
+    d["attempts"] = job.prior + job.attempts
     d["elapsed"] = elapsed
     d["worker"] = job.worker
     return result

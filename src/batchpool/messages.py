@@ -17,6 +17,8 @@ worker -> supervisor
     (READY, pid)                           setup() done; send jobs
     (START_FAILED, error)                  task unpickling or setup() raised; exiting
     (RETURNED, job_ids)                    the answer to STEAL: these never started
+    (EXITING, peak_rss)                    a clean exit (stop, retirement) is under way; the
+                                           worker's peak resident memory in bytes
     (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
         values_blob: one pickled list, per job the return value (OK) or an error tuple
         OK           the value; the worker pickles it, so a value that cannot be pickled
@@ -36,7 +38,8 @@ error tuple: (type_name, message, traceback_text) -- plain data, so an exception
 cannot be pickled or imported in the supervisor still reports faithfully.
 
 Besides the pipe, each worker owns two int64 slots of a shared array (see ``progress_slot``):
-the id of the job it is running (-1 between jobs) and that job's start time in monotonic ns.
+the id of the job it is running (IDLE between jobs, FLUSHING or UNPACKING while it (un)pickles
+a batch) and that job's start time in monotonic ns.
 They let the supervisor attribute a crash or a timeout to the exact job inside a batch without
 a message per job.
 """
@@ -54,6 +57,7 @@ READY = 10
 START_FAILED = 11
 RESULTS = 12
 RETURNED = 13
+EXITING = 14
 
 OK = 0
 ERROR = 1
@@ -63,6 +67,7 @@ SPLIT = 4
 
 IDLE = -1  # progress slot value between jobs
 FLUSHING = -2  # progress slot value while pickling and sending a batch of results
+UNPACKING = -3  # progress slot value while unpickling the payloads of a batch of jobs
 
 dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads

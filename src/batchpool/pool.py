@@ -9,28 +9,47 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, _base
 from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
 from .errors import PoolBroken, PoolClosed
-from .jobs import Job
+from .jobs import Job, result_of
 from .messages import dumps
 from .results import JobError, JobResult, Metrics
 from .supervisor import MAX_BATCH, Supervisor
-from .task import Policy, Task, resolve_policy
+from .task import UNSET, Policy, Task, resolve_policy
 
 # imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
 # to bound memory
 WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the input is pickled
+START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
 
 
 def default_start_method() -> str:
     # fork after threads is unsafe (the supervisor is a thread), so prefer forkserver.
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _start_limit(start_timeout: float | None, policies: list[Policy]) -> float:
+    if start_timeout is None:
+        return max([START_TIMEOUT] + [p.timeout for p in policies if p.timeout])
+    if (
+        isinstance(start_timeout, bool)
+        or not isinstance(start_timeout, (int, float))
+        or not 0 < start_timeout < float("inf")
+    ):
+        raise ValueError(f"start_timeout must be a number of seconds > 0, got {start_timeout!r}")
+    return float(start_timeout)
+
+
+def _broken_message(error: JobError) -> str:
+    if error.type == "SupervisorError":
+        return error.message
+    return f"workers cannot start: {error.type}: {error.message}"
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
@@ -41,21 +60,70 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
     return value
 
 
+class JobFuture(Future):
+    """A submit()ted job. As in concurrent.futures, it is RUNNING once sent to a worker, and
+    ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
+    runs (Metrics.cancelled)."""
+
+    _job: Job
+    _supervisor: Supervisor
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (_base.RUNNING, _base.FINISHED):
+                return False
+            if self._state != _base.PENDING:
+                return True  # cancelled already
+            self._notify_cancelled()
+        self._invoke_callbacks()
+        self._supervisor.post(("cancel", self._job))  # off the queue now, counted
+        return True
+
+    def claim(self) -> bool:
+        """The supervisor sends the job to a worker: RUNNING from now on; False if it was
+        cancelled (then it must not run)."""
+        with self._condition:
+            if self._state == _base.PENDING:
+                self._state = _base.RUNNING  # no notify: result() waits once, for the end
+                return True
+            return self._state == _base.RUNNING  # a retry, or a job handed back
+
+    def _terminated(self) -> None:
+        """terminate(): cancelled even while RUNNING, as the SPEC promises; the public
+        protocol has no such transition, so these few steps use Future's own fields."""
+        with self._condition:
+            if self._state not in (_base.PENDING, _base.RUNNING):
+                return
+            self._notify_cancelled()
+        self._invoke_callbacks()
+
+    def _notify_cancelled(self) -> None:
+        # With the condition held. Waiters of concurrent.futures.wait()/as_completed() are
+        # told at once: no executor thread will call set_running_or_notify_cancel() later.
+        self._state = _base.CANCELLED_AND_NOTIFIED
+        for waiter in self._waiters:
+            waiter.add_cancelled(self)
+        self._condition.notify_all()
+
+
 class _Futures:
     """Consumer for submit(): resolves one Future per job."""
 
     def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
         for job, result in items:
-            future: Future = job.tag
-            if future.set_running_or_notify_cancel():
-                future.set_result(result)
+            try:
+                job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
+            except InvalidStateError:
+                pass  # cancelled by its owner meanwhile
 
     def cancel(self, job: Job, error: JobError | None) -> None:
-        future: Future = job.tag
-        if error is not None and future.set_running_or_notify_cancel():
-            future.set_exception(RuntimeError(f"{error.type}: {error.message}"))
-        elif future.cancel():
-            future.set_running_or_notify_cancel()
+        """terminate(): a future not yet running is cancelled; a running one resolves to a
+        "cancelled" result (``error`` given: that failure instead)."""
+        future: JobFuture = job.tag
+        if error is None:
+            future._terminated()
+        else:
+            self.deliver([(job, result_of(job, None, error, 0.0))])
 
 
 class _Collector:
@@ -84,7 +152,9 @@ class _Collector:
             while not self.items:
                 if self.lost:
                     raise PoolClosed(f"results lost: {self.lost}")
-                if self.supervisor.done.is_set():
+                if self.supervisor.done.is_set() and not self.items:
+                    if self.supervisor.broken is not None:
+                        raise PoolBroken(_broken_message(self.supervisor.broken))
                     raise PoolClosed("the pool stopped before all results came back")
                 wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 if wait <= 0:
@@ -111,12 +181,17 @@ class Pool:
         chunksize: int | str = "auto",
         max_tasks_per_worker: int | None = None,
         max_memory: int | None = None,
-        retries: int | None = None,
-        timeout: float | None = None,
-        backoff: float | None = None,
+        retries: int | None = UNSET,
+        timeout: float | None = UNSET,
+        backoff: float | None = UNSET,
+        start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
     ) -> None:
+        """``retries``/``timeout``/``backoff`` override the task's (``timeout=None`` removes
+        its timeout); ``start_timeout``: seconds a worker gets to start and run ``setup()``
+        before it is killed and counted as a failed start (default: 60, or the task's
+        timeout if longer)."""
         self._open(
             [task],
             procs,
@@ -126,6 +201,7 @@ class Pool:
             max_memory=max_memory,
             overrides={"retries": retries, "timeout": timeout, "backoff": backoff},
             preload=(),
+            start_timeout=start_timeout,
             backend=backend,
             address=address,
         )
@@ -137,9 +213,9 @@ class Pool:
         procs: int | None = None,
         *,
         preload: Sequence[tuple[str, str]] = (),
-        retries: int | None = None,
-        timeout: float | None = None,
-        backoff: float | None = None,
+        retries: int | None = UNSET,
+        timeout: float | None = UNSET,
+        backoff: float | None = UNSET,
         **options: Any,
     ) -> Pool:
         """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine)."""
@@ -159,6 +235,7 @@ class Pool:
         max_memory: int | None = None,
         overrides: dict[str, Any],
         preload: Sequence[tuple[str, str]],
+        start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
     ) -> None:
@@ -175,6 +252,7 @@ class Pool:
             _positive_int("chunksize", chunksize, allow_none=False)
         _positive_int("max_tasks_per_worker", max_tasks_per_worker)
         _positive_int("max_memory", max_memory)
+        start_limit = _start_limit(start_timeout, policies)
         check_backend(backend, address)
         try:
             tasks_blob = dumps(tasks)
@@ -193,6 +271,7 @@ class Pool:
             chunksize=getattr(workers, "chunksize", None)
             or (None if chunksize == "auto" else int(chunksize)),
             max_tasks=max_tasks_per_worker,
+            start_timeout=start_limit,
         )
         self._futures = _Futures()
         self._ids = itertools.count()  # job ids, unique in this pool
@@ -207,7 +286,7 @@ class Pool:
             raise PoolClosed("the pool is closed")
         broken = self._supervisor.broken
         if broken is not None:
-            raise PoolBroken(f"workers cannot start: {broken.type}: {broken.message}")
+            raise PoolBroken(_broken_message(broken))
 
     def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Job:
         return Job(next(self._ids), index, payload, consumer, tag)
@@ -218,13 +297,18 @@ class Pool:
         with self._submit_lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            self._supervisor.post(("submit", entries))
+            if not self._supervisor.post(("submit", entries)):
+                self._check_open()  # the loop has ended: broken, or closed under us
+                raise PoolClosed("the pool has stopped")
 
     def submit(self, payload: Any) -> Future:
         """Queue one job; the Future resolves to its JobResult (failures included)."""
         self._check_open()
-        future: Future = Future()
-        self._post_jobs([self._make_job(next(self._submits), payload, self._futures, future)])
+        future = JobFuture()
+        job = self._make_job(next(self._submits), payload, self._futures, future)
+        future._job = job
+        future._supervisor = self._supervisor
+        self._post_jobs([job])
         return future
 
     def map(self, payloads: Iterable[Any]) -> list[JobResult]:

@@ -50,47 +50,83 @@ def describe_exit(code: int | None) -> str:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant it started (a task's subprocesses included).
+    """SIGKILL a worker and every process it started (a task's subprocesses included).
 
     SIGKILL, not SIGTERM: a hang inside C code ignores Python-level handlers, and a worker
-    ignores SIGTERM anyway.
+    ignores SIGTERM anyway. A worker leads its own process group (worker.main), so one
+    ``killpg`` takes the whole group at once, even a child forked a moment ago; descendants
+    that left the group (setsid) are found through the process tree first.
     """
     import psutil  # imported on first use: a pool starts ~25 ms sooner without it
 
     try:
-        proc = psutil.Process(pid)
-        victims = proc.children(recursive=True)
+        victims = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         victims = []
+    sweep_group(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     for p in victims:
         try:
             p.kill()
         except psutil.Error:
             pass
+
+
+def sweep_group(pid: int) -> None:
+    """SIGKILL what is left of the process group a worker led: the processes its tasks started
+    outlive it otherwise (they were reparented when it exited). Linux keeps a group's id from
+    being reused as a pid while any member lives, so this reaches only the worker's own."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
+def watch_pid(pid: int) -> int | None:
+    """A descriptor that becomes readable when the process ``pid`` exits (a pidfd), or None
+    where the platform has none. It watches the process itself: a pipe-based sentinel stays
+    open while any child of the worker holds an inherited copy (fork, spawn), and closes when
+    the forkserver dies although the worker lives."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:
+        return None
+
+
+GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def block_group_signals() -> None:
+    """Block SIGINT, SIGTERM and SIGHUP in the calling thread (the supervisor's).
+
+    The main thread still gets them (the kernel hands a process signal to a thread that does
+    not block it), and every process this thread starts inherits the mask across fork and
+    exec: a worker, or a forkserver started from here, cannot be killed by a Ctrl-C or a
+    SIGTERM to the process group before it has set its own dispositions (worker.main), and
+    no traceback is printed by a worker interrupted while it imports.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+
+
 def start_forkserver_ignoring_signals() -> None:
-    """Start the forkserver with SIGTERM and SIGINT ignored, for runs that own the signals.
+    """Start the forkserver, if it is not running, immune to signals sent to the group.
 
     A terminal or service manager may signal the whole process group; a forkserver killed by
-    that SIGTERM would make every worker look dead (its sentinel pipes close) while they still
-    run. A signal ignored at exec stays ignored, so the server started here survives, and so
-    do the workers it forks, leaving the drain to the supervisor. Main thread only.
+    that SIGTERM takes down nothing (workers are watched by pid) but the next worker start
+    would need a new server. Blocked signals survive exec and are inherited by every worker
+    the server forks (which then ignores them, see worker.main). Any thread may call this: a
+    forkserver that died is restarted from the supervisor's thread.
     """
     from multiprocessing import forkserver
 
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()
-        return
-    # SIGINT too: the server's children start with its disposition, and a worker between fork
-    # and worker.main() must not die of a Ctrl-C meant for the supervisor.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         forkserver.ensure_running()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

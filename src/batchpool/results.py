@@ -12,6 +12,7 @@ KIND_ERROR = "error"
 KIND_TIMEOUT = "timeout"
 KIND_CRASH = "crash"
 KIND_SERIALIZATION = "serialization"
+KIND_CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,39 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class StageMetrics:
+    """One stage's counters; its attempts obey ``started == succeeded + failed + retried``
+    once it is done (``succeeded`` here: attempts that passed the job to the next stage or
+    finished it)."""
+
+    submitted: int = 0
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+    attempt_p50: float | None = None  # seconds, from a bounded sample of attempt times
+    attempt_p95: float | None = None
+
+
+@dataclass(frozen=True)
 class Metrics:
     """A consistent snapshot of a pool's counters.
 
-    When a run is done: ``succeeded + failed == submitted`` and
-    ``started == succeeded + failed + retried``. In a multi-stage pipeline each stage a job
-    enters counts as one submitted job.
+    Job counts are per job, whatever the number of stages: when a run is done
+    ``succeeded + failed + cancelled == submitted``. Attempt counts (``started``, ``retried``,
+    ``timed_out``, ``crashed``) add up every stage's; in a one-stage pool, when no running
+    attempt was cut short by a cancellation, ``started == succeeded + failed + retried``.
+    ``stages`` holds each stage's own counters.
     """
 
     submitted: int = 0
     started: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
     retried: int = 0
     timed_out: int = 0
     crashed: int = 0
@@ -81,6 +103,8 @@ class Metrics:
     workers: int = 0
     elapsed: float = 0.0
     per_worker: tuple[WorkerStats, ...] = field(default_factory=tuple)
+    peak_rss: int = 0  # bytes: the largest worker RSS sampled, workers gone since included
+    stages: tuple[StageMetrics, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,38 +1,44 @@
 """The supervisor: one thread that owns every job and every worker of a pool.
 
     callers (any thread)         supervisor thread                           workers
-    submit / close / terminate
+    submit / cancel / close / terminate
         --> commands deque + wakeup pipe
                                  loop:
-                                   wait(wakeup, pipes, sentinels, timeout=next timer)
-                                   1. commands   new jobs, close, terminate
-                                   2. messages   READY, START_FAILED, RESULTS  <-- own pipe
+                                   poll(wakeup, channels, pidfds, timeout=next timer)
+                                   1. commands   new jobs, cancels, close, terminate
+                                   2. messages   READY, START_FAILED, RESULTS  <-- own channel
                                    3. deaths     the running job: crash/timeout attempt;
                                                  jobs it held unstarted: requeued, free
-                                   4. timers     retries due; attempt deadlines -> SIGKILL
+                                   4. timers     retries due; attempt and start deadlines ->
+                                                 SIGKILL; stop grace; RSS samples
                                    5. workers    replace the dead and the retired
                                    6. dispatch   batches sized to measured job time -->
-                                   7. deliver    final JobResults, outside the lock
+                                   7. publish    the counters metrics() reads
+                                   8. deliver    final JobResults, to their consumers
 
-All state below is touched only by this thread, under ``lock`` so that ``snapshot()`` from any
-other thread sees it whole. Job state changes happen in jobs.JobBook, nowhere else.
+Nothing in the loop blocks: channels queue what a worker cannot take yet (channel.py), so a
+job stuck in C code holding its worker's GIL cannot stop the timer that kills it. State is
+touched only by this thread; other threads read what step 7 publishes, never a half-made
+change, and never wait for the loop. Job state changes happen in jobs.JobBook, nowhere else.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import random
+import select
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import wait
 from typing import Any
 
-from .jobs import Job, JobBook, error_from
+from .jobs import Job, JobBook, error_from, result_of
 from .messages import (
     ERROR,
+    EXITING,
     FLUSHING,
     IDLE,
     OK,
@@ -44,11 +50,12 @@ from .messages import (
     START_FAILED,
     STEAL,
     STOP,
+    UNPACKING,
     UNPICKLABLE,
     dumps,
     loads,
 )
-from .processes import describe_exit
+from .processes import block_group_signals, describe_exit
 from .results import (
     KIND_CRASH,
     KIND_ERROR,
@@ -56,13 +63,16 @@ from .results import (
     KIND_TIMEOUT,
     JobError,
     Metrics,
+    StageMetrics,
     WorkerStats,
 )
+from .sampling import Reservoir
 from .task import Policy
 from .timers import Timers
 
 log = logging.getLogger("batchpool")
 STEAL_MESSAGE = dumps((STEAL,))
+STOP_MESSAGE = dumps((STOP,))
 LIVE: set[Supervisor] = set()  # running supervisors, strongly held: a dropped Pool's included
 
 
@@ -80,9 +90,10 @@ TARGET_BATCH_SECONDS = 0.01  # work per message: per-message costs stay well und
 MAX_BATCH = 512  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
-STOP_GRACE = 30.0  # seconds a stopped worker gets for teardown() before it is killed
+STOP_GRACE = 10.0  # seconds a stopped worker gets for teardown() before it is killed
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
+READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class _Worker:
@@ -103,6 +114,7 @@ class _Worker:
         "stopping",
         "killed_for",
         "start_error",
+        "polled_write",
     )
 
     def __init__(self, proc: Any) -> None:
@@ -112,14 +124,15 @@ class _Worker:
         self.ready = False
         self.outstanding: deque[Job] = deque()  # sent, unanswered; a worker keeps this order
         self.stealing = False  # a STEAL is on its way; no new jobs until a result comes
-        self.assigned = 0  # jobs ever sent (max_tasks_per_worker)
+        self.assigned = 0  # jobs sent and not handed back (max_tasks_per_worker)
         self.jobs = 0
         self.busy = 0.0
         self.rss = 0
         self.retiring = False
         self.stopping = False
-        self.killed_for: tuple[Job, JobError] | None = None  # a timeout kill
+        self.killed_for: tuple[Job | None, JobError] | None = None  # a timeout kill
         self.start_error: JobError | None = None  # what START_FAILED reported
+        self.polled_write = False  # its channel is watched for room to write
 
 
 class Supervisor:
@@ -131,6 +144,7 @@ class Supervisor:
         backend: Any,
         chunksize: int | None,
         max_tasks: int | None,
+        start_timeout: float,
     ) -> None:
         self.policies = policies
         self.timed = any(p.timeout for p in policies)
@@ -138,27 +152,34 @@ class Supervisor:
         self.backend = backend  # see backends/__init__.py
         self.chunksize = chunksize
         self.max_tasks = max_tasks
-        self.lock = threading.RLock()
+        self.start_timeout = start_timeout
         self.book = JobBook(policies, random.random)
-        self.timers = Timers()  # ("watch", slot), ("stop", slot), "rss"
+        self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
         self.commands: deque[tuple] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._post_lock = threading.Lock()
+        self._ended = False
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, READABLE)
+        self._fds: dict[int, tuple[bool, _Worker]] = {}  # fd -> (is its sentinel, worker)
         self.workers: dict[int, _Worker] = {}  # slot -> worker
         self.job_time: list[float | None] = [None] * len(policies)  # EWMA seconds per job
         self.job_bytes: list[int] = [0] * len(policies)  # pickled payload bytes per job, last seen
+        self.samples = [Reservoir() for _ in policies]  # attempt times per stage
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
         self.broken: JobError | None = None
         self.start_failures = 0
-        self.last_start_error: JobError | None = None
         self.starts = 0
+        self.peak_rss = 0
         self.cancelled: list[tuple[Job, JobError | None]] = []
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
+        self._view: tuple = ()
+        self._publish()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
 
@@ -167,112 +188,131 @@ class Supervisor:
         LIVE.add(self)
         self.thread.start()
 
-    def post(self, command: tuple) -> None:
-        self.commands.append(command)
-        if not self._wake_pending:
-            self._wake_pending = True
-            with self._post_lock:
-                if self._wake_w < 0:
-                    return  # the loop has ended (its fd number may belong to a file now)
+    def post(self, command: tuple) -> bool:
+        """Queue a command for the loop; False if the loop has ended (nothing will run it).
+
+        The byte is written before the flag is set: an exception (a second Ctrl-C) between
+        the two leaves the flag clear, so the next post writes again; the loop clears the
+        flag and looks at the commands before it sleeps.
+        """
+        with self._post_lock:  # the loop closes the pipe under it: no write to a reused fd
+            if self._ended:
+                return False
+            self.commands.append(command)
+            if not self._wake_pending:
                 try:
                     os.write(self._wake_w, b"!")
                 except (BlockingIOError, OSError):
                     pass  # already readable
+                self._wake_pending = True
+        return True
 
     def snapshot(self) -> Metrics:
-        with self.lock:
-            book = self.book
-            end = self.finished_at or time.monotonic()
-            return Metrics(
-                submitted=book.submitted,
-                started=book.started,
-                succeeded=book.succeeded,
-                failed=book.failed,
-                retried=book.retried,
-                timed_out=book.timed_out,
-                crashed=book.crashed,
-                worker_restarts=max(0, self.starts - self.procs),
-                queued=len(book.ready) + len(book.retry_timers),
-                in_flight=book.sent,
-                workers=len(self.workers),
-                elapsed=end - self.started_at,
-                per_worker=tuple(
-                    WorkerStats(w.pid, w.jobs, w.busy, w.rss) for w in self.workers.values()
-                ),
-            )
+        """What the loop last published: consistent, and never waits for the loop."""
+        stages, queued, sent, workers, restarts, peak = self._view
+        end = self.finished_at or time.monotonic()
+        per_stage = [
+            StageMetrics(*counts, sample.quantile(0.5), sample.quantile(0.95))
+            for counts, sample in zip(stages, self.samples, strict=True)
+        ]
+        first, last = per_stage[0], per_stage[-1]
+        return Metrics(
+            submitted=first.submitted,
+            started=sum(s.started for s in per_stage),
+            succeeded=last.succeeded,
+            failed=sum(s.failed for s in per_stage),
+            cancelled=sum(s.cancelled for s in per_stage),
+            retried=sum(s.retried for s in per_stage),
+            timed_out=sum(s.timed_out for s in per_stage),
+            crashed=sum(s.crashed for s in per_stage),
+            worker_restarts=restarts,
+            queued=queued,
+            in_flight=sent,
+            workers=len(workers),
+            elapsed=end - self.started_at,
+            per_worker=tuple(WorkerStats(*w) for w in workers),
+            peak_rss=peak,
+            stages=tuple(per_stage),
+        )
 
     def pids(self) -> list[int]:
-        with self.lock:
-            return [w.pid for w in self.workers.values()]
+        return [w[0] for w in self._view[3]]
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
+        block_group_signals()  # inherited by every worker this thread starts
         try:
-            with self.lock:
-                self.timers.schedule(time.monotonic() + RSS_EVERY, "rss")
-                self._start_workers()
+            self.timers.schedule(time.monotonic() + RSS_EVERY, "rss")
+            self._start_workers(time.monotonic())
+            self._publish()
             while True:
-                ready = wait(self._waitables(), self._timeout())
-                with self.lock:
-                    finished = self._step(ready)
+                events = self._poll.poll(self._timeout())
+                finished = self._step(events)
+                self._publish()
                 self._deliver()
                 if finished:
                     break
-        except BaseException:
-            log.exception("batchpool supervisor failed; terminating the pool")
-            with self.lock:
-                self._terminate(JobError(KIND_ERROR, "SupervisorError", "supervisor failed"))
-            self._deliver()
+        except BaseException as exc:
+            log.exception("batchpool supervisor failed; the pool is broken")
+            self._fail_all(exc)
         finally:
-            with self.lock:
-                self.finished_at = time.monotonic()
             with self._post_lock:
+                self._ended = True
+                self.finished_at = time.monotonic()
                 os.close(self._wake_r)
                 os.close(self._wake_w)
-                self._wake_r = self._wake_w = -1
-            self.backend.close()
-            LIVE.discard(self)
-            self.done.set()
+            self._settle_late_commands()
+            self._publish()
+            try:
+                self.backend.close()
+            finally:
+                LIVE.discard(self)
+                self.done.set()
 
-    def _waitables(self) -> list:
-        items: list[Any] = [self._wake_r]
-        for w in self.workers.values():
-            items.append(w.proc.conn)
-            items.append(w.proc.sentinel)
-        return items
-
-    def _timeout(self) -> float | None:
-        with self.lock:
-            ats = [at for at in (self.timers.next_at(), self.book.retry_timers.next_at()) if at]
+    def _timeout(self) -> int | None:
+        """Milliseconds until the next timer; 0 when commands wait (see post)."""
+        self._wake_pending = False
+        if self.commands:
+            return 0
+        ats = [at for at in (self.timers.next_at(), self.book.retry_timers.next_at()) if at]
         if not ats:
             return None
-        return max(0.0, min(ats) - time.monotonic())
+        return max(0, math.ceil((min(ats) - time.monotonic()) * 1000))
 
-    def _step(self, ready: list) -> bool:
+    def _step(self, events: list[tuple[int, int]]) -> bool:
         """One pass of the loop; True when the supervisor is finished."""
         now = time.monotonic()
-        if self._wake_r in ready:
-            # Drain, then clear: a post() between the two finds the flag set and does not
-            # write, and its command is run just below. The other order loses that wakeup.
-            os.read(self._wake_r, 4096)
-            self._wake_pending = False
+        exits: list[_Worker] = []
+        for fd, mask in events:
+            if fd == self._wake_r:
+                os.read(self._wake_r, 4096)
+                continue
+            entry = self._fds.get(fd)
+            if entry is None:
+                continue
+            is_sentinel, w = entry
+            if is_sentinel:
+                exits.append(w)
+                continue
+            if mask & select.POLLOUT and not w.proc.channel.flush():
+                pass  # it died; its sentinel tells
+            if mask & READABLE:
+                self._read(w, now)
         self._run_commands(now)
         if self.terminating:
             return True
-        by_conn = {w.proc.conn: w for w in self.workers.values()}
-        by_sentinel = {w.proc.sentinel: w for w in self.workers.values()}
-        for item in ready:
-            if item in by_conn:
-                self._read(by_conn[item], now)
-        for item in ready:
-            if item in by_sentinel:
-                self._on_exit(by_sentinel[item], now)
+        for w in exits:
+            if w.slot in self.workers:
+                self._on_exit(w, now)
         self._fire_timers(now)
         if self.draining:
             self.cancelled.extend((job, None) for job in self.book.abandon())
-        self._start_workers()
+        if self.broken is not None:  # whatever reaches the queue of a broken pool fails
+            self.book.fail_unsent(self.broken)
+        self._start_workers(now)
         self._dispatch(now)
-        return self._maybe_stop()
+        self._watch_writes()
+        return self._maybe_stop(now)
 
     def _run_commands(self, now: float) -> None:
         while self.commands:
@@ -280,29 +320,40 @@ class Supervisor:
             kind = command[0]
             if kind == "submit":
                 self.book.add(command[1])
-                if self.broken is not None:
-                    self.book.fail_unsent(self.broken)
+            elif kind == "cancel":
+                self.book.cancel(command[1])
             elif kind == "close":
                 self.closing = True
             elif kind == "drain":
                 self.draining = True
             elif kind == "terminate":
-                self._terminate(None)
+                self._terminate()
                 return
+
+    def _publish(self) -> None:
+        book = self.book
+        self._view = (
+            [stage.counts() for stage in book.stages],
+            book.queued,
+            book.sent,
+            [(w.pid, w.jobs, w.busy, w.rss) for w in self.workers.values()],
+            max(0, self.starts - self.procs),
+            self.peak_rss,
+        )
 
     # -- messages from workers -----------------------------------------------------------------
     def _read(self, w: _Worker, now: float) -> None:
-        conn = w.proc.conn
-        while True:
+        try:
+            frames = w.proc.channel.receive()
+        except EOFError:  # a dying worker's pipe; its sentinel reports the death
+            self._unwatch(w.proc.channel.fileno())  # or poll would report it again and again
+            return
+        for frame in frames:
             try:
-                if not conn.poll():
-                    return
-                message = loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                return  # a dying worker's pipe; its sentinel reports the death
-            except Exception:  # a message cut short by a kill mid-write
+                message = loads(frame)
+            except BaseException:  # not ours to trust: a frame from a broken writer
                 log.debug("unreadable message from worker %s", w.pid, exc_info=True)
-                return
+                continue
             self._on_message(w, message, now)
 
     def _on_message(self, w: _Worker, message: tuple, now: float) -> None:
@@ -317,10 +368,13 @@ class Supervisor:
         elif tag == READY:
             w.ready = True
             self.start_failures = 0
+            self.timers.cancel(("start", w.slot))
         elif tag == RETURNED:
             self._on_returned(w, set(message[1]))
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
+        elif tag == EXITING:  # its peak memory: runs shorter than an RSS sample see it too
+            self.peak_rss = max(self.peak_rss, message[1])
 
     def _on_results(
         self, w: _Worker, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
@@ -331,7 +385,7 @@ class Supervisor:
         w.stealing = False
         try:
             values = loads(blob)
-        except Exception as exc:  # a value that pickled in the worker but cannot load here
+        except BaseException as exc:  # a value that pickled in the worker but cannot load here
             self._unloadable([j for j in jobs if j is not None], exc, now)
             return
         book = self.book
@@ -339,17 +393,24 @@ class Supervisor:
         if outcomes.count(OK) == len(jobs) and None not in jobs:
             book.complete_all(jobs, values, elapsed)  # the common case, in one pass
         else:
-            self._outcomes(jobs, outcomes, elapsed, values, now)
+            self._outcomes(w, jobs, outcomes, elapsed, values, now)
         total = sum(elapsed)
         w.jobs += len(jobs)
         w.busy += total
         if outcomes[0] != SPLIT:
+            self.samples[stage].extend(elapsed)
             mean = total / len(jobs) + PER_JOB_OVERHEAD
             old = self.job_time[stage]
             self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
 
     def _outcomes(
-        self, jobs: list[Job | None], outcomes: list, elapsed: list, values: list, now: float
+        self,
+        w: _Worker,
+        jobs: list[Job | None],
+        outcomes: list,
+        elapsed: list,
+        values: list,
+        now: float,
     ) -> None:
         book = self.book
         for job, outcome, seconds, value in zip(jobs, outcomes, elapsed, values, strict=True):
@@ -358,6 +419,7 @@ class Supervisor:
             if outcome == OK:
                 book.complete(job, value, seconds)
             elif outcome == SPLIT:
+                w.assigned -= 1  # it never ran there: the worker's quota is not spent
                 book.requeue([job], solo=True)
             else:
                 kind = KIND_SERIALIZATION if outcome == UNPICKLABLE else KIND_ERROR
@@ -393,7 +455,7 @@ class Supervisor:
         if not w.outstanding:
             w.stealing = False  # it gave back everything: no result will come to clear it
 
-    def _unloadable(self, jobs: list[Job], exc: Exception, now: float) -> None:
+    def _unloadable(self, jobs: list[Job], exc: BaseException, now: float) -> None:
         if len(jobs) == 1:
             error = error_from(KIND_SERIALIZATION, exc)
             self.book.attempt_failed(jobs[0], error, retryable=False, elapsed=0.0, now=now)
@@ -408,11 +470,10 @@ class Supervisor:
     def _on_exit(self, w: _Worker, now: float) -> None:
         self._read(w, now)  # results it sent before dying still count
         job_id, started_at = w.proc.running()
-        code = w.proc.reap()
-        del self.workers[w.slot]
-        self.timers.cancel(("watch", w.slot))
-        self.timers.cancel(("stop", w.slot))
+        self._forget(w)
+        code = w.proc.reap()  # dead for sure, its process group swept: nothing runs twice
         running: Job | None = None
+        error: JobError | None = None
         if w.killed_for is not None:
             running, error = w.killed_for
             if running not in w.outstanding:
@@ -429,7 +490,7 @@ class Supervisor:
         if running is not None:
             w.outstanding.remove(running)
         self._requeue_held(w)
-        if running is not None:
+        if running is not None and error is not None:
             elapsed = max(0.0, now - started_at)
             if error.kind == KIND_CRASH:
                 log.info(
@@ -448,6 +509,18 @@ class Supervisor:
                 )
             )
 
+    def _forget(self, w: _Worker) -> None:
+        """Stop watching a worker: its descriptors close when it is reaped."""
+        del self.workers[w.slot]
+        for key in (("watch", w.slot), ("stop", w.slot), ("start", w.slot)):
+            self.timers.cancel(key)
+        self._unwatch(w.proc.channel.fileno())
+        self._unwatch(w.proc.sentinel)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
     def _blame(self, w: _Worker, job_id: int) -> Job | None:
         """The job a worker died (or hung) for, or None when it cannot tell.
 
@@ -455,8 +528,10 @@ class Supervisor:
         jobs are candidates: each then runs alone, without an attempt charged, so that a job
         that kills its worker is charged on its own; a job alone (or already isolated) is.
         """
-        if job_id not in (IDLE, FLUSHING):
+        if job_id not in (IDLE, FLUSHING, UNPACKING):
             return _find(w.outstanding, job_id)
+        if not w.outstanding:
+            return None
         head = w.outstanding[0]
         if head.solo or (job_id == FLUSHING and len(w.outstanding) == 1):
             return head
@@ -477,25 +552,41 @@ class Supervisor:
         self.book.release_due(now)
         for key, _ in self.timers.pop_due(now):
             if key == "rss":
-                self._sample_rss()
+                for w in self.workers.values():
+                    self._sample_rss(w)
                 self.timers.schedule(now + RSS_EVERY, "rss")
-            elif key[0] == "watch":
-                self._watch(self.workers.get(key[1]), now)
-            elif key[0] == "stop" and key[1] in self.workers:
-                self.workers[key[1]].proc.kill()
+                continue
+            w = self.workers.get(key[1])
+            if w is None:
+                continue
+            if key[0] == "watch":
+                self._watch(w, now)
+            elif key[0] == "start" and not w.ready:
+                message = f"setup() did not finish within {self.start_timeout:g} s; killed"
+                log.warning("worker %s: %s", w.pid, message)
+                w.start_error = JobError(KIND_ERROR, "StartTimeout", message)
+                w.proc.kill()
+            elif key[0] == "stop":
+                log.warning(
+                    "worker %s did not exit within %g s of its stop (a hung teardown() or "
+                    "a task's thread?); killed",
+                    w.pid,
+                    STOP_GRACE,
+                )
+                w.proc.kill()
 
-    def _sample_rss(self) -> None:
-        for w in self.workers.values():
-            rss = w.proc.rss()
-            if rss is not None:
-                w.rss = rss
+    def _sample_rss(self, w: _Worker) -> None:
+        rss = w.proc.rss()
+        if rss is not None:
+            w.rss = rss
+            self.peak_rss = max(self.peak_rss, rss)
 
-    def _watch(self, w: _Worker | None, now: float) -> None:
+    def _watch(self, w: _Worker, now: float) -> None:
         """Kill a worker whose running attempt is past its deadline; else look again later."""
-        if w is None or w.killed_for is not None:
+        if w.killed_for is not None:
             return
         job_id, started_at = w.proc.running()
-        if job_id == FLUSHING:  # a hang while pickling results counts against the first
+        if job_id in (FLUSHING, UNPACKING):  # a hang while (un)pickling counts the first's
             job = w.outstanding[0] if w.outstanding else None
         else:
             job = _find(w.outstanding, job_id)
@@ -507,7 +598,7 @@ class Supervisor:
                 error = JobError(KIND_TIMEOUT, "TimeoutError", message)
                 blamed = self._blame(w, job_id)  # several candidates: each runs alone next
                 w.killed_for = (blamed, error)
-                log.info("job %s: %s", job.index, message)
+                log.info("job %s: %s", job.index, message)  # type: ignore[union-attr]
                 w.proc.kill()
                 return
             self.timers.schedule(deadline, ("watch", w.slot))
@@ -523,7 +614,7 @@ class Supervisor:
             self.timers.schedule(now + min(timeouts), ("watch", w.slot))
 
     # -- workers -------------------------------------------------------------------------------
-    def _start_workers(self) -> None:
+    def _start_workers(self, now: float) -> None:
         if self.broken is not None or self.terminating:
             return
         if self.closing and not self.book.unfinished:
@@ -539,7 +630,21 @@ class Supervisor:
                 log.error("could not start a worker: %r", exc)
                 self._start_failed(JobError(KIND_ERROR, type(exc).__name__, str(exc)))
                 continue
-            self.workers[slot] = _Worker(proc)
+            w = _Worker(proc)
+            self.workers[slot] = w
+            for fd, is_sentinel in ((proc.channel.fileno(), False), (proc.sentinel, True)):
+                self._fds[fd] = (is_sentinel, w)
+                self._poll.register(fd, READABLE)
+            self.timers.schedule(now + self.start_timeout, ("start", slot))
+
+    def _watch_writes(self) -> None:
+        """Wake for room in a pipe exactly while frames wait for it."""
+        for w in self.workers.values():
+            wants = w.proc.channel.wants_write
+            if wants != w.polled_write:
+                w.polled_write = wants
+                mask = READABLE | select.POLLOUT if wants else READABLE
+                self._poll.modify(w.proc.channel.fileno(), mask)
 
     # -- dispatch ------------------------------------------------------------------------------
     def _batch_size(self, stage: int) -> int:
@@ -595,9 +700,11 @@ class Supervisor:
 
     def _send(self, w: _Worker, n: int, now: float) -> None:
         jobs = self.book.take(n, w.pid)
+        if not jobs:
+            return  # their futures were cancelled
         try:
             blob = dumps([j.data for j in jobs])
-        except Exception:
+        except BaseException:  # a payload's __reduce__ may raise anything, SystemExit too
             jobs = self._drop_unpicklable(jobs, now)
             if not jobs:
                 return
@@ -628,44 +735,102 @@ class Supervisor:
             try:
                 dumps(job.data)
                 good.append(job)
-            except Exception as exc:
+            except BaseException as exc:
                 error = error_from(KIND_SERIALIZATION, exc)
                 self.book.attempt_failed(job, error, retryable=False, elapsed=0.0, now=now)
         return good
 
     # -- ending --------------------------------------------------------------------------------
-    def _maybe_stop(self) -> bool:
+    def _maybe_stop(self, now: float) -> bool:
         if not self.closing or self.book.unfinished or self.commands:
             return False
         for w in self.workers.values():
             if not w.stopping:
                 w.stopping = True
-                w.proc.send(dumps((STOP,)))
-                self.timers.schedule(time.monotonic() + STOP_GRACE, ("stop", w.slot))
+                w.proc.send(STOP_MESSAGE)
+                self.timers.schedule(now + STOP_GRACE, ("stop", w.slot))
         return not self.workers
 
-    def _terminate(self, error: JobError | None) -> None:
-        """Kill every worker now; unfinished jobs are cancelled (or failed with ``error``)."""
+    def _terminate(self) -> None:
+        """Kill every worker now; unfinished jobs are cancelled."""
         self.terminating = True
-        for w in self.workers.values():
-            w.proc.kill()
+        held = self._kill_all()
+        self.book.cancel_held(held)
+        held.extend(self.book.abandon())
+        self.cancelled.extend((job, None) for job in held)
+
+    def _kill_all(self) -> list[Job]:
+        """Kill and reap every worker, whatever state the loop is in; the jobs they held."""
         held: list[Job] = []
         for w in list(self.workers.values()):
-            w.proc.reap()
+            try:
+                w.proc.kill()
+            except Exception:
+                log.exception("could not kill worker %s", w.pid)
+        for w in list(self.workers.values()):
             held.extend(w.outstanding)
+            w.outstanding.clear()
+            try:
+                self._forget(w)
+                w.proc.reap()
+            except Exception:
+                log.exception("could not reap worker %s", w.pid)
         self.workers.clear()
+        return held
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The loop itself failed: break the pool, kill its workers and fail every job it
+        knows of, so that nothing waits on a loop that is gone."""
+        self.broken = JobError(
+            KIND_ERROR, "SupervisorError", f"the pool's supervisor failed: {exc!r}"
+        )
+        self.terminating = True
+        jobs = self._kill_all()
+        jobs.extend(self.book.ready)
+        self.book.ready.clear()
+        jobs.extend(job for _, job in self.book.retry_timers.pop_due(float("inf")))
         self.book.sent = 0
-        held.extend(self.book.abandon())
-        self.cancelled.extend((job, error) for job in held)
+        try:
+            self._deliver()  # results made before the failure
+        except BaseException:
+            log.exception("delivering results failed")
+        self._fail_jobs(jobs)
+
+    def _settle_late_commands(self) -> None:
+        """Jobs submitted while the loop was ending: failed if the pool broke, else
+        cancelled; never left waiting."""
+        jobs = [job for cmd in self.commands if cmd[0] == "submit" for job in cmd[1]]
+        self.commands.clear()
+        if not jobs:
+            return
+        self.book.stages[0].submitted += len(jobs)
+        if self.broken is not None:
+            self._fail_jobs(jobs)
+        else:
+            self.book.cancel_held(jobs, sent=False)
+            self.cancelled.extend((job, None) for job in jobs)
+            self._deliver()
+
+    def _fail_jobs(self, jobs: list[Job]) -> None:
+        error = self.broken
+        for job in jobs:
+            try:
+                self.book.stages[job.stage].failed += 1
+                job.consumer.deliver([(job, result_of(job, None, error, 0.0))])
+            except BaseException:
+                log.exception("could not fail job %s", job.index)
 
     def _deliver(self) -> None:
-        """Hand final results to their consumers outside the lock: consumers run user code
-        (future callbacks) that may call back into the pool."""
-        with self.lock:
-            done, self.book.done = self.book.done, []
-            cancelled, self.cancelled = self.cancelled, []
+        """Hand final results to their consumers: consumers run user code (future callbacks)
+        that may call back into the pool, or raise anything."""
+        book = self.book
+        done, book.done = book.done, []
+        cancelled, self.cancelled = self.cancelled, []
         for job, error in cancelled:
-            job.consumer.cancel(job, error)
+            try:
+                job.consumer.cancel(job, error)
+            except BaseException:
+                log.exception("cancelling job %s failed", job.index)
         if not done:
             return
         by_consumer: dict[Any, list] = {}
@@ -678,7 +843,7 @@ class Supervisor:
         for consumer, items in by_consumer.items():
             try:
                 consumer.deliver(items)
-            except Exception:
+            except BaseException:
                 log.exception("delivering results failed")
 
 
@@ -699,7 +864,7 @@ def _take_front(jobs: deque[Job], ids: list[int]) -> list[Job] | None:
 def _pickled_size(data: Any) -> int:
     try:
         return len(dumps(data))
-    except Exception:
+    except BaseException:
         return 0  # _send reports it as the job's serialization error
 
 

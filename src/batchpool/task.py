@@ -58,22 +58,30 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "<the task's>"
+
+
+UNSET: Any = _Unset()  # a pool setting that does not override the task's (None may: timeout)
+
+
 def resolve_policy(
     task: Task,
     *,
-    retries: int | None = None,
-    timeout: float | None = None,
-    backoff: float | None = None,
+    retries: int | None = UNSET,
+    timeout: float | None = UNSET,
+    backoff: float | None = UNSET,
 ) -> Policy:
     """Validate a task's settings (with pool overrides) before any process starts."""
     if not isinstance(task, Task):
         raise TypeError(f"expected a batchpool.Task instance, got {type(task).__name__}")
     if type(task).run is Task.run:
         raise TypeError(f"{type(task).__name__} does not implement run(payload)")
-    r = task.retries if retries is None else retries
+    r = task.retries if retries is UNSET or retries is None else retries
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"retries must be an integer >= 0, got {r!r}")
-    b = _number("backoff", task.backoff if backoff is None else backoff)
+    b = _number("backoff", task.backoff if backoff is UNSET or backoff is None else backoff)
     if b < 0:
         raise ValueError(f"backoff must be >= 0, got {b!r}")
     mb = _number("max_backoff", task.max_backoff)
@@ -82,7 +90,7 @@ def resolve_policy(
     j = _number("jitter", task.jitter)
     if not 0.0 <= j <= 1.0:
         raise ValueError(f"jitter must be within [0, 1], got {j!r}")
-    t = task.timeout if timeout is None else timeout
+    t = task.timeout if timeout is UNSET else timeout
     if t is not None:
         t = _number("timeout", t)
         if t <= 0 or math.isinf(t):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import importlib.util
 import os
+import resource
 import signal
 import struct
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 from .messages import (
     ERROR,
+    EXITING,
     FATAL,
     FLUSHING,
     IDLE,
@@ -34,12 +36,14 @@ from .messages import (
     START_FAILED,
     STEAL,
     STOP,
+    UNPACKING,
     UNPICKLABLE,
     dumps,
     error_tuple,
     loads,
     progress_slot,
 )
+from .processes import GROUP_SIGNALS
 from .task import Task, is_retryable
 
 EXIT_START_FAILED = 3  # task unpickling or setup() raised
@@ -59,10 +63,18 @@ def main(
     max_memory: int | None,
 ) -> None:
     """Entry point of a worker process (the target of multiprocessing.Process)."""
-    # The supervisor owns Ctrl-C and SIGTERM: a terminal signals the whole process group, and
-    # in-flight attempts must be able to finish while the supervisor drains.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The supervisor owns Ctrl-C, SIGTERM and SIGHUP: in-flight attempts must be able to
+    # finish while it drains. They arrive blocked (processes.block_group_signals), so none can
+    # strike before they are ignored here.
+    for sig in GROUP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    # A group of its own: whatever its tasks start can be killed with it as one (kill_tree,
+    # sweep_group), even after the worker itself is gone.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     faulthandler.enable()
     _exit_with_parent(lifeline)
     try:
@@ -72,15 +84,46 @@ def main(
             task.setup()
     except BaseException as exc:
         _send(conn, (START_FAILED, error_tuple(exc)))
-        sys.stderr.flush()
-        os._exit(EXIT_START_FAILED)
-    _send(conn, (READY, os.getpid()))
-    _serve(conn, tasks, progress, slot, max_tasks, max_memory)
+        _exit(EXIT_START_FAILED)
+    try:
+        _send(conn, (READY, os.getpid()))
+        _serve(conn, tasks, progress, slot, max_tasks, max_memory)
+    except OSError:  # the supervisor's end of the pipe is gone, and the supervisor with it
+        _orphaned()
     for task in tasks:
         try:
             task.teardown()
         except Exception as exc:
             print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave now, and take along whatever the tasks started.
+
+    ``os._exit``: returning to multiprocessing would join the non-daemon threads a task left
+    running, and a worker must not outlive its stop because of them. Children that left the
+    worker's process group are killed here; the group itself is swept by the supervisor.
+    """
+    try:
+        os.waitpid(-1, os.WNOHANG)  # ChildProcessError: no children, nothing to find
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except (ChildProcessError, ImportError):
+        pass
+    except Exception as exc:  # psutil failing must not keep the worker alive
+        print(f"batchpool worker {os.getpid()}: {exc!r}", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def _exit_with_parent(lifeline: Connection) -> None:
@@ -95,9 +138,17 @@ def _exit_with_parent(lifeline: Connection) -> None:
         try:
             wait([lifeline])
         finally:
-            os._exit(EXIT_ORPHANED)
+            _orphaned()
 
     threading.Thread(target=watch, name="batchpool-lifeline", daemon=True).start()
+
+
+def _orphaned() -> None:
+    """Nobody will read our results: end this worker and what its tasks started, at once."""
+    try:
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(EXIT_ORPHANED)
 
 
 def _import_files(preload: Sequence[tuple[str, str]]) -> None:
@@ -160,13 +211,23 @@ def _serve(
                 retiring = "max_memory"
         if retiring:
             _flush(out, box, retiring, progress, job_at, started_at)
-            return
+            break
         # A failure is reported at once: its backoff starts now, and a crash of a later job
         # of the batch cannot lose the record of this attempt.
         if outcome != OK or box.at_boundary() or now - flushed > FLUSH_EVERY:
             _flush(out, box, None, progress, job_at, started_at)
             out = _Results()
             flushed = now
+    try:
+        box.send((EXITING, _peak_rss()))
+    except OSError:
+        pass  # the supervisor's end is closed: nobody to tell
+
+
+def _peak_rss() -> int:
+    """Bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _flush(
@@ -280,9 +341,10 @@ def _read_exact(fd: int, size: int) -> bytearray:
 def _unpack(box: _Mailbox, item: tuple, progress: Any, job_at: int, started_at: int) -> None:
     """Unpickle a RUN message's payloads into single jobs at the front of the mailbox."""
     _, ids, stages, blob = item
-    if len(ids) == 1:  # a crash while unpickling a lone payload is charged to its job
-        progress[started_at] = time.monotonic_ns()
-        progress[job_at] = ids[0]
+    # A crash or hang while unpickling a lone payload is charged to its job; in a batch the
+    # supervisor reruns each job alone to find the culprit.
+    progress[started_at] = time.monotonic_ns()
+    progress[job_at] = ids[0] if len(ids) == 1 else UNPACKING
     try:
         payloads = loads(blob)
     except BaseException as exc:

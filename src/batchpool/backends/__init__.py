@@ -2,11 +2,12 @@
 journal); a backend only starts workers and gives the supervisor a handle to each:
 
     handle.slot, handle.pid        which worker (pid: for JobResult.worker and the logs)
-    handle.conn                    poll() / recv_bytes(): messages from the worker
-    handle.sentinel                waitable by multiprocessing.connection.wait; ready at death
+    handle.channel                 a channel.Channel: the worker's messages (receive()), and
+                                   what waits to be written to it (wants_write, flush())
+    handle.sentinel                a descriptor that becomes readable when the worker is dead
     handle.send(blob, payloads=None) -> bool
-                                   a message to the worker (RUN: with its payloads frame);
-                                   False if it is gone
+                                   a message to the worker (RUN: with its payloads frame),
+                                   never blocking; False if it is gone
     handle.running() -> (job id, started at)   the job in progress (IDLE between jobs) and
                                    its start in time.monotonic() seconds: crash and timeout
                                    attribution inside a batch

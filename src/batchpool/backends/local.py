@@ -9,9 +9,18 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from .. import worker
+from ..channel import Channel
 from ..messages import IDLE, progress_slot
-from ..processes import kill_tree, lifeline
+from ..processes import (
+    kill_tree,
+    lifeline,
+    start_forkserver_ignoring_signals,
+    sweep_group,
+    watch_pid,
+)
 from . import WorkerSpec
+
+REAP_WAIT = 2.0  # seconds for the exit status of a dead worker (the forkserver reports it)
 
 
 class LocalBackend:
@@ -19,7 +28,8 @@ class LocalBackend:
 
     def __init__(self, start_method: str, procs: int, spec: WorkerSpec) -> None:
         self.ctx = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
+        self.forkserver = start_method == "forkserver"
+        if self.forkserver:
             # Workers import batchpool from the server once, not once each.
             self.ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
         self.spec = spec
@@ -28,6 +38,8 @@ class LocalBackend:
         self.progress = self.ctx.RawArray("q", 2 * procs)
 
     def start_worker(self, slot: int) -> LocalWorker:
+        if self.forkserver:  # (re)started, if it died, immune to signals sent to the group
+            start_forkserver_ignoring_signals()
         return LocalWorker(self.ctx, slot, self.progress, self.spec)
 
     def close(self) -> None:
@@ -51,9 +63,10 @@ def _widen(*conns: Any) -> None:
 
 class LocalWorker:
     """One worker process: its private duplex pipe (a killed worker breaks only its own), and
-    its two slots of the backend's shared progress array."""
+    its two slots of the backend's shared progress array. ``sentinel`` is a pidfd where the
+    platform has one: readable when the process itself has exited."""
 
-    __slots__ = ("slot", "proc", "conn", "sentinel", "pid", "progress")
+    __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
 
     def __init__(self, ctx: BaseContext, slot: int, progress: Any, spec: WorkerSpec) -> None:
         self.slot = slot
@@ -81,22 +94,28 @@ class LocalWorker:
         finally:
             child_end.close()
         self.conn = parent_end
-        self.sentinel = self.proc.sentinel
+        self.channel = Channel(parent_end.fileno())
         self.pid: int = self.proc.pid  # type: ignore[assignment]
+        self.pidfd = watch_pid(self.pid)
+        self.sentinel = self.proc.sentinel if self.pidfd is None else self.pidfd
 
     def send(self, blob: bytes, payloads: bytes | None = None) -> bool:
-        """False if the worker is gone (its sentinel will report the death)."""
-        try:
-            self.conn.send_bytes(blob)
-            if payloads is not None:
-                self.conn.send_bytes(payloads)
-            return True
-        except OSError:
-            return False
+        """Queued, never blocking; False if the worker is gone (its sentinel will report the
+        death)."""
+        if payloads is None:
+            return self.channel.send(blob)
+        return self.channel.send(blob, payloads)
 
     def running(self) -> tuple[int, float]:
+        """The worker writes the start time, then the id: the id read again after the time
+        tells whether both belong to the same job."""
         job_at, started_at = progress_slot(self.slot)
-        return self.progress[job_at], self.progress[started_at] / 1e9
+        progress = self.progress
+        while True:
+            job_id = progress[job_at]
+            started = progress[started_at]
+            if progress[job_at] == job_id:
+                return job_id, started / 1e9
 
     def rss(self) -> int | None:
         import psutil  # first used a second after the pool starts (see processes.kill_tree)
@@ -110,13 +129,22 @@ class LocalWorker:
         kill_tree(self.pid)
 
     def reap(self) -> int | None:
-        """Collect the exit status of a process whose sentinel fired."""
-        self.proc.join(timeout=5)
-        if self.proc.exitcode is None:  # sentinel fired but not dead yet: make sure
+        """After the sentinel fired: make sure the worker and what it started are dead (a
+        pipe sentinel also fires when only the forkserver died), then its exit status."""
+        if self.pidfd is None:
+            kill_tree(self.pid)
+        sweep_group(self.pid)
+        self.proc.join(timeout=REAP_WAIT)
+        if self.proc.exitcode is None:  # not dead yet: make sure
             self.kill()
-            self.proc.join()
+            self.proc.join(timeout=REAP_WAIT)
         code = self.proc.exitcode
         self.conn.close()
-        self.proc.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        try:
+            self.proc.close()
+        except ValueError:  # still running: killed, but not collected in time
+            pass
         self.progress[progress_slot(self.slot)[0]] = IDLE
         return code

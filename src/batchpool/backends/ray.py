@@ -49,6 +49,7 @@ import ray
 import ray.exceptions
 
 from .. import worker
+from ..channel import Channel
 from ..messages import (
     IDLE,
     READY,
@@ -316,6 +317,7 @@ class RayWorker:
     def __init__(self, backend: RayBackend, slot: int) -> None:
         self.slot = slot
         self.conn, self._out = Pipe(duplex=False)
+        self.channel = Channel(self.conn.fileno())  # what the supervisor reads
         self.sentinel, self._sentinel_w = os.pipe()
         self._cond = threading.Condition(threading.Lock())
         self._submitting = threading.Lock()
