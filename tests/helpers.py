@@ -109,20 +109,31 @@ def run_script(path: Path, timeout: float, *args: str) -> subprocess.CompletedPr
     )
 
 
-def check_invariants(m: Any) -> None:
-    """The SPEC's end-of-run Metrics invariants."""
-    assert m.succeeded + m.failed == m.submitted, m
-    assert m.started == m.succeeded + m.failed + m.retried, m
+def check_invariants(m: Any, *, cut_short: bool = False) -> None:
+    """The SPEC's end-of-run Metrics invariants: job counts add up; each stage's attempts
+    add up (unless a cancellation cut running attempts short); the totals are the stages'."""
+    assert m.succeeded + m.failed + m.cancelled == m.submitted, m
     assert m.queued == 0, m
     assert m.in_flight == 0, m
+    for field in ("started", "retried", "timed_out", "crashed", "failed", "cancelled"):
+        assert getattr(m, field) == sum(getattr(s, field) for s in m.stages), (field, m)
+    assert m.submitted == m.stages[0].submitted and m.succeeded == m.stages[-1].succeeded, m
+    for stage in m.stages:
+        if not cut_short:
+            assert stage.started == stage.succeeded + stage.failed + stage.retried, m
+    if len(m.stages) == 1 and not cut_short:
+        assert m.started == m.succeeded + m.failed + m.retried, m
 
 
 def group_alive(pgid: int) -> list[int]:
-    """Live processes of a process group (zombies count as gone)."""
+    """Live processes of the process group ``pgid``, or of the session it leads (workers
+    lead process groups of their own inside the session of the run; zombies count as
+    gone)."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+            mine = os.getpgid(proc.pid) == pgid or os.getsid(proc.pid) == pgid
+            if mine and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc.pid)
         except (OSError, psutil.Error):
             pass
