@@ -253,7 +253,8 @@ class Supervisor:
                 if finished:
                     break
         except BaseException as exc:
-            log.exception("batchpool supervisor failed; the pool is broken")
+            log.error("the pool's supervisor failed (%r); the pool is broken", exc)
+            log.debug("the supervisor's traceback", exc_info=True)
             self._fail_all(exc)
         finally:
             with self._post_lock:

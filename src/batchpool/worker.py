@@ -192,7 +192,11 @@ def _serve(
         if item is None:
             break  # STOP (or the supervisor's end of the pipe closed)
         if item[0] is _MESSAGE:
-            _unpack(box, item, progress, job_at, started_at)
+            # A lone job refused here was answered: it spent its place in the quota.
+            done += _unpack(box, item, progress, job_at, started_at)
+            if max_tasks is not None and done >= max_tasks:
+                _flush(out, box, "max_tasks_per_worker", progress, job_at, started_at)
+                break
             continue
         _, job_id, stage, payload = item
         progress[started_at] = monotonic_ns()
@@ -338,8 +342,9 @@ def _read_exact(fd: int, size: int) -> bytearray:
     return buf
 
 
-def _unpack(box: _Mailbox, item: tuple, progress: Any, job_at: int, started_at: int) -> None:
-    """Unpickle a RUN message's payloads into single jobs at the front of the mailbox."""
+def _unpack(box: _Mailbox, item: tuple, progress: Any, job_at: int, started_at: int) -> int:
+    """Unpickle a RUN message's payloads into single jobs at the front of the mailbox; the
+    number of jobs answered instead (a lone payload that did not unpickle: 1)."""
     _, ids, stages, blob = item
     # A crash or hang while unpickling a lone payload is charged to its job; in a batch the
     # supervisor reruns each job alone to find the culprit.
@@ -350,11 +355,12 @@ def _unpack(box: _Mailbox, item: tuple, progress: Any, job_at: int, started_at: 
     except BaseException as exc:
         progress[job_at] = IDLE
         _refuse_batch(box, ids, exc)
-        return
+        return 1 if len(ids) == 1 else 0
     progress[job_at] = IDLE
     box.push_front(
         [(_JOB, job_id, stage, p) for job_id, stage, p in zip(ids, stages, payloads, strict=True)]
     )
+    return 0
 
 
 def _refuse_batch(box: _Mailbox, ids: list[int], exc: BaseException) -> None:
