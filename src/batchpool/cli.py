@@ -117,7 +117,11 @@ def _load_file(file: str) -> tuple[Any, str, tuple[str, str]]:
 def _where(exc: BaseException, file: Path | None = None) -> str:
     """``file.py:LINE`` of the failing statement in ``file`` (else in the innermost code of
     the user's), plus where the user's code raised, when that is elsewhere."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_users(f.filename)]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if (file is not None and Path(f.filename) == file) or _is_users(f.filename)
+    ]
     if not frames:
         return str(file) if file else "?"
     mine = [f for f in frames if file is not None and Path(f.filename) == file]

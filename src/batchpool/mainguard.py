@@ -18,13 +18,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .pool import default_start_method
+
 EXIT_USAGE = 2
 
 
 def check_main_script(tasks: Iterable[object], pool_options: Mapping[str, Any]) -> None:
     """Exit with a one-line fix if the running script has one of the two mistakes."""
-    from .pool import default_start_method
-
     backend = pool_options.get("backend", "local")
     method = pool_options.get("start_method") or default_start_method()
     if backend == "local" and method == "fork":

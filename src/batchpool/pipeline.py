@@ -153,6 +153,9 @@ class Pipeline:
         """Run to the end (or until stopped) and report.
 
         ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
+        Called from a script that spawned or forkserver workers could not follow (the run
+        started outside its main guard, a task class defined inside it), it prints the fix
+        and exits with code 2 before any process starts (see ``mainguard``).
         """
         check_main_script(self.stages, pool_options)
         name = self.name or "pipeline"
