@@ -58,7 +58,9 @@ class Row:
     rate_median: float | None = None
     rate_min: float | None = None
     rate_max: float | None = None
-    vs_reference: float | None = None  # this row's speed / the reference's (batchpool.map)
+    # This row's speed / the reference's (batchpool.map), as in the JSON. The printed tables
+    # show its inverse, the reference's speed over this row's, like every ratio they show.
+    vs_reference: float | None = None
     efficiency: float | None = None  # serial time / (wall * procs), median over repeats
     supervisor_cpu: float | None = None  # parent CPU seconds / wall, median
     mb_per_s: float | None = None
@@ -185,8 +187,10 @@ def _percent(x: float | None) -> str:
 
 
 def main_table(rows: Sequence[Row]) -> str:
+    """One line per cell. Its ratio, like versus_table's, is batchpool's speed over the row's:
+    above 1 means batchpool is faster."""
     ref = reference_name(rows)
-    ratio_header = f"vs {CONTENDERS[ref].alias}" if ref else "vs bp"
+    ratio_header = f"{CONTENDERS[ref].alias}/this" if ref else "bp/this"
     headers = ["workload", "contender", "start", "median", "min-max", "spread", ratio_header]
     headers += ["par.eff", "sup.cpu", "notes"]
     body = []
@@ -194,7 +198,7 @@ def main_table(rows: Sequence[Row]) -> str:
         if not row.ok:
             cells = ["ERROR", "", "", "", "", "", _notes(row)]
         else:
-            ratio = f"{row.vs_reference:.2f}x" if row.vs_reference is not None else "-"
+            ratio = f"{1 / row.vs_reference:.2f}" if row.vs_reference else "-"
             cells = [*_value_cells(row), ratio, _percent(row.efficiency)]
             cells += [_percent(row.supervisor_cpu), _notes(row)]
         body.append([row.label, row.contender, row.method, *cells])

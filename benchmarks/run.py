@@ -406,7 +406,10 @@ def print_report(rows: list[report.Row], suite: Suite, header: str) -> None:
     ref = report.reference_name(rows)
     if ref:
         alias = CONTENDERS[ref].alias
-        print(f"vs {alias}: speed / {ref} speed (jobs/s, or 1/start-up time); >1 = faster.")
+        print(
+            f"{alias}/this: {ref} speed / this row's speed (jobs/s, or 1/start-up time); "
+            ">1: batchpool faster (every ratio here reads that way)."
+        )
     print("par.eff: serial time / (wall x procs). sup.cpu: supervisor CPU time / wall.")
     for name in ("batchpool.map", "batchpool.imap"):
         table = report.versus_table(rows, name)

@@ -16,15 +16,18 @@ the start of each run so every run shows the same story. Backoff is 0.05 s, so t
 takes a few seconds.
 
     batchpool run pipelines/flaky.py --procs 2 -v
+    python pipelines/flaky.py                       # the same run from the Python API
 
 **It ends with exit code 1** (3 of the 24 jobs fail for good: 7, 13 and 19), which is the point:
-``batchpool results .batchpool/flaky.sqlite --failed`` lists them with their errors.
+the sink prints which, and ``batchpool results .batchpool/flaky.sqlite --failed`` lists them
+with their errors.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -78,4 +81,26 @@ class Flaky(Task):
         return n * n
 
 
-pipeline = Pipeline(payloads, Flaky(), name="flaky")
+class Tally:
+    """The sink: in the supervisor, once per job; says how the story ended after the last."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed: list[int] = []
+
+    def __call__(self, result) -> None:
+        if result.ok:
+            self.ok += 1
+        else:
+            self.failed.append(result.index)
+        if self.ok + len(self.failed) == JOBS:
+            failed = ", ".join(map(str, sorted(self.failed))) or "none"
+            print(f"{self.ok} of {JOBS} jobs ok, retries included; failed for good: {failed}")
+
+
+# total: the source is a generator, so the progress bar learns its length from here.
+pipeline = Pipeline(payloads, Flaky(), name="flaky", sink=Tally(), total=JOBS)
+
+if __name__ == "__main__":  # required: workers import this file again to find Flaky
+    report = pipeline.run()
+    sys.exit(1 if report.failed or report.error else 0)

@@ -14,24 +14,27 @@ supervisor, merges every file's numbers into one global summary; when the last f
 writes ``logs_summary.json`` into the current directory and prints a few lines of it.
 
     batchpool run pipelines/logs_etl.py --procs 2
+    python pipelines/logs_etl.py                    # the same run from the Python API
 
-The sink only sees the files of the current run: after an interrupted run, ``--resume``
-finishes the rest, and ``--fresh`` rebuilds the whole summary.
+``LOGS_FILES`` and ``LOGS_LINES`` (40 and 5,000) set the number and size of the generated
+logs, for a quick try; files already generated are reused as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from batchpool import PermanentError, Pipeline, Task
 
-FILES = 40
-LINES_PER_FILE = 5_000
+FILES = int(os.environ.get("LOGS_FILES", "40"))
+LINES_PER_FILE = int(os.environ.get("LOGS_LINES", "5000"))
 LOG_DIR = Path(".batchpool") / "logs-demo"
 SUMMARY = "logs_summary.json"
 ENDPOINTS = ["/", "/login", "/search", "/api/items", "/api/orders", "/static/app.js"]
@@ -216,4 +219,9 @@ class Summary:
 
 
 summary = Summary()
-pipeline = Pipeline(log_files, Parse(), Derive(), name="logs_etl", sink=summary)
+# total: the source is a generator, so the progress bar learns its length from here.
+pipeline = Pipeline(log_files, Parse(), Derive(), name="logs_etl", sink=summary, total=FILES)
+
+if __name__ == "__main__":  # required: workers import this file again to find the tasks
+    report = pipeline.run()
+    sys.exit(1 if report.failed or report.error else 0)

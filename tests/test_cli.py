@@ -542,8 +542,8 @@ def test_results_of_a_complete_journal(tmp_path: Path, jobs: Path) -> None:
     assert r.returncode == 0
     table = list(csv.DictReader(io.StringIO(r.stdout)))
     assert [int(row["index"]) for row in table] == list(range(6))
-    assert table[2]["value"] == "4" and table[2]["ok"] == "True"
-    assert table[4]["ok"] == "False" and table[4]["error_type"] == "PermanentError"
+    assert table[2]["value"] == "4" and table[2]["ok"] == "true"
+    assert table[4]["ok"] == "false" and table[4]["error_type"] == "PermanentError"
     assert "payload 4 refused" in table[4]["error"]
 
     r = bp("results", journal, "--format", "csv", "--failed", cwd=tmp_path)

@@ -1,7 +1,8 @@
 """The ``batchpool`` command: run a pipeline file, export a journal's results.
 
 Exit codes: 0 all jobs ok; 1 some failed (or the run stopped on an error after doing work);
-2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM.
+2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM. Every message of
+the command starts with ``batchpool:``, click's own usage errors included.
 """
 
 from __future__ import annotations
@@ -9,27 +10,34 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
-import json
+import io
 import logging
+import os
 import re
+import shlex
 import signal
 import sys
+import sysconfig
+import tempfile
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from tqdm import tqdm
 
 from . import __version__
 from .backends import BackendUnavailable
+from .formatting import csv_cell, to_json
 from .journal import Journal, JournalError
-from .pipeline import DEFAULT_JOURNAL, Pipeline, output_line
+from .pipeline import DEFAULT_JOURNAL, Pipeline, RunReport, output_line
 from .progress import summary
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+MIN_MEMORY = 1024**2  # no Python worker runs in less: a smaller limit is a typo for MB
 
 
 class LoadError(click.ClickException):
@@ -42,13 +50,14 @@ class LoadError(click.ClickException):
 
 
 def parse_size(text: str) -> int:
-    """'2GB', '512M', '1.5GiB', '1000' -> bytes (units of 1024)."""
+    """'2GB', '512M', '1.5GiB' -> bytes (units of 1024); at least 1 MB, as a worker's RSS
+    limit under that is always a mistake ('--max-memory 10' meant 10MB, not 10 bytes)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
     if not m:
         raise ValueError(f"not a size: {text!r} (try 512MB or 2GB)")
     size = int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
-    if size <= 0:
-        raise ValueError(f"size must be > 0: {text!r}")
+    if size < MIN_MEMORY:
+        raise ValueError(f"{text!r} is {size} bytes, below 1 MB; did you mean {m.group(1)}MB?")
     return size
 
 
@@ -101,8 +110,50 @@ def _load_file(file: str) -> tuple[Any, str, tuple[str, str]]:
     except SyntaxError as exc:
         raise LoadError(f"syntax error in {file}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:
-        raise LoadError(f"error loading {file}: {type(exc).__name__}: {exc}") from None
+        raise LoadError(f"error loading {_where(exc, path)}: {_one_line(exc)}") from None
     return module, path.stem, (name, str(path))
+
+
+def _where(exc: BaseException, file: Path | None = None) -> str:
+    """``file.py:LINE`` of the failing statement in ``file`` (else in the innermost code of
+    the user's), plus where the user's code raised, when that is elsewhere."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if (file is not None and Path(f.filename) == file) or _is_users(f.filename)
+    ]
+    if not frames:
+        return str(file) if file else "?"
+    mine = [f for f in frames if file is not None and Path(f.filename) == file]
+    top, innermost = (mine or frames)[-1], frames[-1]
+    where = f"{_short(top.filename)}:{top.lineno}"
+    if innermost is not top:
+        where += f" (raised at {_short(innermost.filename)}:{innermost.lineno})"
+    return where
+
+
+_NOT_USERS = tuple(
+    {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    | {str(Path(__file__).resolve().parent)}
+)
+
+
+def _is_users(filename: str) -> bool:
+    """Code of the user's: not Python's, an installed package's, batchpool's, importlib's."""
+    return not filename.startswith("<") and not filename.startswith(_NOT_USERS)
+
+
+def _short(filename: str) -> str:
+    """A path relative to the current directory where it lies below it, else as it is."""
+    try:
+        return str(Path(filename).relative_to(Path.cwd()))
+    except ValueError:
+        return filename
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _load_module(target: str) -> Any:
@@ -115,7 +166,7 @@ def _load_module(target: str) -> Any:
     except SyntaxError as exc:
         raise LoadError(f"syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:
-        raise LoadError(f"error importing {target}: {type(exc).__name__}: {exc}") from None
+        raise LoadError(f"error importing {target} at {_where(exc)}: {_one_line(exc)}") from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -142,7 +193,37 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logger.setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class _Command(click.Group):
+    """Click's group, with click's own errors (bad options, bad values) printed like the
+    command's: one ``batchpool: ...`` line, not click's usage block and ``Error:``."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS as exc:  # plain `batchpool`: the help, as click prints it
+            click.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(exc.format_message() + where, exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("aborted", EXIT_FAILED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"batchpool: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchpool")
 def main() -> None:
     """Run large batches of CPU-bound work across processes, reliably.
@@ -167,7 +248,9 @@ def main() -> None:
     type=click.Choice(["fork", "forkserver", "spawn"]),
     help="How workers start [default: forkserver].",
 )
-@click.option("--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB.")
+@click.option(
+    "--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB (at least 1MB)."
+)
 @click.option(
     "--backend",
     type=click.Choice(["local", "ray"]),
@@ -192,10 +275,17 @@ def main() -> None:
 )
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", count=True, help="Log retries and crashes (-vv: debug).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log retries, crashes and each failed job; -vv also each result and the pool's state.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def run(pipeline: str, **opts: Any) -> None:
     """Run PIPELINE: path/to/file.py[:NAME] or package.module:NAME (default NAME: pipeline)."""
+    if opts["quiet"] and opts["verbose"]:
+        raise click.UsageError("-q and -v exclude each other")
     if opts["journal"] and opts["no_journal"]:
         raise click.UsageError("--journal and --no-journal exclude each other")
     if opts["fresh"] and (opts["resume"] or opts["retry_failed"]):
@@ -205,8 +295,12 @@ def run(pipeline: str, **opts: Any) -> None:
     if opts["address"] and opts["backend"] != "ray":
         raise click.UsageError("--address is for --backend ray")
     if opts["backend"] == "ray" and importlib.util.find_spec("ray") is None:
-        click.echo("batchpool: --backend ray needs Ray: pip install 'batchpool[ray]'", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(
+            "--backend ray needs Ray: pip install 'ray>=2.9' (in a checkout: pip install '.[ray]')"
+        )
+    for option in ("output", "report"):
+        if opts[option]:
+            _check_writable(opts[option], f"--{option}")
     _setup_logging(opts["verbose"], opts["quiet"])
     pipe = load_pipeline(pipeline)
     journal: Any = DEFAULT_JOURNAL
@@ -233,46 +327,99 @@ def run(pipeline: str, **opts: Any) -> None:
             **pool_options,
         )
     except JournalError as exc:
-        click.echo(f"batchpool: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc))
     except (ValueError, TypeError) as exc:  # settings refused when the pool is built
-        click.echo(f"batchpool: invalid settings: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(f"invalid settings: {exc}")
     except (BackendUnavailable, ConnectionError) as exc:  # a backend missing or unreachable
-        click.echo(f"batchpool: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc))
     if report.error:
         click.echo(f"batchpool: run stopped ({report.stopped_by}):\n{report.error}", err=True)
     if not opts["quiet"]:
         click.echo(summary(report), err=True)
-    if opts["report"]:
-        Path(opts["report"]).write_text(json.dumps(report.to_dict(), indent=2, default=repr))
+        for line in _next_steps(report, pipeline, opts["journal"]):
+            click.echo(line, err=True)
+    code = EXIT_FAILED if report.failed or report.error else 0
     if report.stopped_by in EXIT_SIGNAL:
-        sys.exit(EXIT_SIGNAL[report.stopped_by])
-    sys.exit(EXIT_FAILED if report.failed or report.error else 0)
+        code = EXIT_SIGNAL[report.stopped_by]
+    if opts["report"]:
+        try:
+            _write_atomically(Path(opts["report"]), to_json(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:  # checked before the run: the disk filled or the folder went
+            click.echo(f"batchpool: cannot write --report {opts['report']}: {exc}", err=True)
+            code = code or EXIT_USAGE
+    sys.exit(code)
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuse, before any job runs, an output file the end of the run could not write."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        reason = "is not a directory" if folder.exists() else "does not exist"
+        _fail(f"{option} {path}: {folder} {reason}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".batchpool-probe-")
+    except OSError as exc:
+        _fail(f"{option} {path}: cannot write in {folder} ({exc.strerror or exc})")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _next_steps(report: RunReport, spec: str, journal_option: str | None) -> list[str]:
+    """The command that continues a stopped run, and the one that lists the failures."""
+    if report.journal is None:  # --no-journal: nothing to resume or to list
+        return []
+    lines = []
+    if report.interrupted:
+        again = ["batchpool", "run", spec]
+        if journal_option:
+            again += ["--journal", journal_option]
+        lines.append(f"continue with: {shlex.join([*again, '--resume'])}")
+    if report.failed:
+        lines.append(
+            f"failed jobs: {shlex.join(['batchpool', 'results', report.journal, '--failed'])}"
+        )
+    return lines
 
 
 @main.command()
 @click.argument("journal", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv"]),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one JSON object per job, as --output writes. csv: a header, then index, ok "
+    "(true/false), value (as JSON; empty when none), error_kind, error_type, error, attempts.",
+)
 @click.option("--failed", is_flag=True, help="Only the jobs that failed.")
 def results(journal: str, fmt: str, failed: bool) -> None:
     """Export the results a JOURNAL holds (also while its run is unfinished)."""
     try:
         book = Journal.open_readonly(journal)
     except JournalError as exc:
-        click.echo(f"batchpool: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc))
+    # Text that UTF-8 cannot hold (a lone surrogate in an error message) is escaped, not fatal.
+    out = io.TextIOWrapper(
+        click.get_binary_stream("stdout"), encoding="utf-8", errors="backslashreplace", newline=""
+    )
     try:
         with book:
-            _export(book, fmt, failed)
+            _export(book, fmt, failed, out)
     except JournalError as exc:  # a page damaged after the open-time check
-        click.echo(f"batchpool: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc))
+    finally:
+        out.flush()
+        out.detach()
 
 
-def _export(book: Journal, fmt: str, failed: bool) -> None:
-    out = click.get_text_stream("stdout")
+def _export(book: Journal, fmt: str, failed: bool, out: io.TextIOBase) -> None:
     if fmt == "jsonl":
         for row in book.rows(failed_only=failed):
             out.write(output_line(row))
@@ -281,14 +428,11 @@ def _export(book: Journal, fmt: str, failed: bool) -> None:
     writer.writerow(["index", "ok", "value", "error_kind", "error_type", "error", "attempts"])
     for row in book.rows(failed_only=failed):
         err = row["error"] or {}
-        writer.writerow(
-            [
-                row["index"],
-                row["ok"],
-                json.dumps(row["value"], default=repr),
-                err.get("kind", ""),
-                err.get("type", ""),
-                err.get("message", ""),
-                row["attempts"],
-            ]
-        )
+        value = None if row["value"] is None else to_json(row["value"])
+        cells = [row["index"], row["ok"], value]
+        cells += [err.get("kind"), err.get("type"), err.get("message"), row["attempts"]]
+        writer.writerow([csv_cell(c) for c in cells])
+
+
+if __name__ == "__main__":  # python -m batchpool.cli
+    main(prog_name="batchpool")

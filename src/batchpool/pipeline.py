@@ -8,7 +8,6 @@ handing it to the sink. Signals only set flags here; the loop acts on them betwe
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import random
@@ -23,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .formatting import safe_repr, to_json
 from .jobs import Job
 from .journal import Journal, JournalError, fingerprint
+from .mainguard import check_main_script
 from .pool import WINDOW_PER_PROC, Pool, default_start_method
 from .processes import start_forkserver_ignoring_signals
 from .progress import Progress
@@ -97,7 +98,7 @@ class RunReport:
             "failures": [
                 {
                     "index": r.index,
-                    "payload": repr(r.payload),
+                    "payload": safe_repr(r.payload),
                     "attempts": r.attempts,
                     "error": r.error.to_dict() if r.error else None,
                 }
@@ -107,7 +108,12 @@ class RunReport:
 
 
 class Pipeline:
-    """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed."""
+    """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed.
+
+    ``total``: the number of payloads, for the progress bar's total and ETA when the source
+    has no ``len()`` (a generator); a source with one (a list, a callable returning a list)
+    needs none.
+    """
 
     def __init__(
         self,
@@ -115,9 +121,12 @@ class Pipeline:
         *stages: Task,
         name: str | None = None,
         sink: Callable[[JobResult], Any] | None = None,
+        total: int | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a Pipeline needs at least one Task stage")
+        if total is not None and (not isinstance(total, int) or total < 0):
+            raise ValueError(f"total must be a number of payloads >= 0, not {total!r}")
         for stage in stages:
             resolve_policy(stage)  # TypeError/ValueError now, not in a worker
         if sink is not None and not callable(sink):
@@ -126,6 +135,7 @@ class Pipeline:
         self.stages = list(stages)
         self.name = name
         self.sink = sink
+        self.total = total
         self.preload: list[tuple[str, str]] = []  # (module name, file) workers import first
 
     def run(
@@ -143,7 +153,11 @@ class Pipeline:
         """Run to the end (or until stopped) and report.
 
         ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
+        Called from a script that spawned or forkserver workers could not follow (the run
+        started outside its main guard, a task class defined inside it), it prints the fix
+        and exits with code 2 before any process starts (see ``mainguard``).
         """
+        check_main_script(self.stages, pool_options)
         name = self.name or "pipeline"
         if journal is DEFAULT_JOURNAL:
             journal = Path(".batchpool") / f"{name}.sqlite"
@@ -174,6 +188,8 @@ class Pipeline:
                     report.error = report.error or str(exc)
                     report.interrupted = True
                     book.close(flush=False)
+            if tmp is not None:  # deleted below: the report must not name it
+                report.journal = None
             return report
         finally:
             restore()
@@ -199,7 +215,7 @@ def _open_journal(
 def output_line(row: dict[str, Any]) -> str:
     """The --output / ``results`` JSON line of a journal row."""
     line = {k: row[k] for k in ("index", "ok", "value", "error", "attempts")}
-    return json.dumps(line, default=repr) + "\n"
+    return to_json(line) + "\n"
 
 
 def write_jsonl(book: Journal, path: Path) -> None:
@@ -395,13 +411,14 @@ class _Run:
         if method == "forkserver" and pool_options.get("backend", "local") == "local":
             start_forkserver_ignoring_signals()
         pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
+        total = pipeline.total if pipeline.total is not None else _length(pipeline.source)
+        self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
         try:
             source = self._source(WINDOW_PER_PROC * pool.procs)
         except BaseException:
+            self.progress.close()
             pool.terminate()
             raise
-        total = _length(pipeline.source)
-        self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
         try:
             if self.journal is not None:
                 self.journal.begin(total=total, resume=self.resume)
@@ -442,7 +459,9 @@ class _Run:
             # Re-readable: refuse a changed source before running anything.
             for _ in _merge(enumerate(source() if callable(source) else source), self.journal):
                 pass
-        self.feed = _Feed(iter(source() if callable(source) else source), window, self.inbox.poke)
+        items = source() if callable(source) else source
+        self.progress.set_total(_length(items))  # what a callable returned may have a length
+        self.feed = _Feed(iter(items), window, self.inbox.poke)
         if self.journal is None or not self.resume:
             return self.feed
         return _merge(self.feed, self.journal)
@@ -551,7 +570,7 @@ class _Run:
             except JournalError as exc:
                 if self.stopped_by is None:
                     self._halt(pool, "journal", str(exc))
-        self.progress.update(result.ok)
+        self.progress.update(result)
         sink = self.pipeline.sink
         if sink is not None and self.stopped_by != "sink":
             try:
@@ -588,7 +607,7 @@ class _Run:
             error=self.error,
             attempt_p50=_quantile(timings, 0.50),
             attempt_p95=_quantile(timings, 0.95),
-            peak_rss=self.progress.peak_rss,
+            peak_rss=max(self.progress.peak_rss, metrics.peak_rss),
             journal=str(self.journal.path) if self.journal is not None else None,
         )
 

@@ -1,24 +1,55 @@
-"""The progress bar (tqdm, on stderr when it is a terminal) and the end-of-run summary."""
+"""The progress bar (tqdm, on stderr when it is a terminal) and the end-of-run summary.
+
+The bar is redrawn when results come in and, on its own timer, while long jobs run, so its
+clock and rate never freeze. Its counts are read when it is drawn, so they never lag the bar.
+Pool metrics (retries, restarts, jobs in flight) are sampled outside any drawing: the pool's
+lock is never taken while tqdm's is held (a log line from the supervisor takes them the other
+way round).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from .results import Metrics
+from .results import JobResult, Metrics
 
 if TYPE_CHECKING:
     from .pipeline import RunReport
 
+log = logging.getLogger("batchpool")
+
 REFRESH_EVERY = 0.5  # seconds between metrics snapshots for the postfix and peak RSS
+TICK = 1.0  # seconds between redraws while no result comes in
+
+
+class _Bar(tqdm):
+    """tqdm with its postfix made at draw time, and a bar of fixed width (tqdm's, for an
+    unknown width) where the terminal reports 0 columns, instead of a bar squeezed to
+    nothing."""
+
+    def __init__(self, *args: Any, postfix: Callable[[], str], **kwargs: Any) -> None:
+        self._make_postfix = postfix  # before tqdm's __init__, which may draw
+        super().__init__(*args, **kwargs)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d = super().format_dict
+        d["postfix"] = self._make_postfix()
+        if (d.get("ncols") or 0) < 1:  # tqdm makes 0 columns -1 (one for the cursor)
+            d["ncols"] = None
+        return d
 
 
 class Progress:
-    """Counts results; draws a bar only where a person can see it."""
+    """Counts results; draws a bar only where a person can see it; logs final failures
+    (``-v``) and every result and the pool's state (``-vv``)."""
 
     def __init__(
         self,
@@ -30,47 +61,110 @@ class Progress:
     ) -> None:
         stream = stream or sys.stderr
         visible = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.bar = tqdm(
+        self.metrics = metrics
+        self.ok = self.failed = 0
+        self.peak_rss = 0
+        self.fixed_total = total is not None
+        self._last: Metrics | None = None  # the latest snapshot, drawn from
+        self._next_refresh = 0.0
+        self._lock = threading.Lock()  # counts and bar move together; taken before tqdm's
+        self.bar = _Bar(
             total=total,
             file=stream,
             unit="job",
             mininterval=0.2,
             dynamic_ncols=True,
             disable=not visible,
+            postfix=self._postfix,
         )
-        self.metrics = metrics
-        self.ok = self.failed = 0
-        self.peak_rss = 0
-        self._next_refresh = 0.0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if visible:
+            self._ticker = threading.Thread(
+                target=self._tick, name="batchpool-progress", daemon=True
+            )
+            self._ticker.start()
+
+    def set_total(self, total: int | None) -> None:
+        """The source's length, once known (a callable source's result); from any thread.
+        An explicit total given at construction wins."""
+        if total is not None and not self.fixed_total:
+            self.bar.total = total
 
     def skip(self, ok: bool) -> None:
         """A job finished by an earlier run (resume)."""
-        self.update(ok)
+        self._count(ok)
 
-    def update(self, ok: bool) -> None:
-        if ok:
-            self.ok += 1
-        else:
-            self.failed += 1
-        self.bar.update(1)
+    def update(self, result: JobResult) -> None:
+        """A final result of this run."""
+        if not result.ok and result.error is not None:
+            err = result.error
+            log.info(
+                "job %s failed after %d attempt(s): %s: %s",
+                result.index,
+                result.attempts,
+                err.type,
+                err.message,
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %s: ok after %d attempt(s), %.3f s on worker %s",
+                result.index,
+                result.attempts,
+                result.elapsed,
+                result.worker,
+            )
+        self._count(result.ok)
+
+    def _count(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.ok += 1
+            else:
+                self.failed += 1
+            self.bar.update(1)
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_EVERY
             self.refresh()
 
     def refresh(self) -> None:
+        """Sample the pool's metrics (for the postfix, peak RSS and -vv)."""
         m = self.metrics()
+        self._last = m
         for w in m.per_worker:
             self.peak_rss = max(self.peak_rss, w.rss)
-        self.bar.set_postfix(
-            ok=self.ok,
-            failed=self.failed,
-            retries=m.retried,
-            restarts=m.worker_restarts,
-            refresh=False,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "pool: %d done (%d ok, %d failed), %d queued, %d running, %d workers, "
+                "%d retries, %d restarts",
+                self.ok + self.failed,
+                self.ok,
+                self.failed,
+                m.queued,
+                m.in_flight,
+                m.workers,
+                m.retried,
+                m.worker_restarts,
+            )
+
+    def _postfix(self) -> str:
+        m = self._last
+        text = f"ok={self.ok}, failed={self.failed}"
+        if m is not None:
+            text += f", running={m.in_flight}, retries={m.retried}, restarts={m.worker_restarts}"
+        return text
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK):
+            self.refresh()
+            with self._lock:
+                self.bar.refresh()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         self.refresh()
         self.bar.close()
 

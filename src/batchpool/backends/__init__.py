@@ -68,7 +68,7 @@ def make_backend(
             if (exc.name or "").partition(".")[0] != "ray":
                 raise  # not Ray missing: a bug, with its traceback
             raise BackendUnavailable(
-                f"the ray backend needs Ray: pip install 'batchpool[ray]' ({exc})"
+                f"the ray backend needs Ray: pip install '.[ray]' ({exc})"
             ) from exc
         return RayBackend(procs, spec, address)
     from .local import LocalBackend
