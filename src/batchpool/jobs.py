@@ -18,15 +18,14 @@ future cancelled before that drops its job at dispatch (or at once, through ``ca
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .messages import error_tuple
 from .results import KIND_CRASH, KIND_TIMEOUT, JobError, JobResult
 from .retry import backoff_delay, should_retry
+from .scheduler import Scheduler
 from .task import Policy
-from .timers import Timers
 
 log = logging.getLogger("batchpool")
 
@@ -93,78 +92,60 @@ class StageCount:
 
 
 class JobBook:
-    """Queues, retry timers and counters; no processes, no clock of its own."""
+    """Counters and outcomes; the queue itself is the scheduler's. No processes, no clock of
+    its own."""
 
     def __init__(self, policies: list[Policy], rand: Callable[[], float]) -> None:
         self.policies = policies
         self.rand = rand
-        self.ready: deque[Job] = deque()
-        self.retry_timers = Timers()
+        self.queue = Scheduler()
         self.sent = 0  # jobs in workers' hands
         # final results not yet delivered, in runs that share a consumer (a batch, usually)
         self.done: list[tuple[Any, list[tuple[Job, JobResult]]]] = []
         self.stages = [StageCount() for _ in policies]
-        self.solo_queued = 0  # jobs flagged solo anywhere in the queue (rare; skip scans)
 
     # -- entry ---------------------------------------------------------------------------
     def add(self, jobs: list[Job]) -> None:
         self.stages[0].submitted += len(jobs)
-        self.ready.extend(jobs)
+        self.queue.add(jobs)
 
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int) -> list[Job]:
-        """Up to n jobs from the front, for one message to worker ``pid``. A job whose Future
-        was cancelled is dropped here instead; the others' futures become RUNNING."""
-        ready = self.ready
-        n = min(n, len(ready))
-        if self.solo_queued:
-            n = self._solo_cut(n)
-        taken = []
-        for _ in range(n):
-            job = ready.popleft()
+        """Up to n jobs for one message to worker ``pid``. A job whose Future was cancelled
+        is dropped here instead; the others' futures become RUNNING."""
+        taken = self.queue.take(n)
+        started = []
+        for job in taken:
             tag = job.tag
             if tag is not None and not tag.claim():  # a pool.JobFuture, cancelled
                 self._cancelled(job)
                 continue
             job.attempts += 1
             job.worker = pid
-            taken.append(job)
-        self.sent += len(taken)
+            started.append(job)
+        self.sent += len(started)
         if len(self.stages) == 1:
-            self.stages[0].started += len(taken)
+            self.stages[0].started += len(started)
         else:
-            for job in taken:
+            for job in started:
                 self.stages[job.stage].started += 1
-        return taken
-
-    def _solo_cut(self, n: int) -> int:
-        """A solo job travels alone; a batch stops before one."""
-        ready = self.ready
-        if ready[0].solo:
-            return 1
-        for i in range(1, n):
-            if ready[i].solo:
-                return i
-        return n
+        return started
 
     def requeue(self, jobs: list[Job], solo: bool = False) -> None:
         """Jobs a worker held but never started (or must run alone): back to the front, no
         attempt charged."""
-        for job in reversed(jobs):
+        for job in jobs:
             job.attempts -= 1
             self.stages[job.stage].started -= 1
-            if solo and not job.solo:
+            if solo:
                 job.solo = True
-                self.solo_queued += 1
-            self.ready.appendleft(job)
         self.sent -= len(jobs)
+        self.queue.push_front(jobs)
 
     def cancel(self, job: Job) -> bool:
         """Drop a queued job whose Future was cancelled; False if it is not queued (taken
         already, or dropped at dispatch)."""
-        try:
-            self.ready.remove(job)
-        except ValueError:
+        if not self.queue.remove(job):
             return False
         self._cancelled(job)
         return True
@@ -179,8 +160,6 @@ class JobBook:
 
     def _cancelled(self, job: Job) -> None:
         self.stages[job.stage].cancelled += 1
-        if job.solo:
-            self.solo_queued -= 1
         job.data = None
 
     # -- outcomes ------------------------------------------------------------------------
@@ -193,13 +172,13 @@ class JobBook:
             job.prior += job.attempts
             job.attempts = 0
             self.stages[job.stage].submitted += 1
-            self.ready.appendleft(job)  # finish old jobs first: keeps ordered streams moving
+            self.queue.push_front([job])  # finish old jobs first: keeps ordered streams moving
             return
         self._final(job, value, None, elapsed)
 
     def complete_all(self, jobs: list[Job], values: list, elapsed: list) -> None:
         """complete() for a batch that all succeeded: one pass, counters updated once."""
-        if len(self.policies) > 1 or self.solo_queued:
+        if len(self.policies) > 1:
             for job, value, seconds in zip(jobs, values, elapsed, strict=True):
                 self.complete(job, value, seconds)
             return
@@ -231,7 +210,7 @@ class JobBook:
             delay = backoff_delay(
                 job.attempts, policy.backoff, policy.max_backoff, policy.jitter, self.rand
             )
-            self.retry_timers.schedule(now + delay, job.id, job)
+            self.queue.defer(job, now + delay)
             log.info(
                 "job %s: attempt %d failed (%s: %s); retry in %.2f s",
                 job.index,
@@ -245,46 +224,35 @@ class JobBook:
         log.info("job %s: failed for good (%s: %s)", job.index, error.type, error.message)
         self._final(job, None, error, elapsed)
 
-    def release_due(self, now: float) -> None:
-        due = self.retry_timers.pop_due(now)
-        for _, job in reversed(due):
-            self.ready.appendleft(job)
-
     def fail_unsent(self, error: JobError) -> None:
         """Fail every job not in a worker's hands (the pool cannot start workers)."""
-        waiting = [job for _, job in self.retry_timers.pop_due(float("inf"))]
-        for job in list(self.ready) + waiting:
+        for job in self.queue.drain():
             # The attempt it was queued for ends here, failed: counted like one that ran.
             job.attempts += 1
             count = self.stages[job.stage]
             count.started += 1
             count.failed += 1
             self._final(job, None, error, 0.0)
-        self.ready.clear()
 
     def abandon(self) -> list[Job]:
         """Every unfinished job not in a worker's hands, counted as cancelled: for a drain or
         terminate()."""
-        waiting = [job for _, job in self.retry_timers.pop_due(float("inf"))]
-        jobs = list(self.ready) + waiting
-        self.ready.clear()
+        jobs = self.queue.drain()
         for job in jobs:
             self._cancelled(job)
         return jobs
 
     def _final(self, job: Job, value: Any, error: JobError | None, elapsed: float) -> None:
         job.data = None
-        if job.solo:
-            self.solo_queued -= 1
         self.done.append((job.consumer, [(job, result_of(job, value, error, elapsed))]))
 
     @property
     def unfinished(self) -> int:
-        return len(self.ready) + len(self.retry_timers) + self.sent
+        return len(self.queue) + self.queue.waiting + self.sent
 
     @property
     def queued(self) -> int:
-        return len(self.ready) + len(self.retry_timers)
+        return len(self.queue) + self.queue.waiting
 
 
 def error_from(kind: str, exc: BaseException) -> JobError:

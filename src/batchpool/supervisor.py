@@ -275,7 +275,7 @@ class Supervisor:
         self._wake_pending = False
         if self.commands:
             return 0
-        ats = [at for at in (self.timers.next_at(), self.book.retry_timers.next_at()) if at]
+        ats = [at for at in (self.timers.next_at(), self.book.queue.next_due()) if at]
         if not ats:
             return None
         return max(0, math.ceil((min(ats) - time.monotonic()) * 1000))
@@ -550,7 +550,7 @@ class Supervisor:
 
     # -- timers --------------------------------------------------------------------------------
     def _fire_timers(self, now: float) -> None:
-        self.book.release_due(now)
+        self.book.queue.release(now)
         for key, _ in self.timers.pop_due(now):
             if key == "rss":
                 for w in self.workers.values():
@@ -664,14 +664,15 @@ class Supervisor:
         ]
         if not open_workers:
             return
-        ready = self.book.ready
+        ready = self.book.queue
         open_workers.sort(key=lambda w: len(w.outstanding))
         for w in open_workers:
-            if not ready:
+            head = ready.head()
+            if head is None:
                 break
             if w.stealing:
                 continue
-            stage = ready[0].stage
+            stage = head.stage
             size = self._batch_size(stage)
             # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
             # between batches; a batch stuck behind a long job is taken back by _steal.
@@ -680,7 +681,7 @@ class Supervisor:
             n = min(size, -(-len(ready) // len(open_workers)))
             per_job = self.job_bytes[stage]
             if n > 1 and n * per_job < MAX_MESSAGE_BYTES // 2:  # small so far: the next too?
-                per_job = max(per_job, _pickled_size(ready[0].data))
+                per_job = max(per_job, _pickled_size(head.data))
             if per_job:  # big payloads: several moderate messages pipeline better
                 n = min(n, max(1, MAX_MESSAGE_BYTES // per_job))
             if self.max_tasks is not None:
@@ -787,9 +788,7 @@ class Supervisor:
         )
         self.terminating = True
         jobs = self._kill_all()
-        jobs.extend(self.book.ready)
-        self.book.ready.clear()
-        jobs.extend(job for _, job in self.book.retry_timers.pop_due(float("inf")))
+        jobs.extend(self.book.queue.drain())
         self.book.sent = 0
         try:
             self._deliver()  # results made before the failure
