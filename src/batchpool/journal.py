@@ -347,6 +347,11 @@ class Journal:
         old = self._oldest is not None and now - self._oldest >= FLUSH_AGE
         return now >= self._retry_at and (size >= FLUSH_ROWS or old)
 
+    @property
+    def buffered(self) -> int:
+        """Rows written but not committed yet (0 right after a commit)."""
+        return len(self._pending) + len(self._finals)
+
     def maybe_flush(self) -> None:
         """Flush if the buffer is due (size or age); cheap otherwise. Call it from the owner's
         loop so that a quiet spell after a result does not leave that result uncommitted."""

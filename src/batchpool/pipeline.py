@@ -384,6 +384,7 @@ class _Run:
         self.outstanding = 0
         self.succeeded = self.failed = self.skipped = 0
         self.failures: list[JobResult] = []
+        self.unsunk: list[JobResult] = []  # journaled, not committed yet: the sink waits
         self.timings: list[float] = []
         self.timed = 0
         self.rand = random.Random(0)
@@ -421,6 +422,7 @@ class _Run:
         metrics = pool.metrics()
         if self.stop.reason and self.stopped_by is None:  # a signal the loop never saw
             self.stopped_by = self.stop.reason
+        self._commit(pool, force=True)
         complete = self.stopped_by is None
         if self.journal is not None:
             try:
@@ -480,12 +482,11 @@ class _Run:
             # Items ready and room for them: only collect results that are in. Otherwise wait;
             # the source thread pokes the inbox when it has items again.
             results, dropped = self.inbox.take(0.0 if more else POLL)
-            if self.journal is not None and not results:
-                self._flush_quietly(pool)  # a quiet spell must not leave results uncommitted
             self.outstanding -= dropped
             for result in results:
                 self.outstanding -= 1
                 self._final(pool, result)
+            self._commit(pool, force=False)  # also in a quiet spell: nothing waits for long
 
     def _intake(self, pool: Pool, source: Iterator[Any], window: int) -> tuple[bool, bool]:
         """Submit source items that are ready, up to a batch and the window. Returns (the
@@ -515,12 +516,28 @@ class _Run:
             if batch:
                 pool._post_jobs(batch)
 
-    def _flush_quietly(self, pool: Pool) -> None:
-        try:
-            self.journal.maybe_flush()  # type: ignore[union-attr]
-        except JournalError as exc:
-            if self.stopped_by is None:
-                self._halt(pool, "journal", str(exc))
+    def _commit(self, pool: Pool, *, force: bool) -> None:
+        """Commit the journal's buffer when due (``force``: now), then hand the results it
+        held to the sink: a result reaches the sink only once it is durable, so a resume after
+        any kill never hands it over a second time."""
+        if self.journal is not None:
+            try:
+                if force:
+                    self.journal.flush()
+                else:
+                    self.journal.maybe_flush()
+            except JournalError as exc:
+                if self.stopped_by is None:
+                    self._halt(pool, "journal", str(exc))
+                return
+        self._sink_committed(pool)
+
+    def _sink_committed(self, pool: Pool) -> None:
+        if not self.unsunk or (self.journal is not None and self.journal.buffered):
+            return
+        results, self.unsunk = self.unsunk, []
+        for result in results:
+            self._sink(pool, result)
 
     def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
         """Stop intake; let attempts already running finish; drop jobs not started."""
@@ -536,6 +553,9 @@ class _Run:
             if len(self.failures) < MAX_FAILURES_KEPT:
                 self.failures.append(result)
         self._sample(result.elapsed)
+        self.progress.update(result.ok)
+        if self.pipeline.sink is not None:
+            self.unsunk.append(result)
         if self.journal is not None:
             try:
                 self.journal.add_final(
@@ -548,17 +568,21 @@ class _Run:
                     worker=result.worker,
                     elapsed=result.elapsed,
                 )
-            except JournalError as exc:
+            except JournalError as exc:  # an automatic commit failed: the rows stay buffered
                 if self.stopped_by is None:
                     self._halt(pool, "journal", str(exc))
-        self.progress.update(result.ok)
+                return
+        self._sink_committed(pool)
+
+    def _sink(self, pool: Pool, result: JobResult) -> None:
         sink = self.pipeline.sink
-        if sink is not None and self.stopped_by != "sink":
-            try:
-                sink(result)
-            except Exception:
-                if self.stopped_by is None:
-                    self._halt(pool, "sink", traceback.format_exc())
+        if sink is None or self.stopped_by == "sink":
+            return
+        try:
+            sink(result)
+        except Exception:
+            if self.stopped_by is None:
+                self._halt(pool, "sink", traceback.format_exc())
 
     def _sample(self, elapsed: float) -> None:
         self.timed += 1
