@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added jobs.pickled; a version 1 journal is upgraded when opened to write
+READABLE_SCHEMAS = (1, 2)
 FLUSH_ROWS = 1000  # auto-flush when this many rows are buffered ...
 FLUSH_AGE = 0.5  # ... or when the oldest buffered row is this many seconds old
 PAGE = 1000  # rows per read statement in recorded() / rows()
@@ -31,11 +32,12 @@ _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value)",
     "CREATE TABLE jobs (idx INTEGER PRIMARY KEY, fp TEXT NOT NULL,"
     " status TEXT CHECK (status IN ('ok', 'failed')), value TEXT, error TEXT,"
-    " attempts INTEGER, worker INTEGER, elapsed REAL, finished_at REAL)",
+    " attempts INTEGER, worker INTEGER, elapsed REAL, finished_at REAL, pickled BLOB)",
 )
+_UPGRADE_1 = "ALTER TABLE jobs ADD COLUMN pickled BLOB"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _ADD_PENDING = "INSERT OR IGNORE INTO jobs (idx, fp) VALUES (?, ?)"  # never hides a final row
-_ADD_FINAL = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ADD_FINAL = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _COLUMNS = "idx, status, value, error, attempts, worker, elapsed"
 _KEYS = ("index", "ok", "value", "error", "attempts", "worker", "elapsed")
 
@@ -133,6 +135,24 @@ def _to_json(value: Any) -> str:
         return json.dumps(_safe_repr(value))
 
 
+def _pickled(value: Any) -> bytes | None:
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # it crossed from a worker, so it pickles; if not, JSON will have to do
+        return None
+
+
+def _unpickled(pickled: bytes | None, text: str | None) -> Any:
+    """The kept object, or the JSON form where there is none or it no longer loads (a class
+    renamed since)."""
+    if pickled is not None:
+        try:
+            return pickle.loads(pickled)
+        except Exception:
+            pass
+    return None if text is None else json.loads(text)
+
+
 def _safe_repr(value: Any) -> str:
     try:
         return repr(value)
@@ -198,6 +218,9 @@ class Journal:
         self._finals: list[tuple] = []
         self._oldest: float | None = None  # monotonic time of the oldest buffered row
         self._retry_at = 0.0  # no auto-flush before this, after a failed write
+        # Also keep each value pickled, so that outcome() gives back the very object (bytes,
+        # tuples, custom classes) that JSON would turn into something else: for a sink's replay.
+        self.keep_values = False
 
     # --- opening ---
 
@@ -263,10 +286,10 @@ class Journal:
             return None
         if "schema" not in meta or "jobs" not in tables:
             raise JournalError(f"journal {self.path} is not a batchpool journal")
-        if meta["schema"] != SCHEMA_VERSION:
+        if meta["schema"] not in READABLE_SCHEMAS:
             raise JournalError(
                 f"journal {self.path} has schema version {meta['schema']}, which this version "
-                f"of batchpool does not know (it knows {SCHEMA_VERSION})"
+                f"of batchpool does not know (it knows 1 to {SCHEMA_VERSION})"
             )
         return meta
 
@@ -282,6 +305,8 @@ class Journal:
                     f"journal {self.path} belongs to pipeline {owner}, not {pipeline}"
                 )
             self._meta = meta
+            if meta["schema"] != SCHEMA_VERSION:
+                self._commit({"schema": SCHEMA_VERSION}, upgrade=True)
             if fresh:
                 self._commit(_blank_run("empty", None), wipe=True)
         self.pipeline = pipeline
@@ -333,7 +358,8 @@ class Journal:
         err = None if error is None else _to_json(error)
         status = "ok" if ok else "failed"
         row = (int(index), fp, status, _to_json(value), err, int(attempts), worker, float(elapsed))
-        self._finals.append((*row, time.time()))
+        pickled = _pickled(value) if self.keep_values and value is not None else None
+        self._finals.append((*row, time.time(), pickled))
         self._added()
 
     def _added(self) -> None:
@@ -376,7 +402,12 @@ class Journal:
         self._commit(meta)
 
     def _commit(
-        self, meta: dict[str, Any] | None = None, *, wipe: bool = False, schema: bool = False
+        self,
+        meta: dict[str, Any] | None = None,
+        *,
+        wipe: bool = False,
+        schema: bool = False,
+        upgrade: bool = False,
     ) -> None:
         """Write the buffer (and meta) in one transaction; clear the buffer only once committed."""
         conn = self._require_writable()
@@ -384,6 +415,8 @@ class Journal:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA if schema else ():
                 conn.execute(statement)
+            if upgrade:
+                conn.execute(_UPGRADE_1)
             if wipe:
                 conn.execute("DELETE FROM jobs")
             if self._pending:
@@ -429,6 +462,22 @@ class Journal:
             error = None if error is None else json.loads(error)
             row = (idx, status == "ok", value, error, attempts, worker, elapsed)
             yield dict(zip(_KEYS, row, strict=True))
+
+    def outcome(self, index: int) -> dict[str, Any] | None:
+        """The final outcome recorded for ``index`` (as in rows()), or None. The value is the
+        object itself where it was kept pickled (``keep_values``), else its JSON form."""
+        sql = f"SELECT {_COLUMNS}, pickled FROM jobs WHERE idx = ? AND status IS NOT NULL"
+        try:
+            found = self._require().execute(sql, (index,)).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: cannot read: {_reason(exc)}") from exc
+        if found is None:
+            return None
+        idx, status, value, error, attempts, worker, elapsed, pickled = found
+        value = _unpickled(pickled, value)
+        error = None if error is None else json.loads(error)
+        row = (idx, status == "ok", value, error, attempts, worker, elapsed)
+        return dict(zip(_KEYS, row, strict=True))
 
     def _pages(self, columns: str, where: str = "1") -> Iterator[tuple]:
         """Keyset pagination: each page is one short statement, so no snapshot stays open."""

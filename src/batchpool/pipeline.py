@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .jobs import Job
 from .journal import Journal, JournalError, fingerprint
@@ -58,6 +58,20 @@ class SourceChangedError(JournalError):
             f"{index} differs from the recorded one (start over with --fresh)"
         )
         self.index = index
+
+
+@dataclass(frozen=True)
+class ReplayedResult(JobResult):
+    """A result recorded by an earlier run, rebuilt from the journal for a resumed run's sink.
+
+    The sink of a resumed run gets these too, so that it ends with the same data as an
+    uninterrupted run's; ``replayed`` tells it this one is not new (a sink with side effects
+    outside the process, like appending to a file, skips them). The value is the object the
+    job returned (the journal keeps it pickled while a sink is set), or its JSON form for
+    results recorded without a sink.
+    """
+
+    replayed: ClassVar[bool] = True
 
 
 @dataclass
@@ -107,7 +121,15 @@ class RunReport:
 
 
 class Pipeline:
-    """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed."""
+    """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed.
+
+    The sink runs in this process and gets each final result once the journal has committed
+    it, so a result never reaches it twice, whatever kills the run. A resumed run also hands
+    it the results earlier runs recorded, as ReplayedResult (``replayed`` is True), in index
+    order as the source reaches them: the sink ends with the same data as an uninterrupted
+    run's. Once the sink has raised, or a signal has stopped the run, it is not called again
+    in that run; the results the drain records meanwhile reach it as replays on ``--resume``.
+    """
 
     def __init__(
         self,
@@ -388,6 +410,8 @@ class _Run:
         self.timings: list[float] = []
         self.timed = 0
         self.rand = random.Random(0)
+        if journal is not None:
+            journal.keep_values = pipeline.sink is not None  # for replays to a later run's sink
 
     def execute(self, procs: int | None, pool_options: dict[str, Any]) -> RunReport:
         pipeline = self.pipeline
@@ -503,6 +527,9 @@ class _Run:
                 if recorded is not None and not (recorded == "failed" and self.retry_failed):
                     self.skipped += 1
                     self.progress.skip(recorded == "ok")
+                    self._replay(pool, index, payload)
+                    if self.stop.reason:
+                        return True, True
                     continue
                 batch.append(pool._make_job(index, payload, self.inbox))
                 self.outstanding += 1
@@ -573,6 +600,33 @@ class _Run:
                     self._halt(pool, "journal", str(exc))
                 return
         self._sink_committed(pool)
+
+    def _replay(self, pool: Pool, index: int, payload: Any) -> None:
+        """Hand the sink the outcome an earlier run recorded for ``index``."""
+        if self.pipeline.sink is None or self.stopped_by == "sink":
+            return
+        try:
+            row = self.journal.outcome(index)  # type: ignore[union-attr]
+        except JournalError as exc:
+            if self.stopped_by is None:
+                self._halt(pool, "journal", str(exc))
+            return
+        if row is None:
+            return
+        err = row["error"]
+        error = None
+        if err is not None:
+            error = JobError(
+                err.get("kind", "error"),
+                err.get("type", ""),
+                err.get("message", ""),
+                err.get("traceback", ""),
+                err.get("exitcode"),
+            )
+        replayed = ReplayedResult(
+            index, payload, row["value"], error, row["attempts"], row["elapsed"], row["worker"]
+        )
+        self._sink(pool, replayed)
 
     def _sink(self, pool: Pool, result: JobResult) -> None:
         sink = self.pipeline.sink
