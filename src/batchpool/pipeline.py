@@ -634,7 +634,9 @@ class _Run:
             return
         try:
             sink(result)
-        except Exception:
+        except _HardStop:
+            raise
+        except BaseException:  # sys.exit() in a sink fails the run too; the journal stays
             if self.stopped_by is None:
                 self._halt(pool, "sink", traceback.format_exc())
 
