@@ -275,7 +275,8 @@ def test_resume_skips_finished_jobs(tmp_path: Path) -> None:
     ran_before = len(read_lines(runs))
 
     sink = Collect()
-    pipe = Pipeline(payloads, Square(runs=runs), name="resumable", sink=sink)
+    # The same stages (a resume refuses others: test_run_errors.py).
+    pipe = Pipeline(payloads, Square(runs=runs, delay=0.05), name="resumable", sink=sink)
     with pytest.raises(UnfinishedRunError):
         pipe.run(PROCS, journal=journal, progress=False)
     report = pipe.run(PROCS, journal=journal, resume=True, progress=False)
@@ -298,11 +299,12 @@ def test_resume_skips_finished_jobs(tmp_path: Path) -> None:
 
 def test_changed_source_is_refused(tmp_path: Path) -> None:
     payloads = list(range(30))
-    journal, recorded = interrupted_run(tmp_path, payloads, str(tmp_path / "runs"))
+    runs = str(tmp_path / "runs")
+    journal, recorded = interrupted_run(tmp_path, payloads, runs)
     changed_at = max(recorded)
     changed = list(payloads)
     changed[changed_at] = "something else"
-    pipe = Pipeline(changed, Square(), name="resumable")
+    pipe = Pipeline(changed, Square(runs=runs, delay=0.05), name="resumable")
     with pytest.raises(SourceChangedError) as info:
         pipe.run(PROCS, journal=journal, resume=True, progress=False)
     assert isinstance(info.value, JournalError)

@@ -318,8 +318,15 @@ class Journal:
         """'empty' (no run recorded), 'unfinished' (a run began, did not complete), 'complete'."""
         return str(self._meta.get("state", "empty"))
 
-    def begin(self, *, total: int | None, resume: bool) -> None:
-        """Mark a run as started (state 'unfinished'), durably at once.
+    @property
+    def stages(self) -> str | None:
+        """The fingerprint of the stages that wrote the recorded outcomes (None: not known)."""
+        stages = self._meta.get("stages")
+        return None if stages is None else str(stages)
+
+    def begin(self, *, total: int | None, resume: bool, stages: str | None = None) -> None:
+        """Mark a run as started (state 'unfinished'), durably at once, with the fingerprint
+        of its ``stages`` (a resume may only continue outcomes of the same stages).
 
         ``resume=True`` keeps what is recorded. ``resume=False`` starts a new run: allowed on an
         empty journal, and on a complete one (its old outcomes are discarded: a plain re-run does
@@ -329,7 +336,7 @@ class Journal:
         if not resume and self.state == "unfinished":
             raise ValueError(f"journal {self.path} holds an unfinished run: resume it or wipe it")
         wipe = not resume and self.state == "complete"
-        self._commit(_blank_run("unfinished", total), wipe=wipe)
+        self._commit(_blank_run("unfinished", total, stages), wipe=wipe)
 
     def add_pending(self, index: int, fp: str) -> None:
         """Buffer: job submitted, not final. Never replaces a final outcome."""
@@ -575,9 +582,10 @@ class Journal:
         return self._require()
 
 
-def _blank_run(state: str, total: int | None) -> dict[str, Any]:
+def _blank_run(state: str, total: int | None, stages: str | None = None) -> dict[str, Any]:
     now = time.time() if state == "unfinished" else None
-    return {"state": state, "total": total, "started_at": now, "finished_at": None}
+    meta = {"state": state, "total": total, "started_at": now, "finished_at": None}
+    return {**meta, "stages": stages}
 
 
 def _read_pid(fd: int) -> int | None:

@@ -49,6 +49,16 @@ class UnfinishedRunError(JournalError):
     """The journal holds a run that did not finish; resume it or start fresh."""
 
 
+class StagesChangedError(JournalError):
+    """The stages differ from those that wrote the journal: their outcomes would not mix."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"the stages changed since journal {path} was written (other tasks, or tasks with "
+            "other attributes): their results would not mix (start over with --fresh)"
+        )
+
+
 class SourceChangedError(JournalError):
     """The source yields a different payload at an index than the journal recorded."""
 
@@ -178,8 +188,9 @@ class Pipeline:
         # KeyboardInterrupt and leave a half-written file.
         restore = stop.install()
         try:
-            book = _open_journal(journal, name, resume, fresh, retry_failed)
-            run = _Run(self, book, resume or retry_failed, retry_failed, progress, stop)
+            stages = stages_fingerprint(self.stages)
+            book = _open_journal(journal, name, stages, resume, fresh, retry_failed)
+            run = _Run(self, book, resume or retry_failed, retry_failed, progress, stop, stages)
             try:
                 report = run.execute(procs, pool_options)
             except BaseException:
@@ -204,7 +215,12 @@ class Pipeline:
 
 
 def _open_journal(
-    path: str | os.PathLike | None, name: str, resume: bool, fresh: bool, retry_failed: bool
+    path: str | os.PathLike | None,
+    name: str,
+    stages: str,
+    resume: bool,
+    fresh: bool,
+    retry_failed: bool,
 ) -> Journal | None:
     if path is None:
         return None
@@ -215,7 +231,26 @@ def _open_journal(
             f"journal {book.path} holds an unfinished run of {name!r}: "
             "continue it with --resume, or start over with --fresh"
         )
+    if (resume or retry_failed) and book.state != "empty" and book.stages not in (None, stages):
+        book.close()
+        raise StagesChangedError(book.path)
     return book
+
+
+# Task settings left out of the stages' fingerprint: how hard a job is tried is not what it
+# computes, and `--resume --retries 5` is how one tries harder.
+POLICY_SETTINGS = frozenset({"retries", "backoff", "max_backoff", "jitter", "timeout", "retry_on"})
+
+
+def stages_fingerprint(stages: Sequence[Task]) -> str:
+    """What the stages compute, stable across processes: each task's class name and instance
+    attributes (each fingerprinted alone, so one that cannot be pickled counts by its type)."""
+    parts = []
+    for task in stages:
+        attrs = getattr(task, "__dict__", {})
+        kept = sorted((k, fingerprint(v)) for k, v in attrs.items() if k not in POLICY_SETTINGS)
+        parts.append((type(task).__qualname__, kept))
+    return fingerprint(parts)
 
 
 def output_line(row: dict[str, Any]) -> str:
@@ -392,8 +427,10 @@ class _Run:
         retry_failed: bool,
         progress: bool,
         stop: _Stop,
+        stages: str,
     ) -> None:
         self.pipeline = pipeline
+        self.stages = stages
         self.journal = journal
         self.resume = resume
         self.retry_failed = retry_failed
@@ -429,7 +466,7 @@ class _Run:
         self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
         try:
             if self.journal is not None:
-                self.journal.begin(total=total, resume=self.resume)
+                self.journal.begin(total=total, resume=self.resume, stages=self.stages)
             self.stop.armed = True
             self._loop(pool, source)
         except _HardStop:
