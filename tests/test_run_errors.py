@@ -167,3 +167,157 @@ def test_resume_with_other_stages_is_refused(tmp_path: Path) -> None:
     assert [json.loads(line)["value"] for line in lines] == [n + 11 for n in range(300)]
     done = bp(*run, "--fresh", cwd=tmp_path, env={**os.environ, "STAGES": "three"})
     assert done.returncode == 0, done.stderr
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+SOURCES_PY = """
+import os
+import sqlite3
+import time
+
+from batchpool import Pipeline, Task
+
+
+class Square(Task):
+    retries = 0
+
+    def run(self, n):
+        time.sleep(float(os.environ.get("SLEEP", "0")))
+        return n * n
+
+
+def from_database():
+    # A cursor is bound to the thread that made its connection: the run must iterate the
+    # source in the thread that called this.
+    with open("calls.log", "a") as f:
+        f.write("called\\n")
+    what = os.environ.get("BREAK")
+    if what == "call":
+        raise ValueError("no such table: numbers")
+    if what == "oserror":
+        raise OSError(5, "Input/output error", "numbers.db")
+    conn = sqlite3.connect("numbers.db")
+    return (n for (n,) in conn.execute("SELECT n FROM numbers ORDER BY n"))
+
+
+def stop_at(result):
+    if result.index == int(os.environ.get("STOP_AT", "-1")):
+        raise RuntimeError("stop here")
+
+
+pipeline = Pipeline(from_database, Square(), name="sources", sink=stop_at)
+"""
+
+
+def numbers_db(folder: Path, n: int) -> None:
+    with closing(sqlite3.connect(folder / "numbers.db")) as conn, conn:
+        conn.execute("CREATE TABLE numbers (n INTEGER)")
+        conn.executemany("INSERT INTO numbers VALUES (?)", [(i,) for i in range(n)])
+
+
+def calls(folder: Path) -> int:
+    return (folder / "calls.log").read_text().count("called")
+
+
+def test_callable_source_is_called_once_in_the_thread_that_reads_it(tmp_path: Path) -> None:
+    write(tmp_path / "sources.py", SOURCES_PY)
+    numbers_db(tmp_path, 200)
+    run = ["run", "sources.py", "--procs", 2, "--no-progress"]
+    env = {**os.environ, "STOP_AT": "20", "SLEEP": "0.005"}
+    done = bp(*run, cwd=tmp_path, env=env)
+    assert done.returncode == 1 and "stop here" in done.stderr, done.stderr
+    assert calls(tmp_path) == 1
+    done = bp(*run, "--resume", "--output", "o.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert calls(tmp_path) == 2  # once more for the resumed run, not twice
+    lines = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert [json.loads(line)["value"] for line in lines] == [n * n for n in range(200)]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["run", "resume"])
+def test_callable_source_that_raises_is_a_failed_run(tmp_path: Path, resume: bool) -> None:
+    write(tmp_path / "sources.py", SOURCES_PY)
+    numbers_db(tmp_path, 40)
+    run = ["run", "sources.py", "--procs", 2, "--no-progress"]
+    if resume:  # an unfinished journal to resume
+        done = bp(*run, cwd=tmp_path, env={**os.environ, "STOP_AT": "3"})
+        assert done.returncode == 1, done.stderr
+    # --fresh: a failed run leaves its journal unfinished, and the next one starts over.
+    run.append("--resume" if resume else "--fresh")
+    for what, error in (("call", "ValueError: no such table"), ("oserror", "OSError: [Errno 5]")):
+        done = bp(*run, cwd=tmp_path, env={**os.environ, "BREAK": what})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("batchpool: run stopped (source):\nTraceback"), done.stderr
+        assert error in done.stderr and "from_database" in done.stderr
+        assert "stopped by source" in done.stderr  # the summary follows
+        assert "invalid settings" not in done.stderr
+
+
+CHANGING_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+
+class Mark(Task):
+    retries = 0
+
+    def run(self, n):
+        fd = os.open("started.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, b"%d\\n" % n)
+        os.close(fd)
+        time.sleep(0.01)
+        return n
+
+
+def started():
+    try:
+        with open("started.log") as f:
+            return len(f.read().split())
+    except FileNotFoundError:
+        return 0
+
+
+def numbers():
+    yield from range(50)
+    deadline = time.monotonic() + 30
+    while started() < 20 and time.monotonic() < deadline:  # let jobs run (and finish) first
+        time.sleep(0.01)
+    yield "not 50 any more"
+    yield from range(51, 60)
+
+
+pipeline = Pipeline(numbers(), Mark(), name="changing")  # a generator: no check before the run
+"""
+
+
+def test_changed_source_found_mid_run_keeps_what_ran(tmp_path: Path) -> None:
+    """A generator cannot be checked before the run: the change is found when the source
+    reaches index 50. What ran before is committed; the run is refused with exit 2."""
+    from batchpool.journal import Journal, fingerprint
+    from batchpool.pipeline import stages_fingerprint
+
+    write(tmp_path / "changing.py", CHANGING_PY)
+    journal = tmp_path / "j.sqlite"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import changing
+    finally:
+        sys.path.remove(str(tmp_path))
+    with Journal(journal, "changing") as book:  # an earlier run recorded index 50 only
+        book.begin(total=None, resume=False, stages=stages_fingerprint(changing.pipeline.stages))
+        book.add_final(
+            50, fingerprint(50), ok=True, value=50, error=None, attempts=1, worker=None, elapsed=0.0
+        )
+        book.finish(complete=False)
+    done = bp("run", "changing.py", "--procs", 2, "--journal", journal, "--resume", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    no_traceback(done.stderr)
+    assert "index 50" in done.stderr and "--fresh" in done.stderr
+    started = {int(x) for x in (tmp_path / "started.log").read_text().split()}
+    recorded = rows(journal)
+    assert started, "nothing ran before the change was found"
+    assert started <= set(recorded), f"ran but not kept: {sorted(started - set(recorded))}"
+    assert meta(journal)["state"] == "unfinished"

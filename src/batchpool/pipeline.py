@@ -197,6 +197,10 @@ class Pipeline:
                 if book is not None:
                     book.close(flush=False)
                 raise
+            if run.refusal is not None:  # found mid-run; what ran before is committed
+                if book is not None:
+                    book.close(flush=False)
+                raise run.refusal
             if book is not None:
                 try:
                     if output is not None:
@@ -283,21 +287,23 @@ class _Feed:
 
     A slow or blocking source (a network listing, a generator reading files) then never keeps
     the run loop from collecting results, journaling them and acting on signals. ``next()``
-    never blocks: it returns _EMPTY when no item is ready.
+    never blocks: it returns _EMPTY when no item is ready. A callable source is called here,
+    once, in the thread that iterates what it returns: a source bound to its thread (a sqlite3
+    cursor) works, and an error in the call is a source failure like any other.
     """
 
-    def __init__(self, iterator: Iterator[Any], size: int, poke: Callable[[], None]) -> None:
+    def __init__(self, source: Any, size: int, poke: Callable[[], None]) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=size)
         self.poke = poke
         self.closed = False
         thread = threading.Thread(
-            target=self._read, args=(iterator,), name="batchpool-source", daemon=True
+            target=self._read, args=(source,), name="batchpool-source", daemon=True
         )
         thread.start()
 
-    def _read(self, iterator: Iterator[Any]) -> None:
+    def _read(self, source: Any) -> None:
         try:
-            for item in enumerate(iterator):
+            for item in enumerate(source() if callable(source) else source):
                 if not self._put(item):
                     return
         except BaseException:
@@ -440,6 +446,7 @@ class _Run:
         self.inbox = _Inbox()
         self.error: str | None = None
         self.stopped_by: str | None = None
+        self.refusal: JournalError | None = None  # raised once the run has drained
         self.outstanding = 0
         self.succeeded = self.failed = self.skipped = 0
         self.failures: list[JobResult] = []
@@ -457,11 +464,7 @@ class _Run:
         if method == "forkserver" and pool_options.get("backend", "local") == "local":
             start_forkserver_ignoring_signals()
         pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
-        try:
-            source = self._source(WINDOW_PER_PROC * pool.procs)
-        except BaseException:
-            pool.terminate()
-            raise
+        source = self._source(WINDOW_PER_PROC * pool.procs)
         total = _length(pipeline.source)
         self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
         try:
@@ -495,17 +498,11 @@ class _Run:
         return self._report(metrics, time.monotonic() - started, not complete)
 
     def _source(self, window: int) -> Iterator[Any]:
-        """(index, payload) or (index, payload, recorded status), or _EMPTY: never blocks."""
-        source = self.pipeline.source
-        if (
-            self.journal is not None
-            and self.resume
-            and (callable(source) or isinstance(source, Sequence))
-        ):
-            # Re-readable: refuse a changed source before running anything.
-            for _ in _merge(enumerate(source() if callable(source) else source), self.journal):
-                pass
-        self.feed = _Feed(iter(source() if callable(source) else source), window, self.inbox.poke)
+        """(index, payload) or (index, payload, recorded status), or _EMPTY: never blocks.
+
+        A resume checks the source against the journal as it streams (a callable source is
+        called once, and a generator cannot be read twice): a change stops the run there."""
+        self.feed = _Feed(self.pipeline.source, window, self.inbox.poke)
         if self.journal is None or not self.resume:
             return self.feed
         return _merge(self.feed, self.journal)
@@ -575,6 +572,13 @@ class _Run:
             return False, False
         except _SourceFailed as exc:
             self._halt(pool, "source", exc.text)
+            return False, False
+        except SourceChangedError as exc:  # drain and commit what ran, then refuse
+            self.refusal = exc
+            self._halt(pool, "source", str(exc))
+            return False, False
+        except JournalError as exc:  # reading what the journal recorded failed
+            self._halt(pool, "journal", str(exc))
             return False, False
         finally:
             if batch:
