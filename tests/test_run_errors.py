@@ -321,3 +321,56 @@ def test_changed_source_found_mid_run_keeps_what_ran(tmp_path: Path) -> None:
     assert started, "nothing ran before the change was found"
     assert started <= set(recorded), f"ran but not kept: {sorted(started - set(recorded))}"
     assert meta(journal)["state"] == "unfinished"
+
+
+# -- workers that cannot start ----------------------------------------------------------------
+
+SETUP_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+
+class NeedsGpu(Task):
+    retries = 0
+
+    def setup(self):
+        if os.path.exists("gpu-gone"):
+            raise RuntimeError("no GPU here")
+
+    def run(self, n):
+        time.sleep(0.05)
+        if n == 5 and not os.path.exists("crashed-once"):
+            open("crashed-once", "w").close()
+            open("gpu-gone", "w").close()  # every worker started from now on fails setup()
+            os._exit(1)
+        return n * n
+
+
+pipeline = Pipeline(list(range(30)), NeedsGpu(), name="gpu")
+"""
+
+
+def test_jobs_that_never_ran_are_not_recorded_when_workers_cannot_start(tmp_path: Path) -> None:
+    write(tmp_path / "gpu.py", SETUP_PY)
+    journal = tmp_path / ".batchpool" / "gpu.sqlite"
+    run = ["run", "gpu.py", "--procs", 1, "--no-progress"]  # no other worker takes the rest
+    done = bp(*run, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "RuntimeError: no GPU here" in done.stderr
+    assert "--resume" in done.stderr and "--retry-failed" in done.stderr, done.stderr
+    recorded = rows(journal)
+    assert recorded[5] == "failed"  # it ran (and crashed its worker): recorded as usual
+    assert [i for i, status in recorded.items() if status == "failed"] == [5]
+    assert len(recorded) < 30, "jobs that never ran were recorded"
+    assert f"{len(recorded)} jobs: {len(recorded) - 1} ok, 1 failed" in done.stderr
+
+    (tmp_path / "gpu-gone").unlink()  # the cause is fixed
+    done = bp(*run, "--resume", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # job 5 stays failed: --resume keeps outcomes
+    assert "30 jobs: 29 ok, 1 failed" in done.stderr
+    done = bp(*run, "--retry-failed", "--output", "o.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert [json.loads(line)["value"] for line in lines] == [n * n for n in range(30)]

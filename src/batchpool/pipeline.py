@@ -447,6 +447,7 @@ class _Run:
         self.error: str | None = None
         self.stopped_by: str | None = None
         self.refusal: JournalError | None = None  # raised once the run has drained
+        self.broken: JobError | None = None  # why workers cannot start
         self.outstanding = 0
         self.succeeded = self.failed = self.skipped = 0
         self.failures: list[JobResult] = []
@@ -530,7 +531,8 @@ class _Run:
                 return
             broken = pool._supervisor.broken
             if broken is not None and self.stopped_by is None:
-                self._halt(pool, "setup", f"workers cannot start: {broken.type}: {broken.message}")
+                self.broken = broken
+                self._halt(pool, "setup", None)  # the message, once the counts are known
             intake = intake and self.stopped_by is None
             more = False
             if intake and self.outstanding < window:
@@ -614,6 +616,8 @@ class _Run:
         pool._supervisor.post(("drain",))
 
     def _final(self, pool: Pool, result: JobResult) -> None:
+        if result.error is not None and result.error is pool._supervisor.broken:
+            return  # failed unrun by a pool that cannot start workers: a resume runs it
         if result.ok:
             self.succeeded += 1
         else:
@@ -695,6 +699,8 @@ class _Run:
         if self.journal is not None:
             counts = self.journal.counts()
             succeeded, failed = counts["ok"], counts["failed"]
+        if self.broken is not None:
+            self.error = self._cannot_start(self.broken, failed)
         timings = sorted(self.timings)
         return RunReport(
             succeeded=succeeded,
@@ -712,6 +718,21 @@ class _Run:
             peak_rss=self.progress.peak_rss,
             journal=str(self.journal.path) if self.journal is not None else None,
         )
+
+    def _cannot_start(self, broken: JobError, failed: int) -> str:
+        """The setup error, with its traceback, and the way on: the jobs that did not run are
+        not recorded, so a resume runs them once the cause is fixed."""
+        lines = [broken.traceback.rstrip()] if broken.traceback else []
+        lines.append(f"workers cannot start: {broken.type}: {broken.message}")
+        if self.journal is None:
+            lines.append("the jobs that did not run were not done: fix the cause and run again")
+        else:
+            hint = "the jobs that did not run are not recorded: fix the cause, then use --resume"
+            if failed:
+                jobs = "job" if failed == 1 else "jobs"
+                hint += f" (or --retry-failed to rerun the {failed} failed {jobs} too)"
+            lines.append(hint)
+        return "\n".join(lines)
 
 
 def _merge(source: Iterator[Any], journal: Journal) -> Iterator[Any]:
