@@ -249,6 +249,8 @@ def run(pipeline: str, **opts: Any) -> None:
         Path(opts["report"]).write_text(json.dumps(report.to_dict(), indent=2, default=repr))
     if report.stopped_by in EXIT_SIGNAL:
         sys.exit(EXIT_SIGNAL[report.stopped_by])
+    if report.stopped_by == "journal":  # disk full, journal deleted: a journal error
+        sys.exit(EXIT_USAGE)
     sys.exit(EXIT_FAILED if report.failed or report.error else 0)
 
 

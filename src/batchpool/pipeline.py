@@ -716,7 +716,7 @@ class _Run:
             attempt_p50=_quantile(timings, 0.50),
             attempt_p95=_quantile(timings, 0.95),
             peak_rss=self.progress.peak_rss,
-            journal=str(self.journal.path) if self.journal is not None else None,
+            journal=None if self.journal is None or self.journal.lost else str(self.journal.path),
         )
 
     def _cannot_start(self, broken: JobError, failed: int) -> str:
