@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from helpers import group_alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -374,3 +376,69 @@ def test_jobs_that_never_ran_are_not_recorded_when_workers_cannot_start(tmp_path
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "o.jsonl").read_text().splitlines()
     assert [json.loads(line)["value"] for line in lines] == [n * n for n in range(30)]
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+SLOW_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+
+class Slow(Task):
+    retries = 0
+
+    def run(self, n):
+        fd = os.open("runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, b"%d\\n" % n)
+        os.close(fd)
+        time.sleep(float(os.environ.get("SLEEP", "0.3")))
+        return n
+
+
+pipeline = Pipeline(list(range(int(os.environ.get("N", "24")))), Slow(), name="slow")
+"""
+
+
+def started_jobs(folder: Path) -> list[int]:
+    try:
+        return [int(x) for x in (folder / "runs.log").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
+    """A hangup (the shell forwards it to the whole job's process group) drains the attempts
+    in flight into the journal and exits 129 (128 + SIGHUP); --resume completes the run."""
+    write(tmp_path / "slow.py", SLOW_PY)
+    proc = subprocess.Popen(
+        [*CLI, "run", "slow.py", "--procs", "2", "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: len(started_jobs(tmp_path)) >= 4 or proc.poll() is not None, 60, "jobs")
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert "stopped by SIGHUP" in err and "crashes 0" in err, err
+    no_traceback(err)
+    wait_for(lambda: not group_alive(proc.pid), 15, "the process group to be empty")
+    recorded = rows(tmp_path / ".batchpool" / "slow.sqlite")
+    assert recorded and set(recorded.values()) == {"ok"}  # drained: the jobs in flight ended ok
+    assert len(recorded) < 24
+    ran = len(started_jobs(tmp_path))
+    done = bp(
+        "run", "slow.py", "--procs", 2, "--resume", cwd=tmp_path, env={**os.environ, "SLEEP": "0"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(started_jobs(tmp_path)[ran:]) == sorted(set(range(24)) - set(recorded))

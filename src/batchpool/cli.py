@@ -1,7 +1,7 @@
 """The ``batchpool`` command: run a pipeline file, export a journal's results.
 
 Exit codes: 0 all jobs ok; 1 some failed (or the run stopped on an error after doing work);
-2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM.
+2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM; 129 after SIGHUP.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .progress import summary
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+EXIT_SIGNAL = {sig.name: 128 + sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 

@@ -409,10 +409,11 @@ class _Stop:
                 raise _HardStop()
 
     def install(self) -> Callable[[], None]:
-        """Route SIGINT/SIGTERM here while the run lasts (main thread only)."""
+        """Route SIGINT, SIGTERM and SIGHUP here while the run lasts (main thread only): a
+        hangup (a closed terminal, a dropped ssh session) drains like a SIGTERM."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
         old = {sig: signal.signal(sig, lambda s, f: self.request(names[s])) for sig in names}
 
         def restore() -> None:
@@ -463,7 +464,7 @@ class _Run:
         started = time.monotonic()
         method = pool_options.get("start_method") or default_start_method()
         if method == "forkserver" and pool_options.get("backend", "local") == "local":
-            start_forkserver_ignoring_signals()
+            _start_forkserver()
         pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
         source = self._source(WINDOW_PER_PROC * pool.procs)
         total = _length(pipeline.source)
@@ -753,6 +754,20 @@ def _merge(source: Iterator[Any], journal: Journal) -> Iterator[Any]:
             yield index, payload, current[2]
         else:
             yield index, payload, None
+
+
+def _start_forkserver() -> None:
+    """The forkserver, started with SIGHUP ignored as well as SIGTERM and SIGINT: a hangup
+    forwarded to the process group must not kill it, nor the workers it forks (they inherit the
+    disposition), so that the run drains."""
+    if threading.current_thread() is not threading.main_thread():
+        start_forkserver_ignoring_signals()
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        start_forkserver_ignoring_signals()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _length(source: Any) -> int | None:
