@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -442,3 +444,72 @@ def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert sorted(started_jobs(tmp_path)[ran:]) == sorted(set(range(24)) - set(recorded))
+
+
+SLOW_SINK_PY = """
+import os
+import time
+
+from batchpool import Pipeline, Task
+
+
+class Quick(Task):
+    def run(self, n):
+        time.sleep(0.002)
+        return n
+
+
+def sink(result):
+    with open("sink.log", "a") as f:
+        f.write(f"{result.index}\\n")
+    time.sleep(0.3)
+
+
+pipeline = Pipeline(list(range(2000)), Quick(), name="slowsink", sink=sink)
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+def test_first_sigint_says_what_it_waits_for_and_not_for_a_slow_sink(
+    tmp_path: Path, quiet: bool
+) -> None:
+    write(tmp_path / "slowsink.py", SLOW_SINK_PY)
+    sink_log = tmp_path / "sink.log"
+    args = ["run", "slowsink.py", "--procs", "2", "--no-progress", *(["-q"] if quiet else [])]
+    proc = subprocess.Popen(
+        [*CLI, *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                (sink_log.exists() and len(sink_log.read_text().split()) >= 2)
+                or proc.poll() is not None
+            ),
+            60,
+            "the sink to be called",
+        )
+        os.killpg(proc.pid, signal.SIGINT)
+        struck = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - struck
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert took < 5, f"one Ctrl-C took {took:.1f} s: the drain fed the slow sink its backlog"
+    said = [line for line in err.splitlines() if "finishing" in line]
+    if quiet:
+        assert err == ""
+    else:
+        assert len(said) == 1, err
+        assert re.fullmatch(
+            r"batchpool: finishing \d+ running jobs; Ctrl-C again to stop now", said[0]
+        )
+    recorded = rows(tmp_path / ".batchpool" / "slowsink.sqlite")
+    assert len(sink_log.read_text().split()) < len(recorded), "the sink got all it would anyway"

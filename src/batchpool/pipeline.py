@@ -9,6 +9,7 @@ handing it to the sink. Signals only set flags here; the loop acts on them betwe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import random
@@ -30,6 +31,8 @@ from .processes import start_forkserver_ignoring_signals
 from .progress import Progress
 from .results import JobError, JobResult, Metrics
 from .task import Task, resolve_policy
+
+log = logging.getLogger("batchpool")
 
 MAX_FAILURES_KEPT = 1000  # RunReport.failures keeps the first ones; counts stay exact
 TIMING_SAMPLES = 10_000  # reservoir for p50/p95 attempt time: bounded memory
@@ -449,6 +452,7 @@ class _Run:
         self.stopped_by: str | None = None
         self.refusal: JournalError | None = None  # raised once the run has drained
         self.broken: JobError | None = None  # why workers cannot start
+        self.signal_seen = False
         self.outstanding = 0
         self.succeeded = self.failed = self.skipped = 0
         self.failures: list[JobResult] = []
@@ -526,8 +530,7 @@ class _Run:
         window = WINDOW_PER_PROC * pool.procs
         intake = True
         while True:
-            if self.stop.reason and self.stopped_by is None:
-                self._halt(pool, self.stop.reason, None)
+            self._signalled(pool)
             if self.stop.hard:
                 return
             broken = pool._supervisor.broken
@@ -610,6 +613,19 @@ class _Run:
         for result in results:
             self._sink(pool, result)
 
+    def _signalled(self, pool: Pool) -> bool:
+        """True once a signal asked the run to stop. The first time: stop (unless the run is
+        stopping already) and say what the drain waits for and how to cut it short."""
+        if self.stop.reason is None:
+            return False
+        if not self.signal_seen:
+            self.signal_seen = True
+            if self.stopped_by is None:
+                self._halt(pool, self.stop.reason, None)
+            running = pool.metrics().in_flight
+            log.warning("finishing %d running jobs; Ctrl-C again to stop now", running)
+        return True
+
     def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
         """Stop intake; let attempts already running finish; drop jobs not started."""
         self.stopped_by = reason
@@ -649,7 +665,7 @@ class _Run:
 
     def _replay(self, pool: Pool, index: int, payload: Any) -> None:
         """Hand the sink the outcome an earlier run recorded for ``index``."""
-        if self.pipeline.sink is None or self.stopped_by == "sink":
+        if self.pipeline.sink is None or self.stopped_by == "sink" or self._signalled(pool):
             return
         try:
             row = self.journal.outcome(index)  # type: ignore[union-attr]
@@ -675,8 +691,10 @@ class _Run:
         self._sink(pool, replayed)
 
     def _sink(self, pool: Pool, result: JobResult) -> None:
+        """After a signal the sink gets nothing more: the drain waits only for the attempts in
+        flight, never for a slow sink's backlog (a resume replays what it missed)."""
         sink = self.pipeline.sink
-        if sink is None or self.stopped_by == "sink":
+        if sink is None or self.stopped_by == "sink" or self._signalled(pool):
             return
         try:
             sink(result)
