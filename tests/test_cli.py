@@ -428,7 +428,7 @@ def test_package_module_name(tmp_path: Path, start_method: str) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert [x["value"] for x in check_output(tmp_path / "o.jsonl", 5)] == [0, 1, 8, 27, 64]
-    assert (tmp_path / ".batchpool" / "pipes.sqlite").is_file()  # the module's name
+    assert (tmp_path / ".batchpool" / "pipes-cubes.sqlite").is_file()  # module and attribute
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from .backends import BackendUnavailable
 from .journal import Journal, JournalError
-from .pipeline import DEFAULT_JOURNAL, Pipeline, output_line
+from .pipeline import DEFAULT_JOURNAL, Pipeline, default_name, output_line
 from .progress import summary
 
 EXIT_FAILED = 1
@@ -80,7 +80,7 @@ def load_pipeline(spec: str) -> Pipeline:
     if preload:
         obj.preload = [preload]
     if obj.name is None:
-        obj.name = stem
+        obj.name = default_name(stem, attr)
     return obj
 
 
@@ -222,7 +222,7 @@ def run(pipeline: str, **opts: Any) -> None:
     if opts["backend"] != "local":
         pool_options["backend"] = opts["backend"]
     try:
-        report = pipe.run(
+        report = pipe._execute(
             opts["procs"],
             journal=journal,
             resume=opts["resume"],

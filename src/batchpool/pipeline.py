@@ -14,6 +14,7 @@ import os
 import queue
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -162,6 +163,8 @@ class Pipeline:
         self.name = name
         self.sink = sink
         self.preload: list[tuple[str, str]] = []  # (module name, file) workers import first
+        # The globals of the module that built it: its file and attribute name the journal.
+        self._origin: dict[str, Any] = sys._getframe(1).f_globals
 
     def run(
         self,
@@ -178,8 +181,38 @@ class Pipeline:
         """Run to the end (or until stopped) and report.
 
         ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
+        A Ctrl-C drains the attempts in flight into the journal, then raises
+        KeyboardInterrupt (a second one stops at once); ``resume=True`` continues from there.
+        SIGTERM and SIGHUP drain too and return a report with ``interrupted`` set.
         """
-        name = self.name or "pipeline"
+        report = self._execute(
+            procs,
+            journal=journal,
+            resume=resume,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            progress=progress,
+            output=output,
+            **pool_options,
+        )
+        if report.stopped_by == "SIGINT":
+            raise KeyboardInterrupt
+        return report
+
+    def _execute(
+        self,
+        procs: int | None,
+        *,
+        journal: str | os.PathLike | None,
+        resume: bool,
+        fresh: bool,
+        retry_failed: bool,
+        progress: bool,
+        output: str | os.PathLike | None,
+        **pool_options: Any,
+    ) -> RunReport:
+        """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
+        name = self._name()
         if journal is DEFAULT_JOURNAL:
             journal = Path(".batchpool") / f"{name}.sqlite"
         tmp = None
@@ -219,6 +252,22 @@ class Pipeline:
             restore()
             if tmp is not None:
                 tmp.cleanup()
+
+    def _name(self) -> str:
+        """``name``, or one made from where the pipeline is defined, so that two unnamed
+        pipelines of one file keep two journals: see default_name(). "pipeline" where neither
+        file nor attribute is known (an interactive session)."""
+        if self.name:
+            return self.name
+        attr = next((k for k, v in self._origin.items() if v is self), "pipeline")
+        file = self._origin.get("__file__")
+        return default_name(Path(file).stem, attr) if file else attr
+
+
+def default_name(stem: str, attr: str) -> str:
+    """An unnamed pipeline's name: the file's stem, and the attribute unless it is the usual
+    ``pipeline`` (``jobs.py`` -> "jobs", ``jobs.py:other`` -> "jobs-other")."""
+    return stem if attr == "pipeline" else f"{stem}-{attr}"
 
 
 def _open_journal(
