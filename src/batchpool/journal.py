@@ -608,8 +608,13 @@ class Journal:
 
 def _blank_run(state: str, total: int | None, stages: str | None = None) -> dict[str, Any]:
     now = time.time() if state == "unfinished" else None
-    meta = {"state": state, "total": total, "started_at": now, "finished_at": None}
-    return {**meta, "stages": stages}
+    return {
+        "state": state,
+        "total": total,
+        "started_at": now,
+        "finished_at": None,
+        "stages": stages,
+    }
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

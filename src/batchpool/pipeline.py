@@ -671,8 +671,9 @@ class _Run:
             self.signal_seen = True
             if self.stopped_by is None:
                 self._halt(pool, self.stop.reason, None)
-            running = pool.metrics().in_flight
-            log.warning("finishing %d running jobs; Ctrl-C again to stop now", running)
+            if not self.stop.hard:  # after a second signal there is nothing left to finish
+                running = pool.metrics().in_flight
+                log.warning("finishing %d running jobs; Ctrl-C again to stop now", running)
         return True
 
     def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
