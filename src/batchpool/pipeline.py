@@ -180,10 +180,12 @@ class Pipeline:
     ) -> RunReport:
         """Run to the end (or until stopped) and report.
 
-        ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
-        A Ctrl-C drains the attempts in flight into the journal, then raises
-        KeyboardInterrupt (a second one stops at once); ``resume=True`` continues from there.
-        SIGTERM and SIGHUP drain too and return a report with ``interrupted`` set.
+        ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite`` (an
+        unnamed pipeline is named after its file and attribute: see default_name()).
+
+        A Ctrl-C drains the attempts in flight into the journal, then raises KeyboardInterrupt
+        (a second one stops at once); ``resume=True`` continues from there. SIGTERM and SIGHUP
+        drain too and return a report with ``interrupted`` set.
         """
         report = self._execute(
             procs,
