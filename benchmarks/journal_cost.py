@@ -38,7 +38,7 @@ from harness import RssSampler  # noqa: E402
 from workloads import CallTask, calibrate, noop, spin, stream_source  # noqa: E402
 
 import batchpool  # noqa: E402
-from batchpool import JobResult, Pipeline  # noqa: E402
+from batchpool import JobResult, Pipeline, RunReport  # noqa: E402
 
 PROCS = 2
 MB = 1024 * 1024
@@ -58,8 +58,9 @@ class Checksum:
 
 
 class Watchdog:
-    """Interrupts this process (SIGINT: the running pipeline drains and returns) when the sink
-    has seen no new result for ``STALL_S`` seconds."""
+    """Interrupts this process (SIGINT: the running pipeline drains and raises
+    KeyboardInterrupt, which ``run`` below turns into None) when the sink has seen no new
+    result for ``STALL_S`` seconds."""
 
     def __init__(self, sink: Checksum) -> None:
         self.sink = sink
@@ -85,6 +86,15 @@ class Watchdog:
         self._stop.set()
         self._thread.join()
 
+    def run(self, pipe: Pipeline, path: Path | None) -> RunReport | None:
+        """The pipeline's report, or None when this watchdog stopped it."""
+        try:
+            return pipe.run(procs=PROCS, progress=False, journal=path)
+        except KeyboardInterrupt:
+            if not self.fired:
+                raise
+            return None
+
 
 def timed_run(
     payloads: Iterable[Any], fn: Callable[[Any], Any], n: int, expected_sum: int, journal: bool
@@ -97,7 +107,7 @@ def timed_run(
         path = Path(tmp) / "journal.sqlite" if journal else None
         with Watchdog(sink) as dog:
             t0 = time.perf_counter()
-            report = pipe.run(procs=PROCS, progress=False, journal=path)
+            report = dog.run(pipe, path)
             took = time.perf_counter() - t0
         if dog.fired:
             print(f"  (stalled: {sink.count} of {n} jobs, journal={journal})", file=sys.stderr)
@@ -107,7 +117,7 @@ def timed_run(
                 rows = conn.execute("SELECT count(*) FROM jobs WHERE status = 'ok'").fetchone()[0]
             if rows != n:
                 raise RuntimeError(f"journal holds {rows} ok rows for {n} jobs")
-    if report.succeeded != n or sink.count != n or sink.total != expected_sum:
+    if report is None or report.succeeded != n or sink.count != n or sink.total != expected_sum:
         raise RuntimeError(f"wrong run: {report.succeeded}/{sink.count} ok of {n}")
     return took
 
@@ -154,10 +164,10 @@ def rss_child(n: int) -> None:
         pipe = Pipeline(stream_source(n), CallTask(noop), name="journal_cost_rss", sink=sink)
         with RssSampler() as rss, Watchdog(sink) as dog:
             t0 = time.perf_counter()
-            report = pipe.run(procs=PROCS, progress=False, journal=path)
+            report = dog.run(pipe, path)
             took = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-    if not dog.fired and (report.succeeded != n or sink.total != n * (n - 1) // 2):
+    if report is not None and (report.succeeded != n or sink.total != n * (n - 1) // 2):
         raise RuntimeError(f"wrong run: {report.succeeded} ok of {n}")
     row = {"jobs": n, "baseline": rss.baseline, "peak": rss.peak, "secs": took, "bytes": size}
     print(json.dumps({**row, "done": sink.count, "stalled": dog.fired}))

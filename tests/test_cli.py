@@ -133,6 +133,31 @@ def reason(stderr: str) -> str:
     return lines[0]
 
 
+class StderrSoFar:
+    """A child's stderr pipe read without blocking, so a wait_for predicate can poll it.
+    ``rest()``: all it wrote, once it has ended (read to the end by communicate())."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.fd = proc.stderr.fileno()
+        self.data = b""
+        os.set_blocking(self.fd, False)
+
+    def text(self) -> str:
+        try:
+            while chunk := os.read(self.fd, 65536):
+                self.data += chunk
+        except BlockingIOError:
+            pass
+        return self.data.decode(errors="replace")
+
+    def rest(self, timeout: float) -> str:
+        text = self.text()
+        os.set_blocking(self.fd, True)
+        _, rest = self.proc.communicate(timeout=timeout)
+        return text + rest
+
+
 def gone(pids: list[int]) -> bool:
     for pid in pids:
         try:
@@ -403,7 +428,7 @@ def test_package_module_name(tmp_path: Path, start_method: str) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert [x["value"] for x in check_output(tmp_path / "o.jsonl", 5)] == [0, 1, 8, 27, 64]
-    assert (tmp_path / ".batchpool" / "pipes.sqlite").is_file()  # the module's name
+    assert (tmp_path / ".batchpool" / "pipes-cubes.sqlite").is_file()  # module and attribute
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
@@ -633,9 +658,12 @@ def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
         wait_for(lambda: len(read_lines(runs)) >= 2, 60, "both workers to be busy")
         os.killpg(proc.pid, signal.SIGINT)
         first = time.monotonic()
-        time.sleep(0.3)
+        # The second Ctrl-C once the run says it is draining (a second one before it looked
+        # is test_durability.py's test_double_sigint_before_the_loop_looks case).
+        stderr = StderrSoFar(proc)
+        wait_for(lambda: "finishing" in stderr.text(), 30, "the drain's message")
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        err = stderr.rest(timeout=60)
         took = time.monotonic() - first
     finally:
         if proc.poll() is None:
@@ -644,6 +672,7 @@ def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert took < 6, f"the second Ctrl-C took {took:.1f} s: it waited for the 8 s jobs"
+    assert re.search(r"finishing \d+ running jobs; Ctrl-C again to stop now", err), err
     wait_for(lambda: not group_alive(proc.pid), 15, "the process group to be empty")
     recorded = interrupted_journal_results(tmp_path, n)
     assert not recorded  # nothing had finished

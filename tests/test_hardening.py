@@ -120,20 +120,20 @@ def test_cli_run_with_a_result_that_breaks_in_the_parent_ends(tmp_path: Path) ->
 # -- 3. the supervisor thread dies anyway ----------------------------------------------------------
 
 
-def _break_loop_after(pool: Pool, steps: int) -> None:
+def _break_loop(pool: Pool, method: str, after: int = 0) -> None:
     """Fault injection into the engine itself (the one place tests reach inside): the
-    supervisor's step raises after ``steps`` passes."""
+    supervisor's ``method`` raises once it has run ``after`` times."""
     supervisor = pool._supervisor
-    real = supervisor._dispatch
+    real = getattr(supervisor, method)
     calls = {"n": 0}
 
-    def failing(now: float) -> None:
+    def failing(*args: object) -> object:
         calls["n"] += 1
-        if calls["n"] > steps:
+        if calls["n"] > after:
             raise RuntimeError("injected supervisor fault")
-        real(now)
+        return real(*args)
 
-    supervisor._dispatch = failing  # type: ignore[method-assign]
+    setattr(supervisor, method, failing)
 
 
 @pytest.mark.timeout(60)
@@ -142,7 +142,7 @@ def test_supervisor_death_fails_every_future_and_breaks_the_pool(tmp_path: Path)
     try:
         pool.map([0.0, 0.0])  # the pool works
         pids = pool.pids()
-        _break_loop_after(pool, 0)
+        _break_loop(pool, "_on_results")  # the first result that comes back
         futures = [pool.submit(0.2) for _ in range(5)]
         for future in futures:
             result = future.result(timeout=20)
@@ -164,7 +164,7 @@ def test_supervisor_death_during_map_fails_its_jobs_then_map_raises() -> None:
     pool = Pool(Sleep(0.05), procs=2)
     try:
         pool.map([0.0])
-        _break_loop_after(pool, 3)
+        _break_loop(pool, "_dispatch", after=3)
         results = pool.map([0.05] * 50)  # returns: the jobs it posted fail as results
         failed = [r for r in results if not r.ok]
         assert failed and {r.error.type for r in failed} == {"SupervisorError"}

@@ -17,7 +17,7 @@ import pytest
 
 from batchpool import JobResult, PermanentError, Pipeline, RunReport, Task
 from batchpool.journal import Journal, JournalError
-from batchpool.pipeline import SourceChangedError, UnfinishedRunError
+from batchpool.pipeline import ReplayedResult, SourceChangedError, UnfinishedRunError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -275,7 +275,8 @@ def test_resume_skips_finished_jobs(tmp_path: Path) -> None:
     ran_before = len(read_lines(runs))
 
     sink = Collect()
-    pipe = Pipeline(payloads, Square(runs=runs), name="resumable", sink=sink)
+    # The same stages (a resume refuses others: test_run_errors.py).
+    pipe = Pipeline(payloads, Square(runs=runs, delay=0.05), name="resumable", sink=sink)
     with pytest.raises(UnfinishedRunError):
         pipe.run(PROCS, journal=journal, progress=False)
     report = pipe.run(PROCS, journal=journal, resume=True, progress=False)
@@ -284,7 +285,13 @@ def test_resume_skips_finished_jobs(tmp_path: Path) -> None:
     ran_after = {int(x) for x in read_lines(runs)[ran_before:]}
     assert not ran_after & recorded, "jobs recorded as final ran again"
     assert ran_after == set(payloads) - recorded
-    assert {r.index for r in sink.results} == set(payloads) - recorded
+    # The sink gets the new results, and the recorded ones replayed, in index order.
+    live = [r for r in sink.results if not isinstance(r, ReplayedResult)]
+    replayed = [r for r in sink.results if isinstance(r, ReplayedResult)]
+    assert {r.index for r in live} == set(payloads) - recorded
+    assert [r.index for r in replayed] == sorted(recorded)
+    assert all(r.replayed and r.payload == r.index for r in replayed)
+    assert all(r.ok and r.value == r.index**2 and r.attempts == 1 for r in replayed)
     rows = journal_rows(journal)
     assert [r["index"] for r in rows] == payloads
     assert all(r["value"] == r["index"] ** 2 for r in rows)
@@ -292,11 +299,12 @@ def test_resume_skips_finished_jobs(tmp_path: Path) -> None:
 
 def test_changed_source_is_refused(tmp_path: Path) -> None:
     payloads = list(range(30))
-    journal, recorded = interrupted_run(tmp_path, payloads, str(tmp_path / "runs"))
+    runs = str(tmp_path / "runs")
+    journal, recorded = interrupted_run(tmp_path, payloads, runs)
     changed_at = max(recorded)
     changed = list(payloads)
     changed[changed_at] = "something else"
-    pipe = Pipeline(changed, Square(), name="resumable")
+    pipe = Pipeline(changed, Square(runs=runs, delay=0.05), name="resumable")
     with pytest.raises(SourceChangedError) as info:
         pipe.run(PROCS, journal=journal, resume=True, progress=False)
     assert isinstance(info.value, JournalError)

@@ -1,8 +1,8 @@
 """The ``batchpool`` command: run a pipeline file, export a journal's results.
 
 Exit codes: 0 all jobs ok; 1 some failed (or the run stopped on an error after doing work);
-2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM. Every message of
-the command starts with ``batchpool:``, click's own usage errors included.
+2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM; 129 after SIGHUP.
+Every message of the command starts with ``batchpool:``, click's own usage errors included.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from . import __version__
 from .backends import BackendUnavailable
 from .formatting import csv_cell, to_json
 from .journal import Journal, JournalError
-from .pipeline import DEFAULT_JOURNAL, Pipeline, RunReport, output_line
+from .pipeline import DEFAULT_JOURNAL, Pipeline, RunReport, default_name, output_line
 from .progress import summary
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+EXIT_SIGNAL = {sig.name: 128 + sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MIN_MEMORY = 1024**2  # no Python worker runs in less: a smaller limit is a typo for MB
 
@@ -89,7 +89,7 @@ def load_pipeline(spec: str) -> Pipeline:
     if preload:
         obj.preload = [preload]
     if obj.name is None:
-        obj.name = stem
+        obj.name = default_name(stem, attr)
     return obj
 
 
@@ -316,7 +316,7 @@ def run(pipeline: str, **opts: Any) -> None:
     if opts["backend"] != "local":
         pool_options["backend"] = opts["backend"]
     try:
-        report = pipe.run(
+        report = pipe._execute(
             opts["procs"],
             journal=journal,
             resume=opts["resume"],
@@ -341,6 +341,8 @@ def run(pipeline: str, **opts: Any) -> None:
     code = EXIT_FAILED if report.failed or report.error else 0
     if report.stopped_by in EXIT_SIGNAL:
         code = EXIT_SIGNAL[report.stopped_by]
+    elif report.stopped_by == "journal":  # disk full, journal deleted: a journal error
+        code = EXIT_USAGE
     if opts["report"]:
         try:
             _write_atomically(Path(opts["report"]), to_json(report.to_dict(), indent=2) + "\n")

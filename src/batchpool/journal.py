@@ -3,9 +3,12 @@ run resumes with exactly one result per job.
 
 One writer (the supervisor thread) buffers rows and commits them in batches (WAL, one transaction
 each): cheap, and a SIGKILL at any moment loses only the uncommitted buffer. A ``flock`` on the
-sidecar ``PATH-lock`` keeps other runs out; the kernel drops it when the holder dies. Readers take
+journal file itself keeps other runs out (no side file to delete, none left behind); the kernel
+drops it when the holder dies, and it is independent of SQLite's own POSIX locks. Readers take
 no lock (WAL readers never block the writer). Reads page by index in short statements: no
-snapshot stays open (checkpoints proceed) and memory stays bounded.
+snapshot stays open (checkpoints proceed) and memory stays bounded. Opening checks the schema,
+the meta table and both ends of the jobs table, not every page: a damaged page elsewhere shows
+as a one-line "cannot read" error when it is reached.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import pickle
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added jobs.pickled; a version 1 journal is upgraded when opened to write
+READABLE_SCHEMAS = (1, 2)
 FLUSH_ROWS = 1000  # auto-flush when this many rows are buffered ...
 FLUSH_AGE = 0.5  # ... or when the oldest buffered row is this many seconds old
 PAGE = 1000  # rows per read statement in recorded() / rows()
@@ -31,15 +36,19 @@ _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value)",
     "CREATE TABLE jobs (idx INTEGER PRIMARY KEY, fp TEXT NOT NULL,"
     " status TEXT CHECK (status IN ('ok', 'failed')), value TEXT, error TEXT,"
-    " attempts INTEGER, worker INTEGER, elapsed REAL, finished_at REAL)",
+    " attempts INTEGER, worker INTEGER, elapsed REAL, finished_at REAL, pickled BLOB)",
 )
+_UPGRADE_1 = "ALTER TABLE jobs ADD COLUMN pickled BLOB"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _ADD_PENDING = "INSERT OR IGNORE INTO jobs (idx, fp) VALUES (?, ?)"  # never hides a final row
-_ADD_FINAL = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ADD_FINAL = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _COLUMNS = "idx, status, value, error, attempts, worker, elapsed"
+# Each subquery walks one edge of the b-tree (min/max optimisation); one query for both would scan.
+_EDGES = "SELECT (SELECT min(idx) FROM jobs), (SELECT max(idx) FROM jobs)"
 _KEYS = ("index", "ok", "value", "error", "attempts", "worker", "elapsed")
 
 _LOCK_FDS: set[int] = set()  # lock fds of this process's open journals
+_LOCKED: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) of a journal this process holds
 
 
 def _forget_locks_in_child() -> None:
@@ -50,6 +59,7 @@ def _forget_locks_in_child() -> None:
         except OSError:
             pass
     _LOCK_FDS.clear()
+    _LOCKED.clear()
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
@@ -133,6 +143,24 @@ def _to_json(value: Any) -> str:
         return json.dumps(_safe_repr(value))
 
 
+def _pickled(value: Any) -> bytes | None:
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # it crossed from a worker, so it pickles; if not, JSON will have to do
+        return None
+
+
+def _unpickled(pickled: bytes | None, text: str | None) -> Any:
+    """The kept object, or the JSON form where there is none or it no longer loads (a class
+    renamed since)."""
+    if pickled is not None:
+        try:
+            return pickle.loads(pickled)
+        except Exception:
+            pass
+    return None if text is None else json.loads(text)
+
+
 def _safe_repr(value: Any) -> str:
     try:
         return repr(value)
@@ -165,6 +193,7 @@ class Journal:
             self._lock()
             self._conn = self._connect()
             self._prepare(pipeline, fresh)
+            self._commit({"pid": os.getpid()})  # for the message of a run we block
         except BaseException:
             self._shutdown()
             raise
@@ -192,36 +221,68 @@ class Journal:
         self._readonly = readonly
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # the locked file's (st_dev, st_ino)
+        self.lost = False  # the file was deleted or replaced under a run writing it
         self._owner = os.getpid()
         self._meta: dict[str, Any] = {}
         self._pending: list[tuple] = []
         self._finals: list[tuple] = []
         self._oldest: float | None = None  # monotonic time of the oldest buffered row
         self._retry_at = 0.0  # no auto-flush before this, after a failed write
+        # Also keep each value pickled, so that outcome() gives back the very object (bytes,
+        # tuples, custom classes) that JSON would turn into something else: for a sink's replay.
+        self.keep_values = False
 
     # --- opening ---
 
     def _lock(self) -> None:
+        """flock the journal file itself (creating it empty: SQLite takes that for a blank
+        database). A journal this process holds is refused without opening it a second time:
+        closing that second descriptor would drop SQLite's POSIX locks of the first."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if self.path.exists() and _identity(os.stat(self.path)) in _LOCKED:
+                raise JournalError(
+                    f"journal {self.path} is in use by another run (pid {os.getpid()})"
+                )
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise JournalError(f"journal {self.path}: cannot open: {_reason(exc)}") from exc
         self._lock_fd = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_pid(fd)
+            holder = self._holder()
             msg = f"journal {self.path} is in use by another run (pid {holder or 'unknown'})"
             raise JournalError(msg) from None
         except OSError as exc:  # e.g. no locks on this file system
             raise JournalError(f"journal {self.path}: cannot lock: {_reason(exc)}") from exc
         _LOCK_FDS.add(fd)
+        self._identity = _identity(os.fstat(fd))
+        _LOCKED[self._identity] = fd
+
+    def _holder(self) -> int | None:
+        """The pid the run holding the journal wrote into it (None if it cannot be read)."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn:
+                found = conn.execute("SELECT value FROM meta WHERE key = 'pid'").fetchone()
+            return int(found[0]) if found else None
+        except (sqlite3.Error, TypeError, ValueError):
+            return None
+
+    def _check_file(self) -> None:
+        """A journal deleted or replaced under a run would take its commits with it: stop."""
+        try:
+            same = _identity(os.stat(self.path)) == self._identity
         except OSError:
-            pass  # the pid is only for the message of a run we block
+            same = False
+        if not same:
+            self.lost = True
+            raise JournalError(
+                f"journal {self.path} was deleted or replaced during the run: what it recorded "
+                "is lost (run again to redo the work)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -235,18 +296,16 @@ class Journal:
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: cannot open: {_reason(exc)}") from exc
         self._conn = conn
-        try:
-            if not self._readonly:
-                conn.execute("PRAGMA journal_mode=WAL").fetchone()
-                conn.execute("PRAGMA synchronous=NORMAL")
-            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            raise JournalError(f"journal {self.path}: cannot open: {_reason(exc)}") from exc
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(_reason(exc)) from exc
-        if check != "ok":
-            raise self._damaged(" ".join(str(check).split()))
         return conn
+
+    def _use_wal(self) -> None:
+        """Only once the file is known to be a journal (or blank): a refused file stays as it
+        was, in its own journal mode."""
+        try:
+            self._require().execute("PRAGMA journal_mode=WAL").fetchone()
+            self._require().execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: cannot open: {_reason(exc)}") from exc
 
     def _damaged(self, reason: str) -> JournalError:
         return JournalError(f"journal {self.path} is not a valid journal: {reason}")
@@ -257,31 +316,36 @@ class Journal:
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
             meta = dict(conn.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
+            if "jobs" in tables:  # both edges of its b-tree, from the root: a few pages
+                conn.execute(_EDGES).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise JournalError(f"journal {self.path}: cannot open: {_reason(exc)}") from exc
         except sqlite3.DatabaseError as exc:
             raise self._damaged(_reason(exc)) from exc
         if not tables and allow_blank:
             return None
         if "schema" not in meta or "jobs" not in tables:
             raise JournalError(f"journal {self.path} is not a batchpool journal")
-        if meta["schema"] != SCHEMA_VERSION:
+        if meta["schema"] not in READABLE_SCHEMAS:
             raise JournalError(
                 f"journal {self.path} has schema version {meta['schema']}, which this version "
-                f"of batchpool does not know (it knows {SCHEMA_VERSION})"
+                f"of batchpool does not know (it knows 1 to {SCHEMA_VERSION})"
             )
         return meta
 
     def _prepare(self, pipeline: str, fresh: bool) -> None:
         meta = self._read_meta(allow_blank=True)
+        if meta is not None and meta.get("pipeline") != pipeline:
+            owner = meta.get("pipeline")
+            raise JournalError(f"journal {self.path} belongs to pipeline {owner}, not {pipeline}")
+        self._use_wal()
         if meta is None:
             self._meta = {"schema": SCHEMA_VERSION, "pipeline": pipeline, "state": "empty"}
             self._commit(self._meta, schema=True)
         else:
-            if meta.get("pipeline") != pipeline:
-                owner = meta.get("pipeline")
-                raise JournalError(
-                    f"journal {self.path} belongs to pipeline {owner}, not {pipeline}"
-                )
             self._meta = meta
+            if meta["schema"] != SCHEMA_VERSION:
+                self._commit({"schema": SCHEMA_VERSION}, upgrade=True)
             if fresh:
                 self._commit(_blank_run("empty", None), wipe=True)
         self.pipeline = pipeline
@@ -293,8 +357,15 @@ class Journal:
         """'empty' (no run recorded), 'unfinished' (a run began, did not complete), 'complete'."""
         return str(self._meta.get("state", "empty"))
 
-    def begin(self, *, total: int | None, resume: bool) -> None:
-        """Mark a run as started (state 'unfinished'), durably at once.
+    @property
+    def stages(self) -> str | None:
+        """The fingerprint of the stages that wrote the recorded outcomes (None: not known)."""
+        stages = self._meta.get("stages")
+        return None if stages is None else str(stages)
+
+    def begin(self, *, total: int | None, resume: bool, stages: str | None = None) -> None:
+        """Mark a run as started (state 'unfinished'), durably at once, with the fingerprint
+        of its ``stages`` (a resume may only continue outcomes of the same stages).
 
         ``resume=True`` keeps what is recorded. ``resume=False`` starts a new run: allowed on an
         empty journal, and on a complete one (its old outcomes are discarded: a plain re-run does
@@ -304,7 +375,7 @@ class Journal:
         if not resume and self.state == "unfinished":
             raise ValueError(f"journal {self.path} holds an unfinished run: resume it or wipe it")
         wipe = not resume and self.state == "complete"
-        self._commit(_blank_run("unfinished", total), wipe=wipe)
+        self._commit(_blank_run("unfinished", total, stages), wipe=wipe)
 
     def add_pending(self, index: int, fp: str) -> None:
         """Buffer: job submitted, not final. Never replaces a final outcome."""
@@ -333,7 +404,8 @@ class Journal:
         err = None if error is None else _to_json(error)
         status = "ok" if ok else "failed"
         row = (int(index), fp, status, _to_json(value), err, int(attempts), worker, float(elapsed))
-        self._finals.append((*row, time.time()))
+        pickled = _pickled(value) if self.keep_values and value is not None else None
+        self._finals.append((*row, time.time(), pickled))
         self._added()
 
     def _added(self) -> None:
@@ -346,6 +418,11 @@ class Journal:
         now, size = time.monotonic(), len(self._finals) + len(self._pending)
         old = self._oldest is not None and now - self._oldest >= FLUSH_AGE
         return now >= self._retry_at and (size >= FLUSH_ROWS or old)
+
+    @property
+    def buffered(self) -> int:
+        """Rows written but not committed yet (0 right after a commit)."""
+        return len(self._pending) + len(self._finals)
 
     def maybe_flush(self) -> None:
         """Flush if the buffer is due (size or age); cheap otherwise. Call it from the owner's
@@ -371,14 +448,22 @@ class Journal:
         self._commit(meta)
 
     def _commit(
-        self, meta: dict[str, Any] | None = None, *, wipe: bool = False, schema: bool = False
+        self,
+        meta: dict[str, Any] | None = None,
+        *,
+        wipe: bool = False,
+        schema: bool = False,
+        upgrade: bool = False,
     ) -> None:
         """Write the buffer (and meta) in one transaction; clear the buffer only once committed."""
         conn = self._require_writable()
+        self._check_file()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA if schema else ():
                 conn.execute(statement)
+            if upgrade:
+                conn.execute(_UPGRADE_1)
             if wipe:
                 conn.execute("DELETE FROM jobs")
             if self._pending:
@@ -425,6 +510,22 @@ class Journal:
             row = (idx, status == "ok", value, error, attempts, worker, elapsed)
             yield dict(zip(_KEYS, row, strict=True))
 
+    def outcome(self, index: int) -> dict[str, Any] | None:
+        """The final outcome recorded for ``index`` (as in rows()), or None. The value is the
+        object itself where it was kept pickled (``keep_values``), else its JSON form."""
+        sql = f"SELECT {_COLUMNS}, pickled FROM jobs WHERE idx = ? AND status IS NOT NULL"
+        try:
+            found = self._require().execute(sql, (index,)).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: cannot read: {_reason(exc)}") from exc
+        if found is None:
+            return None
+        idx, status, value, error, attempts, worker, elapsed, pickled = found
+        value = _unpickled(pickled, value)
+        error = None if error is None else json.loads(error)
+        row = (idx, status == "ok", value, error, attempts, worker, elapsed)
+        return dict(zip(_KEYS, row, strict=True))
+
     def _pages(self, columns: str, where: str = "1") -> Iterator[tuple]:
         """Keyset pagination: each page is one short statement, so no snapshot stays open."""
         sql = f"SELECT {columns} FROM jobs WHERE idx > ? AND {where} ORDER BY idx LIMIT {PAGE}"
@@ -440,37 +541,19 @@ class Journal:
             last = page[-1][0]
 
     def counts(self) -> dict[str, int]:
-        """{'ok', 'failed', 'pending'} job counts. Flushes first; if that fails (disk full), the
-        counts still include the buffered outcomes, so a report can be made anyway."""
+        """{'ok', 'failed', 'pending'} job counts of what is committed: what a report may
+        claim was saved. Flushes first; if that fails (disk full), the buffer is not counted."""
         try:
             if not self._readonly:
                 self.flush()
         except JournalError:
-            return self._counts_with_buffer()
-        return self._committed_counts()
-
-    def _committed_counts(self) -> dict[str, int]:
+            pass
         counts = {"ok": 0, "failed": 0, "pending": 0}
         sql = "SELECT coalesce(status, 'pending'), count(*) FROM jobs GROUP BY 1"
         try:
             counts.update(self._require().execute(sql))
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: cannot read: {_reason(exc)}") from exc
-        return counts
-
-    def _counts_with_buffer(self) -> dict[str, int]:
-        counts = self._committed_counts()
-        latest: dict[int, str | None] = dict.fromkeys(idx for idx, _ in self._pending)
-        latest.update((row[0], row[2]) for row in self._finals)  # as _commit applies them
-        conn = self._require()
-        for idx, status in latest.items():
-            old = conn.execute("SELECT coalesce(status, 'pending') FROM jobs WHERE idx = ?", (idx,))
-            previous = old.fetchone()
-            if previous is not None and status is None:
-                continue  # a pending row never replaces a recorded one
-            if previous is not None:
-                counts[previous[0]] -= 1
-            counts[status or "pending"] += 1
         return counts
 
     # --- closing ---
@@ -498,7 +581,9 @@ class Journal:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None and os.getpid() == self._owner:
             _LOCK_FDS.discard(fd)
-            os.close(fd)  # releases the flock
+            if self._identity is not None and _LOCKED.get(self._identity) == fd:
+                del _LOCKED[self._identity]
+            os.close(fd)  # releases the flock (after the connection: see _lock)
 
     def __enter__(self) -> Journal:
         return self
@@ -521,13 +606,16 @@ class Journal:
         return self._require()
 
 
-def _blank_run(state: str, total: int | None) -> dict[str, Any]:
+def _blank_run(state: str, total: int | None, stages: str | None = None) -> dict[str, Any]:
     now = time.time() if state == "unfinished" else None
-    return {"state": state, "total": total, "started_at": now, "finished_at": None}
+    return {
+        "state": state,
+        "total": total,
+        "started_at": now,
+        "finished_at": None,
+        "stages": stages,
+    }
 
 
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return None
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

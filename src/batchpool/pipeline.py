@@ -8,10 +8,12 @@ handing it to the sink. Signals only set flags here; the loop acts on them betwe
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -20,17 +22,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .formatting import safe_repr, to_json
 from .jobs import Job
 from .journal import Journal, JournalError, fingerprint
 from .mainguard import check_main_script
-from .pool import WINDOW_PER_PROC, Pool, default_start_method
-from .processes import start_forkserver_ignoring_signals
+from .pool import WINDOW_PER_PROC, Pool, broken_message
 from .progress import Progress
 from .results import JobError, JobResult, Metrics
 from .task import Task, resolve_policy
+
+log = logging.getLogger("batchpool")
 
 MAX_FAILURES_KEPT = 1000  # RunReport.failures keeps the first ones; counts stay exact
 TIMING_SAMPLES = 10_000  # reservoir for p50/p95 attempt time: bounded memory
@@ -50,6 +53,16 @@ class UnfinishedRunError(JournalError):
     """The journal holds a run that did not finish; resume it or start fresh."""
 
 
+class StagesChangedError(JournalError):
+    """The stages differ from those that wrote the journal: their outcomes would not mix."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"the stages changed since journal {path} was written (other tasks, or tasks with "
+            "other attributes): their results would not mix (start over with --fresh)"
+        )
+
+
 class SourceChangedError(JournalError):
     """The source yields a different payload at an index than the journal recorded."""
 
@@ -59,6 +72,20 @@ class SourceChangedError(JournalError):
             f"{index} differs from the recorded one (start over with --fresh)"
         )
         self.index = index
+
+
+@dataclass(frozen=True)
+class ReplayedResult(JobResult):
+    """A result recorded by an earlier run, rebuilt from the journal for a resumed run's sink.
+
+    The sink of a resumed run gets these too, so that it ends with the same data as an
+    uninterrupted run's; ``replayed`` tells it this one is not new (a sink with side effects
+    outside the process, like appending to a file, skips them). The value is the object the
+    job returned (the journal keeps it pickled while a sink is set), or its JSON form for
+    results recorded without a sink.
+    """
+
+    replayed: ClassVar[bool] = True
 
 
 @dataclass
@@ -113,6 +140,13 @@ class Pipeline:
     ``total``: the number of payloads, for the progress bar's total and ETA when the source
     has no ``len()`` (a generator); a source with one (a list, a callable returning a list)
     needs none.
+
+    The sink runs in this process and gets each final result once the journal has committed
+    it, so a result never reaches it twice, whatever kills the run. A resumed run also hands
+    it the results earlier runs recorded, as ReplayedResult (``replayed`` is True), in index
+    order as the source reaches them: the sink ends with the same data as an uninterrupted
+    run's. Once the sink has raised, or a signal has stopped the run, it is not called again
+    in that run; the results the drain records meanwhile reach it as replays on ``--resume``.
     """
 
     def __init__(
@@ -137,6 +171,8 @@ class Pipeline:
         self.sink = sink
         self.total = total
         self.preload: list[tuple[str, str]] = []  # (module name, file) workers import first
+        # The globals of the module that built it: its file and attribute name the journal.
+        self._origin: dict[str, Any] = sys._getframe(1).f_globals
 
     def run(
         self,
@@ -152,13 +188,45 @@ class Pipeline:
     ) -> RunReport:
         """Run to the end (or until stopped) and report.
 
-        ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite``.
+        ``journal``: a path, None for none, or the default ``.batchpool/<name>.sqlite`` (an
+        unnamed pipeline is named after its file and attribute: see default_name()).
         Called from a script that spawned or forkserver workers could not follow (the run
         started outside its main guard, a task class defined inside it), it prints the fix
         and exits with code 2 before any process starts (see ``mainguard``).
+
+        A Ctrl-C drains the attempts in flight into the journal, then raises KeyboardInterrupt
+        (a second one stops at once); ``resume=True`` continues from there. SIGTERM and SIGHUP
+        drain too and return a report with ``interrupted`` set.
         """
+        report = self._execute(
+            procs,
+            journal=journal,
+            resume=resume,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            progress=progress,
+            output=output,
+            **pool_options,
+        )
+        if report.stopped_by == "SIGINT":
+            raise KeyboardInterrupt
+        return report
+
+    def _execute(
+        self,
+        procs: int | None,
+        *,
+        journal: str | os.PathLike | None,
+        resume: bool,
+        fresh: bool,
+        retry_failed: bool,
+        progress: bool,
+        output: str | os.PathLike | None,
+        **pool_options: Any,
+    ) -> RunReport:
+        """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
         check_main_script(self.stages, pool_options)
-        name = self.name or "pipeline"
+        name = self._name()
         if journal is DEFAULT_JOURNAL:
             journal = Path(".batchpool") / f"{name}.sqlite"
         tmp = None
@@ -170,14 +238,19 @@ class Pipeline:
         # KeyboardInterrupt and leave a half-written file.
         restore = stop.install()
         try:
-            book = _open_journal(journal, name, resume, fresh, retry_failed)
-            run = _Run(self, book, resume or retry_failed, retry_failed, progress, stop)
+            stages = stages_fingerprint(self.stages)
+            book = _open_journal(journal, name, stages, resume, fresh, retry_failed)
+            run = _Run(self, book, resume or retry_failed, retry_failed, progress, stop, stages)
             try:
                 report = run.execute(procs, pool_options)
             except BaseException:
                 if book is not None:
                     book.close(flush=False)
                 raise
+            if run.refusal is not None:  # found mid-run; what ran before is committed
+                if book is not None:
+                    book.close(flush=False)
+                raise run.refusal
             if book is not None:
                 try:
                     if output is not None:
@@ -196,9 +269,30 @@ class Pipeline:
             if tmp is not None:
                 tmp.cleanup()
 
+    def _name(self) -> str:
+        """``name``, or one made from where the pipeline is defined, so that two unnamed
+        pipelines of one file keep two journals: see default_name(). "pipeline" where neither
+        file nor attribute is known (an interactive session)."""
+        if self.name:
+            return self.name
+        attr = next((k for k, v in self._origin.items() if v is self), "pipeline")
+        file = self._origin.get("__file__")
+        return default_name(Path(file).stem, attr) if file else attr
+
+
+def default_name(stem: str, attr: str) -> str:
+    """An unnamed pipeline's name: the file's stem, and the attribute unless it is the usual
+    ``pipeline`` (``jobs.py`` -> "jobs", ``jobs.py:other`` -> "jobs-other")."""
+    return stem if attr == "pipeline" else f"{stem}-{attr}"
+
 
 def _open_journal(
-    path: str | os.PathLike | None, name: str, resume: bool, fresh: bool, retry_failed: bool
+    path: str | os.PathLike | None,
+    name: str,
+    stages: str,
+    resume: bool,
+    fresh: bool,
+    retry_failed: bool,
 ) -> Journal | None:
     if path is None:
         return None
@@ -209,7 +303,26 @@ def _open_journal(
             f"journal {book.path} holds an unfinished run of {name!r}: "
             "continue it with --resume, or start over with --fresh"
         )
+    if (resume or retry_failed) and book.state != "empty" and book.stages not in (None, stages):
+        book.close()
+        raise StagesChangedError(book.path)
     return book
+
+
+# Task settings left out of the stages' fingerprint: how hard a job is tried is not what it
+# computes, and `--resume --retries 5` is how one tries harder.
+POLICY_SETTINGS = frozenset({"retries", "backoff", "max_backoff", "jitter", "timeout", "retry_on"})
+
+
+def stages_fingerprint(stages: Sequence[Task]) -> str:
+    """What the stages compute, stable across processes: each task's class name and instance
+    attributes (each fingerprinted alone, so one that cannot be pickled counts by its type)."""
+    parts = []
+    for task in stages:
+        attrs = getattr(task, "__dict__", {})
+        kept = sorted((k, fingerprint(v)) for k, v in attrs.items() if k not in POLICY_SETTINGS)
+        parts.append((type(task).__qualname__, kept))
+    return fingerprint(parts)
 
 
 def output_line(row: dict[str, Any]) -> str:
@@ -242,21 +355,33 @@ class _Feed:
 
     A slow or blocking source (a network listing, a generator reading files) then never keeps
     the run loop from collecting results, journaling them and acting on signals. ``next()``
-    never blocks: it returns _EMPTY when no item is ready.
+    never blocks: it returns _EMPTY when no item is ready. A callable source is called here,
+    once, in the thread that iterates what it returns: a source bound to its thread (a sqlite3
+    cursor) works, and an error in the call is a source failure like any other.
     """
 
-    def __init__(self, iterator: Iterator[Any], size: int, poke: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        source: Any,
+        size: int,
+        poke: Callable[[], None],
+        on_length: Callable[[int | None], None],
+    ) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=size)
         self.poke = poke
+        self.on_length = on_length  # told len() of what a callable source returned
         self.closed = False
         thread = threading.Thread(
-            target=self._read, args=(iterator,), name="batchpool-source", daemon=True
+            target=self._read, args=(source,), name="batchpool-source", daemon=True
         )
         thread.start()
 
-    def _read(self, iterator: Iterator[Any]) -> None:
+    def _read(self, source: Any) -> None:
         try:
-            for item in enumerate(iterator):
+            if callable(source):
+                source = source()
+                self.on_length(_length(source))
+            for item in enumerate(source):
                 if not self._put(item):
                     return
         except BaseException:
@@ -362,10 +487,11 @@ class _Stop:
                 raise _HardStop()
 
     def install(self) -> Callable[[], None]:
-        """Route SIGINT/SIGTERM here while the run lasts (main thread only)."""
+        """Route SIGINT, SIGTERM and SIGHUP here while the run lasts (main thread only): a
+        hangup (a closed terminal, a dropped ssh session) drains like a SIGTERM."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
         old = {sig: signal.signal(sig, lambda s, f: self.request(names[s])) for sig in names}
 
         def restore() -> None:
@@ -386,8 +512,10 @@ class _Run:
         retry_failed: bool,
         progress: bool,
         stop: _Stop,
+        stages: str,
     ) -> None:
         self.pipeline = pipeline
+        self.stages = stages
         self.journal = journal
         self.resume = resume
         self.retry_failed = retry_failed
@@ -397,31 +525,29 @@ class _Run:
         self.inbox = _Inbox()
         self.error: str | None = None
         self.stopped_by: str | None = None
+        self.refusal: JournalError | None = None  # raised once the run has drained
+        self.broken: JobError | None = None  # why workers cannot start
+        self.signal_seen = False
         self.outstanding = 0
         self.succeeded = self.failed = self.skipped = 0
         self.failures: list[JobResult] = []
+        self.unsunk: list[JobResult] = []  # journaled, not committed yet: the sink waits
         self.timings: list[float] = []
         self.timed = 0
         self.rand = random.Random(0)
+        if journal is not None:
+            journal.keep_values = pipeline.sink is not None  # for replays to a later run's sink
 
     def execute(self, procs: int | None, pool_options: dict[str, Any]) -> RunReport:
         pipeline = self.pipeline
         started = time.monotonic()
-        method = pool_options.get("start_method") or default_start_method()
-        if method == "forkserver" and pool_options.get("backend", "local") == "local":
-            start_forkserver_ignoring_signals()
         pool = Pool._for_stages(pipeline.stages, procs, preload=pipeline.preload, **pool_options)
         total = pipeline.total if pipeline.total is not None else _length(pipeline.source)
         self.progress = Progress(total, enabled=self.show_progress, metrics=pool.metrics)
-        try:
-            source = self._source(WINDOW_PER_PROC * pool.procs)
-        except BaseException:
-            self.progress.close()
-            pool.terminate()
-            raise
+        source = self._source(WINDOW_PER_PROC * pool.procs)
         try:
             if self.journal is not None:
-                self.journal.begin(total=total, resume=self.resume)
+                self.journal.begin(total=total, resume=self.resume, stages=self.stages)
             self.stop.armed = True
             self._loop(pool, source)
         except _HardStop:
@@ -438,6 +564,7 @@ class _Run:
         metrics = pool.metrics()
         if self.stop.reason and self.stopped_by is None:  # a signal the loop never saw
             self.stopped_by = self.stop.reason
+        self._commit(pool, force=True)
         complete = self.stopped_by is None
         if self.journal is not None:
             try:
@@ -449,19 +576,11 @@ class _Run:
         return self._report(metrics, time.monotonic() - started, not complete)
 
     def _source(self, window: int) -> Iterator[Any]:
-        """(index, payload) or (index, payload, recorded status), or _EMPTY: never blocks."""
-        source = self.pipeline.source
-        if (
-            self.journal is not None
-            and self.resume
-            and (callable(source) or isinstance(source, Sequence))
-        ):
-            # Re-readable: refuse a changed source before running anything.
-            for _ in _merge(enumerate(source() if callable(source) else source), self.journal):
-                pass
-        items = source() if callable(source) else source
-        self.progress.set_total(_length(items))  # what a callable returned may have a length
-        self.feed = _Feed(iter(items), window, self.inbox.poke)
+        """(index, payload) or (index, payload, recorded status), or _EMPTY: never blocks.
+
+        A resume checks the source against the journal as it streams (a callable source is
+        called once, and a generator cannot be read twice): a change stops the run there."""
+        self.feed = _Feed(self.pipeline.source, window, self.inbox.poke, self.progress.set_total)
         if self.journal is None or not self.resume:
             return self.feed
         return _merge(self.feed, self.journal)
@@ -483,13 +602,13 @@ class _Run:
         window = WINDOW_PER_PROC * pool.procs
         intake = True
         while True:
-            if self.stop.reason and self.stopped_by is None:
-                self._halt(pool, self.stop.reason, None)
+            self._signalled(pool)
             if self.stop.hard:
                 return
             broken = pool._supervisor.broken
             if broken is not None and self.stopped_by is None:
-                self._halt(pool, "setup", f"workers cannot start: {broken.type}: {broken.message}")
+                self.broken = broken
+                self._halt(pool, "setup", None)  # the message, once the counts are known
             intake = intake and self.stopped_by is None
             more = False
             if intake and self.outstanding < window:
@@ -499,12 +618,11 @@ class _Run:
             # Items ready and room for them: only collect results that are in. Otherwise wait;
             # the source thread pokes the inbox when it has items again.
             results, dropped = self.inbox.take(0.0 if more else POLL)
-            if self.journal is not None and not results:
-                self._flush_quietly(pool)  # a quiet spell must not leave results uncommitted
             self.outstanding -= dropped
             for result in results:
                 self.outstanding -= 1
                 self._final(pool, result)
+            self._commit(pool, force=False)  # also in a quiet spell: nothing waits for long
 
     def _intake(self, pool: Pool, source: Iterator[Any], window: int) -> tuple[bool, bool]:
         """Submit source items that are ready, up to a batch and the window. Returns (the
@@ -521,6 +639,9 @@ class _Run:
                 if recorded is not None and not (recorded == "failed" and self.retry_failed):
                     self.skipped += 1
                     self.progress.skip(recorded == "ok")
+                    self._replay(pool, index, payload)
+                    if self.stop.reason:
+                        return True, True
                     continue
                 batch.append(pool._make_job(index, payload, self.inbox))
                 self.outstanding += 1
@@ -530,16 +651,53 @@ class _Run:
         except _SourceFailed as exc:
             self._halt(pool, "source", exc.text)
             return False, False
+        except SourceChangedError as exc:  # drain and commit what ran, then refuse
+            self.refusal = exc
+            self._halt(pool, "source", str(exc))
+            return False, False
+        except JournalError as exc:  # reading what the journal recorded failed
+            self._halt(pool, "journal", str(exc))
+            return False, False
         finally:
             if batch:
                 pool._post_jobs(batch)
 
-    def _flush_quietly(self, pool: Pool) -> None:
-        try:
-            self.journal.maybe_flush()  # type: ignore[union-attr]
-        except JournalError as exc:
+    def _commit(self, pool: Pool, *, force: bool) -> None:
+        """Commit the journal's buffer when due (``force``: now), then hand the results it
+        held to the sink: a result reaches the sink only once it is durable, so a resume after
+        any kill never hands it over a second time."""
+        if self.journal is not None:
+            try:
+                if force:
+                    self.journal.flush()
+                else:
+                    self.journal.maybe_flush()
+            except JournalError as exc:
+                if self.stopped_by is None:
+                    self._halt(pool, "journal", str(exc))
+                return
+        self._sink_committed(pool)
+
+    def _sink_committed(self, pool: Pool) -> None:
+        if not self.unsunk or (self.journal is not None and self.journal.buffered):
+            return
+        results, self.unsunk = self.unsunk, []
+        for result in results:
+            self._sink(pool, result)
+
+    def _signalled(self, pool: Pool) -> bool:
+        """True once a signal asked the run to stop. The first time: stop (unless the run is
+        stopping already) and say what the drain waits for and how to cut it short."""
+        if self.stop.reason is None:
+            return False
+        if not self.signal_seen:
+            self.signal_seen = True
             if self.stopped_by is None:
-                self._halt(pool, "journal", str(exc))
+                self._halt(pool, self.stop.reason, None)
+            if not self.stop.hard:  # after a second signal there is nothing left to finish
+                running = pool.metrics().in_flight
+                log.warning("finishing %d running jobs; Ctrl-C again to stop now", running)
+        return True
 
     def _halt(self, pool: Pool, reason: str, error: str | None) -> None:
         """Stop intake; let attempts already running finish; drop jobs not started."""
@@ -548,6 +706,8 @@ class _Run:
         pool._supervisor.post(("drain",))
 
     def _final(self, pool: Pool, result: JobResult) -> None:
+        if result.error is not None and result.error is pool._supervisor.broken:
+            return  # failed unrun by a pool that cannot start workers: a resume runs it
         if result.ok:
             self.succeeded += 1
         else:
@@ -555,6 +715,9 @@ class _Run:
             if len(self.failures) < MAX_FAILURES_KEPT:
                 self.failures.append(result)
         self._sample(result.elapsed)
+        self.progress.update(result)
+        if self.pipeline.sink is not None:
+            self.unsunk.append(result)
         if self.journal is not None:
             try:
                 self.journal.add_final(
@@ -567,17 +730,52 @@ class _Run:
                     worker=result.worker,
                     elapsed=result.elapsed,
                 )
-            except JournalError as exc:
+            except JournalError as exc:  # an automatic commit failed: the rows stay buffered
                 if self.stopped_by is None:
                     self._halt(pool, "journal", str(exc))
-        self.progress.update(result)
+                return
+        self._sink_committed(pool)
+
+    def _replay(self, pool: Pool, index: int, payload: Any) -> None:
+        """Hand the sink the outcome an earlier run recorded for ``index``."""
+        if self.pipeline.sink is None or self.stopped_by == "sink" or self._signalled(pool):
+            return
+        try:
+            row = self.journal.outcome(index)  # type: ignore[union-attr]
+        except JournalError as exc:
+            if self.stopped_by is None:
+                self._halt(pool, "journal", str(exc))
+            return
+        if row is None:
+            return
+        err = row["error"]
+        error = None
+        if err is not None:
+            error = JobError(
+                err.get("kind", "error"),
+                err.get("type", ""),
+                err.get("message", ""),
+                err.get("traceback", ""),
+                err.get("exitcode"),
+            )
+        replayed = ReplayedResult(
+            index, payload, row["value"], error, row["attempts"], row["elapsed"], row["worker"]
+        )
+        self._sink(pool, replayed)
+
+    def _sink(self, pool: Pool, result: JobResult) -> None:
+        """After a signal the sink gets nothing more: the drain waits only for the attempts in
+        flight, never for a slow sink's backlog (a resume replays what it missed)."""
         sink = self.pipeline.sink
-        if sink is not None and self.stopped_by != "sink":
-            try:
-                sink(result)
-            except Exception:
-                if self.stopped_by is None:
-                    self._halt(pool, "sink", traceback.format_exc())
+        if sink is None or self.stopped_by == "sink" or self._signalled(pool):
+            return
+        try:
+            sink(result)
+        except _HardStop:
+            raise
+        except BaseException:  # sys.exit() in a sink fails the run too; the journal stays
+            if self.stopped_by is None:
+                self._halt(pool, "sink", traceback.format_exc())
 
     def _sample(self, elapsed: float) -> None:
         self.timed += 1
@@ -593,6 +791,8 @@ class _Run:
         if self.journal is not None:
             counts = self.journal.counts()
             succeeded, failed = counts["ok"], counts["failed"]
+        if self.broken is not None:
+            self.error = self._cannot_start(self.broken, failed)
         timings = sorted(self.timings)
         return RunReport(
             succeeded=succeeded,
@@ -608,8 +808,23 @@ class _Run:
             attempt_p50=_quantile(timings, 0.50),
             attempt_p95=_quantile(timings, 0.95),
             peak_rss=max(self.progress.peak_rss, metrics.peak_rss),
-            journal=str(self.journal.path) if self.journal is not None else None,
+            journal=None if self.journal is None or self.journal.lost else str(self.journal.path),
         )
+
+    def _cannot_start(self, broken: JobError, failed: int) -> str:
+        """The setup error, with its traceback, and the way on: the jobs that did not run are
+        not recorded, so a resume runs them once the cause is fixed."""
+        lines = [broken.traceback.rstrip()] if broken.traceback else []
+        lines.append(broken_message(broken))
+        if self.journal is None:
+            lines.append("the jobs that did not run were not done: fix the cause and run again")
+        else:
+            hint = "the jobs that did not run are not recorded: fix the cause, then use --resume"
+            if failed:
+                jobs = "job" if failed == 1 else "jobs"
+                hint += f" (or --retry-failed to rerun the {failed} failed {jobs} too)"
+            lines.append(hint)
+        return "\n".join(lines)
 
 
 def _merge(source: Iterator[Any], journal: Journal) -> Iterator[Any]:

@@ -46,7 +46,7 @@ def _start_limit(start_timeout: float | None, policies: list[Policy]) -> float:
     return float(start_timeout)
 
 
-def _broken_message(error: JobError) -> str:
+def broken_message(error: JobError) -> str:
     if error.type == "SupervisorError":
         return error.message
     return f"workers cannot start: {error.type}: {error.message}"
@@ -154,7 +154,7 @@ class _Collector:
                     raise PoolClosed(f"results lost: {self.lost}")
                 if self.supervisor.done.is_set() and not self.items:
                     if self.supervisor.broken is not None:
-                        raise PoolBroken(_broken_message(self.supervisor.broken))
+                        raise PoolBroken(broken_message(self.supervisor.broken))
                     raise PoolClosed("the pool stopped before all results came back")
                 wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 if wait <= 0:
@@ -286,7 +286,7 @@ class Pool:
             raise PoolClosed("the pool is closed")
         broken = self._supervisor.broken
         if broken is not None:
-            raise PoolBroken(_broken_message(broken))
+            raise PoolBroken(broken_message(broken))
 
     def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Job:
         return Job(next(self._ids), index, payload, consumer, tag)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import JobFailed
 
@@ -40,6 +40,8 @@ class JobResult:
     attempts: int
     elapsed: float
     worker: int | None
+    # True on the results that a resumed pipeline replays to its sink (pipeline.ReplayedResult)
+    replayed: ClassVar[bool] = False
 
     @property
     def ok(self) -> bool:

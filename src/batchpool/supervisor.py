@@ -642,10 +642,10 @@ class Supervisor:
         """Wake for room in a pipe exactly while frames wait for it."""
         for w in self.workers.values():
             wants = w.proc.channel.wants_write
-            if wants != w.polled_write:
+            fd = w.proc.channel.fileno()
+            if wants != w.polled_write and fd in self._fds:  # not at EOF (see _read)
                 w.polled_write = wants
-                mask = READABLE | select.POLLOUT if wants else READABLE
-                self._poll.modify(w.proc.channel.fileno(), mask)
+                self._poll.modify(fd, READABLE | select.POLLOUT if wants else READABLE)
 
     # -- dispatch ------------------------------------------------------------------------------
     def _batch_size(self, stage: int) -> int:
