@@ -123,8 +123,11 @@ def start_forkserver_ignoring_signals() -> None:
     the server forks (which then ignores them, see worker.main). Any thread may call this: a
     forkserver that died is restarted from the supervisor's thread.
     """
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
+    # The server needs the resource tracker, and starting the tracker unblocks SIGINT and
+    # SIGTERM in the calling thread: start it first.
+    resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         forkserver.ensure_running()

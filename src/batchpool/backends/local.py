@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+from multiprocessing import resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -12,6 +13,7 @@ from .. import worker
 from ..channel import Channel
 from ..messages import IDLE, progress_slot
 from ..processes import (
+    block_group_signals,
     kill_tree,
     lifeline,
     start_forkserver_ignoring_signals,
@@ -29,6 +31,10 @@ class LocalBackend:
     def __init__(self, start_method: str, procs: int, spec: WorkerSpec) -> None:
         self.ctx = multiprocessing.get_context(start_method)
         self.forkserver = start_method == "forkserver"
+        if start_method != "fork":
+            # Spawned workers need multiprocessing's resource tracker, and starting it
+            # unblocks SIGINT and SIGTERM in the starting thread: not in the supervisor's.
+            resource_tracker.ensure_running()
         if self.forkserver:
             # Workers import batchpool from the server once, not once each.
             self.ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
@@ -38,6 +44,7 @@ class LocalBackend:
         self.progress = self.ctx.RawArray("q", 2 * procs)
 
     def start_worker(self, slot: int) -> LocalWorker:
+        block_group_signals()  # again: a resource tracker restarted here unblocked them
         if self.forkserver:  # (re)started, if it died, immune to signals sent to the group
             start_forkserver_ignoring_signals()
         return LocalWorker(self.ctx, slot, self.progress, self.spec)
