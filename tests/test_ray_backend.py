@@ -428,7 +428,7 @@ def test_without_ray_installed(tmp_path: Path) -> None:
         [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
-    assert "pip install 'batchpool[ray]'" in r.stdout
+    assert "pip install '.[ray]'" in r.stdout
     assert issubclass(BackendUnavailable, ImportError)
 
     jobs = tmp_path / "jobs.py"
