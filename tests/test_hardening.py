@@ -406,7 +406,7 @@ def test_an_interrupted_post_loses_no_wakeup(monkeypatch: pytest.MonkeyPatch) ->
     """A second Ctrl-C may strike inside post(), between its steps. Simulated at the worst
     moment (the wakeup write raises): later posts must still wake the loop, not wait for its
     next timer (1 s away)."""
-    import batchpool.supervisor as sup
+    import batchpool.wakeup as sup
 
     with Pool(Square(), procs=1) as pool:
         pool.map([1])

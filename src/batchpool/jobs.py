@@ -21,8 +21,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .messages import error_tuple
-from .results import KIND_CRASH, KIND_TIMEOUT, JobError, JobResult
+from .messages import ERROR, OK, SPLIT, UNPICKLABLE, error_tuple
+from .results import (
+    KIND_CRASH,
+    KIND_ERROR,
+    KIND_SERIALIZATION,
+    KIND_TIMEOUT,
+    JobError,
+    JobResult,
+)
 from .retry import backoff_delay, should_retry
 from .scheduler import Scheduler
 from .task import Policy
@@ -223,6 +230,34 @@ class JobBook:
         count.failed += 1
         log.info("job %s: failed for good (%s: %s)", job.index, error.type, error.message)
         self._final(job, None, error, elapsed)
+
+    def settle(self, jobs: list, outcomes: list, elapsed: list, values: list, now: float) -> int:
+        """The outcomes of one answered batch, job by job (``jobs`` may hold None for a job
+        already charged elsewhere); returns how many were split off to run alone."""
+        split = 0
+        for job, outcome, seconds, value in zip(jobs, outcomes, elapsed, values, strict=True):
+            if job is None:
+                continue
+            if outcome == OK:
+                self.complete(job, value, seconds)
+            elif outcome == SPLIT:
+                split += 1
+                self.requeue([job], solo=True)
+            else:
+                kind = KIND_SERIALIZATION if outcome == UNPICKLABLE else KIND_ERROR
+                error = JobError(kind, *value)
+                retryable = outcome == ERROR
+                self.attempt_failed(job, error, retryable=retryable, elapsed=seconds, now=now)
+        return split
+
+    def unloadable(self, jobs: list[Job], exc: BaseException, now: float) -> None:
+        """Their values pickled in the worker but do not load here: alone, the job fails
+        (never retried); in a batch, each runs alone to find which, no attempt charged."""
+        if len(jobs) == 1:
+            error = error_from(KIND_SERIALIZATION, exc)
+            self.attempt_failed(jobs[0], error, retryable=False, elapsed=0.0, now=now)
+        else:
+            self.requeue(jobs, solo=True)
 
     def fail_unsent(self, error: JobError) -> None:
         """Fail every job not in a worker's hands (the pool cannot start workers)."""

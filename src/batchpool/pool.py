@@ -17,7 +17,8 @@ from .errors import PoolBroken, PoolClosed
 from .jobs import Job, result_of
 from .messages import dumps
 from .results import JobError, JobResult, Metrics
-from .supervisor import MAX_BATCH, Supervisor
+from .sizing import MAX_BATCH
+from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, resolve_policy
 
 # imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
@@ -336,7 +337,7 @@ class Pool:
         """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
         when payloads are big (the supervisor measures their pickled size)."""
         window = WINDOW_PER_PROC * self.procs
-        per_job = self._supervisor.job_bytes[0]
+        per_job = self._supervisor.sizer.job_bytes[0]
         if per_job:
             window = min(window, WINDOW_BYTES // per_job)
         return max(window, 2 * self.procs)

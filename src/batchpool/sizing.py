@@ -1,0 +1,67 @@
+"""How many jobs travel in one message: pure arithmetic on what the supervisor measured.
+
+A message should carry about TARGET_BATCH_SECONDS of work, so that per-message costs stay well
+under 1% while results still stream; never more than MAX_BATCH jobs; and payloads of about
+MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better than one giant
+one that leaves the other workers idle while it travels.
+"""
+
+from __future__ import annotations
+
+TARGET_BATCH_SECONDS = 0.01  # work per message
+MAX_BATCH = 512  # jobs per message, however tiny they are
+PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
+EWMA = 0.2  # weight of the newest batch in the job-time estimate
+
+
+class BatchSizer:
+    """Per stage: the measured seconds per job (an EWMA over batches) and pickled payload
+    bytes per job (the last message's)."""
+
+    def __init__(self, stages: int, chunksize: int | None) -> None:
+        self.chunksize = chunksize  # fixed by the user, or by a backend (Ray: 1)
+        self.job_time: list[float | None] = [None] * stages
+        self.job_bytes: list[int] = [0] * stages
+
+    def timed(self, stage: int, seconds: float, jobs: int) -> None:
+        """A batch of ``jobs`` ran in ``seconds`` of run() time."""
+        mean = seconds / jobs + PER_JOB_OVERHEAD
+        old = self.job_time[stage]
+        self.job_time[stage] = mean if old is None else old + EWMA * (mean - old)
+
+    def sized(self, stage: int, payload_bytes: int, jobs: int) -> int:
+        """A message of ``jobs`` pickled to ``payload_bytes``; returns bytes per job."""
+        per_job = payload_bytes // jobs + 1
+        self.job_bytes[stage] = per_job
+        return per_job
+
+    def jobs_per_message(self, stage: int) -> int:
+        if self.chunksize:
+            return self.chunksize
+        t = self.job_time[stage]
+        if t is None:
+            return 1  # nothing measured yet: one job shows how long jobs take
+        return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS / t)))
+
+    def fit_bytes(self, stage: int, jobs: int, head_bytes: int | None) -> int:
+        """``jobs`` cut to the byte budget. ``head_bytes``: the next payload's pickled size,
+        probed when the last message's payloads were small (they may not be any more)."""
+        per_job = self.job_bytes[stage]
+        if head_bytes is not None:
+            per_job = max(per_job, head_bytes)
+        if per_job:
+            jobs = min(jobs, max(1, MAX_MESSAGE_BYTES // per_job))
+        return jobs
+
+    def should_probe(self, stage: int, jobs: int) -> bool:
+        """Would ``jobs`` payloads of the last measured size be small? Then probe the next."""
+        return jobs > 1 and jobs * self.job_bytes[stage] < MAX_MESSAGE_BYTES // 2
+
+    @staticmethod
+    def oversized(jobs: int, payload_bytes: int) -> int | None:
+        """Payloads behind the first grew past the estimate: how many to keep in this
+        message (the rest go back to the queue), or None if it is fine as it is."""
+        if jobs > 1 and payload_bytes > 2 * MAX_MESSAGE_BYTES:
+            return max(1, MAX_MESSAGE_BYTES // (payload_bytes // jobs + 1))
+        return None
