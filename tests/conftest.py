@@ -26,6 +26,41 @@ RAY_PROCESSES = (
 )
 
 
+def _missing_module_under_ci(report: pytest.CollectReport | pytest.TestReport) -> bool:
+    """A skip for a module that cannot be imported (pytest.importorskip), while the CI
+    variable is set: there every optional dependency of the test extra is installed, so the
+    skip would hide a broken install behind one green "s"."""
+    return bool(
+        os.environ.get("CI")
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and "could not import" in str(report.longrepr)
+    )
+
+
+def _fail_instead(report: pytest.CollectReport | pytest.TestReport) -> None:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)  # (path, line, text)
+    report.outcome = "failed"
+    report.longrepr = f"{reason}; CI is set, so this fails: pip install -e '.[test]'"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    report = yield
+    if _missing_module_under_ci(report):
+        _fail_instead(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    report = yield
+    if _missing_module_under_ci(report):
+        _fail_instead(report)
+    return report
+
+
 @pytest.fixture(params=START_METHODS)
 def start_method(request: pytest.FixtureRequest) -> str:
     return request.param
