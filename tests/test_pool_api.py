@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import threading
 from collections import Counter
 from concurrent.futures import Future, wait
 from pathlib import Path
 
+import psutil
 import pytest
 from faults import (
     CountSetup,
     CountUnpickles,
     Echo,
     Raise,
+    RecordPid,
     Sleep,
     SleepPid,
     Square,
@@ -167,6 +171,23 @@ def test_submit_and_map_after_close_raise_pool_closed() -> None:
         pool.map([1])
     with pytest.raises(PoolClosed):
         pool.imap([1])
+
+
+def test_defaults_cpu_count_workers_started_by_the_forkserver() -> None:
+    """SPEC: procs defaults to os.cpu_count(); the start method to forkserver where the platform
+    has it (fork after the supervisor's threads is unsafe), else spawn. A forkserver's workers
+    are children of the server, not of this process."""
+    with Pool(RecordPid()) as pool:
+        wait_for(lambda: len(pool.pids()) == os.cpu_count(), 30, "os.cpu_count() workers")
+        parents = {psutil.Process(pid).parent() for pid in pool.pids()}
+        assert len(pool.map(range(4))) == 4
+        assert pool.metrics().workers == os.cpu_count()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        assert {p.pid for p in parents} == {os.getpid()}  # spawned by this process
+        return
+    [server] = parents
+    assert server.pid != os.getpid() and server.ppid() == os.getpid()
+    assert "forkserver" in " ".join(server.cmdline())
 
 
 def test_pids_are_live_workers() -> None:
