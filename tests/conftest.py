@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Generator
+from typing import Any
 
 import psutil
 import pytest
@@ -46,7 +48,7 @@ def _fail_instead(report: pytest.CollectReport | pytest.TestReport) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, Any]:
     report = yield
     if _missing_module_under_ci(report):
         _fail_instead(report)
@@ -54,7 +56,9 @@ def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo
+) -> Generator[None, Any, Any]:
     report = yield
     if _missing_module_under_ci(report):
         _fail_instead(report)
