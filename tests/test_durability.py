@@ -76,7 +76,7 @@ def finish(proc: subprocess.Popen, cwd: Path, timeout: float = RUN_DEADLINE) -> 
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait()
+        proc.wait(timeout=10)
         raise AssertionError(f"the run did not end within {timeout:g} s") from None
     return code, (cwd / "stderr.txt").read_text(errors="replace")
 
