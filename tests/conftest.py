@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Generator
+from typing import Any
 
 import psutil
 import pytest
@@ -24,6 +26,43 @@ RAY_PROCESSES = (
     "/ray/_private/",
     "/ray/autoscaler/",
 )
+
+
+def _missing_module_under_ci(report: pytest.CollectReport | pytest.TestReport) -> bool:
+    """A skip for a module that cannot be imported (pytest.importorskip), while the CI
+    variable is set: there every optional dependency of the test extra is installed, so the
+    skip would hide a broken install behind one green "s"."""
+    return bool(
+        os.environ.get("CI")
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and "could not import" in str(report.longrepr)
+    )
+
+
+def _fail_instead(report: pytest.CollectReport | pytest.TestReport) -> None:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)  # (path, line, text)
+    report.outcome = "failed"
+    report.longrepr = f"{reason}; CI is set, so this fails: pip install -e '.[test]'"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, Any]:
+    report = yield
+    if _missing_module_under_ci(report):
+        _fail_instead(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo
+) -> Generator[None, Any, Any]:
+    report = yield
+    if _missing_module_under_ci(report):
+        _fail_instead(report)
+    return report
 
 
 @pytest.fixture(params=START_METHODS)

@@ -66,6 +66,16 @@ def attempts_of(marker_dir: str | os.PathLike, key: Any) -> list[tuple[float, in
     return [(at, pid) for _, at, pid in found]
 
 
+def append_line(path: str | os.PathLike, text: str) -> None:
+    """One line appended with a single O_APPEND write: whole lines, even from several
+    processes at once."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{text}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def count_marks(marker_dir: str | os.PathLike, prefix: str) -> int:
     return len(list(Path(marker_dir).glob(f"{prefix}.*")))
 
@@ -204,7 +214,29 @@ class Echo(Base):
 
 
 class Square(Base):
+    """payload -> payload * payload. Optionally appends each payload it runs to the file
+    ``runs``, sleeps ``delay`` seconds first, and raises PermanentError for payloads in
+    ``fail``."""
+
+    def __init__(
+        self,
+        runs: str | os.PathLike | None = None,
+        fail: frozenset = frozenset(),
+        delay: float = 0.0,
+        **policy: Any,
+    ) -> None:
+        super().__init__(**policy)
+        self.runs = runs
+        self.fail = fail
+        self.delay = delay
+
     def run(self, payload: Any) -> Any:
+        if self.runs:
+            append_line(self.runs, str(payload))
+        if self.delay:
+            time.sleep(self.delay)
+        if payload in self.fail:
+            raise PermanentError(f"payload {payload} is refused")
         return payload * payload
 
 

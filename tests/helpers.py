@@ -1,21 +1,35 @@
-"""Shared test helpers: deadlines instead of sleeps, process checks, bounded job runs."""
+"""Shared test helpers: deadlines instead of sleeps, process checks, bounded job runs, and the
+pieces every test of the real ``batchpool`` command needs (its command line, a clean child
+environment, reads of its output and journal with deadlines)."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, wait
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 TESTS_DIR = Path(__file__).resolve().parent
-SRC_DIR = TESTS_DIR.parent / "src"
+REPO_DIR = TESTS_DIR.parent
+SRC_DIR = REPO_DIR / "src"
+PIPELINES_DIR = REPO_DIR / "pipelines"
 START_METHODS = ["fork", "forkserver", "spawn"]
+# The console script's entry point, run by this interpreter: works in any virtual environment.
+CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
+# Environment variables that configure the test pipelines (tests/test_cli.py's BP_*,
+# tests/durability_pipeline.py's DUR_*): a child must see only those its test sets.
+PIPELINE_SETTINGS = ("BP_", "DUR_")
+OUTPUT_KEYS = {"index", "ok", "value", "error", "attempts"}  # one --output line (SPEC 2)
 
 
 def wait_for(
@@ -87,15 +101,116 @@ def run_one(pool: Any, payload: Any, timeout: float = 60.0) -> Any:
     return run_jobs(pool, [payload], timeout)[0]
 
 
-def child_env() -> dict[str, str]:
-    """Environment for a child interpreter that must import batchpool and tests/faults.py."""
-    env = dict(os.environ)
+def child_env(**settings: Any) -> dict[str, str]:
+    """Environment for a child interpreter that must import batchpool and tests/faults.py:
+    this one, less stale pipeline settings and a Ray cluster address (a child starts its own
+    Ray, or joins the one a test names), plus ``settings`` (values as strings)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(PIPELINE_SETTINGS) and k not in ("RAY_ADDRESS", "PYTHONWARNINGS")
+    }
     parts = [str(TESTS_DIR), str(SRC_DIR)]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
-    env.pop("PYTHONWARNINGS", None)
+    env.update({k: str(v) for k, v in settings.items()})
     return env
+
+
+environ = child_env  # the name the CLI tests use
+
+
+def bp(
+    *args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """One ``batchpool`` command to its end (TimeoutExpired past ``timeout``)."""
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        env=env or child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The next line of a child's stdout (a pipe), or AssertionError past ``timeout``: a bare
+    readline() would hang the whole session if the child never writes it. Reads the file
+    descriptor directly, so do not mix it with reads of ``proc.stdout``."""
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no line from the child within {timeout:g} s: {data!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            byte = os.read(fd, 1)  # one byte at a time: nothing past the line is consumed
+            if not byte:
+                raise AssertionError(f"the child closed its output early: {data!r}")
+            data += byte
+    return data.decode()
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Lines of a file other processes append to (none yet if it does not exist)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def output_rows(path: Path, n: int) -> list[dict]:
+    """--output: exactly one line per job, ordered by index, with the documented keys."""
+    rows = jsonl(path.read_text())
+    assert [x["index"] for x in rows] == list(range(n)), "not one line per job, in index order"
+    for x in rows:
+        assert set(x) == OUTPUT_KEYS, x
+    return rows
+
+
+def one_line(stderr: str) -> str:
+    """The message of a refusal: stderr without click's usage and hint lines, no traceback,
+    and exactly one line."""
+    assert "Traceback" not in stderr and 'File "' not in stderr, stderr
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith(("Usage:", "Try '"))
+    ]
+    assert len(lines) == 1, f"expected a one-line message, got:\n{stderr}"
+    return lines[0]
+
+
+def connect_ro(journal: Path) -> sqlite3.Connection:
+    """A read-only connection that neither creates nor changes the file."""
+    return sqlite3.connect(f"{Path(journal).resolve().as_uri()}?mode=ro", uri=True)
+
+
+def integrity(journal: Path) -> str:
+    """SQLite's own verdict on a database file: "ok" when it is sound."""
+    with closing(connect_ro(journal)) as conn:
+        return " ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
+
+
+def committed_indexes(journal: Path) -> list[int]:
+    """Indexes with a final outcome in a journal, read in this process while its run may still
+    be writing (none before the journal exists)."""
+    from batchpool.journal import Journal, JournalError
+
+    try:
+        with Journal.open_readonly(journal) as book:
+            return [row["index"] for row in book.rows()]
+    except JournalError:
+        return []
 
 
 def run_script(path: Path, timeout: float, *args: str) -> subprocess.CompletedProcess:

@@ -17,9 +17,7 @@ import os
 import random
 import resource
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -28,13 +26,12 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import CLI, child_env, connect_ro, integrity, one_line, output_rows, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 TESTS = Path(__file__).resolve().parent
 PIPELINE = str(TESTS / "durability_pipeline.py")
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main()"]
 GONE_DEADLINE = 5.0  # seconds the processes of a dead supervisor get to exit on their own
 RUN_DEADLINE = 60.0  # seconds any single CLI run may take here
 
@@ -43,10 +40,8 @@ RUN_DEADLINE = 60.0  # seconds any single CLI run may take here
 
 
 def environ(**dur: Any) -> dict[str, str]:
-    """This environment with the pipeline's DUR_* settings (and no stale ones)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUR_")}
-    env.update({f"DUR_{k.upper()}": str(v) for k, v in dur.items()})
-    return env
+    """A child's environment with the pipeline's DUR_* settings (and no stale ones)."""
+    return child_env(**{f"DUR_{k.upper()}": v for k, v in dur.items()})
 
 
 def start(
@@ -81,7 +76,7 @@ def finish(proc: subprocess.Popen, cwd: Path, timeout: float = RUN_DEADLINE) -> 
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait()
+        proc.wait(timeout=10)
         raise AssertionError(f"the run did not end within {timeout:g} s") from None
     return code, (cwd / "stderr.txt").read_text(errors="replace")
 
@@ -97,10 +92,6 @@ def line_count(path: Path) -> int:
         return 0
 
 
-def connect_ro(journal: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)
-
-
 def committed(journal: Path) -> dict[int, tuple]:
     """index -> (status, value, finished_at) of every final row committed to the journal,
     read independently of batchpool (read-only SQLite). Empty if no run got that far."""
@@ -114,28 +105,15 @@ def committed(journal: Path) -> dict[int, tuple]:
         return {idx: rest for idx, *rest in conn.execute(sql)}
 
 
-def integrity(journal: Path) -> str:
-    with closing(connect_ro(journal)) as conn:
-        return " ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
-
-
 def no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr, stderr
     assert 'File "' not in stderr, stderr
 
 
-def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected a one-line message, got:\n{stderr}"
-    no_traceback(stderr)
-    return lines[0]
-
-
 def check_output(path: Path, n: int, pad: int = 0) -> None:
     from durability_pipeline import expected_value
 
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["index"] for r in rows] == list(range(n)), "not one line per job, in index order"
+    rows = output_rows(path, n)
     bad = [r for r in rows if not r["ok"] or r["value"] != expected_value(r["index"], pad)]
     assert not bad, f"{len(bad)} wrong rows, e.g. {bad[:3]}"
 
@@ -288,36 +266,59 @@ def journal_state(journal: Path) -> str:
         return dict(conn.execute("SELECT key, value FROM meta"))["state"]
 
 
-def test_double_sigint_before_the_loop_looks_is_not_a_complete_run(tmp_path: Path) -> None:
-    """Two quick Ctrl-Cs while the loop waits for results (it looks every 0.1 s): the run must
-    still count as interrupted (exit 130, journal unfinished, resumable)."""
+def pending_signals(pid: int) -> set[int]:
+    """Signals sent to a process and not delivered yet (/proc: its own and its threads')."""
+    masks = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        masks[key] = int(value.strip(), 16) if key in ("SigPnd", "ShdPnd") else None
+    bits = masks["SigPnd"] | masks["ShdPnd"]
+    return {n for n in range(1, 65) if bits >> (n - 1) & 1}
+
+
+def test_two_signals_before_the_loop_looks_are_not_a_complete_run(tmp_path: Path) -> None:
+    """A second signal that comes before the run loop has looked at the first (it looks every
+    0.1 s while it waits for results): the run must still count as interrupted (exit 130,
+    journal unfinished, resumable), not as complete.
+
+    The race is made certain instead of tried for: the supervisor is stopped (SIGSTOP), both
+    signals are sent and seen pending, then it continues and meets both at once. They are a
+    SIGINT and a SIGTERM because two SIGINTs pending together are one (POSIX does not queue
+    them); the handler counts stop requests, whichever signal makes them."""
     side, journal = tmp_path / "side.txt", tmp_path / "j.sqlite"
     env = environ(n=50, ms=f"{SLOW_MS},{SLOW_MS}", side=side)
-    base = ["run", PIPELINE, "--procs", "2", "--journal", str(journal), "--no-progress"]
-    for attempt in range(5):  # the race is lost most of the time; five tries all but always
-        before = line_count(side)
-        args = [*base, *(["--resume"] if attempt else []), "--output", "out.jsonl"]
-        proc = start(args, tmp_path, env)
-        tree = Tree(proc.pid)
-        try:
-            # Both workers in a slow job: they ignore SIGINT, nothing wakes the loop early.
-            wait_for(
-                lambda p=proc, t=tree, b=before: (
-                    t.look() or line_count(side) >= b + 2 or p.poll() is not None
-                ),
-                RUN_DEADLINE,
-                "two jobs to start",
-            )
-            os.killpg(proc.pid, signal.SIGINT)
-            time.sleep(0.01)  # two separate deliveries, well inside one 0.1 s wait of the loop
-            os.killpg(proc.pid, signal.SIGINT)
-        finally:
-            code, err = finish(proc, tmp_path)
-        wait_for(lambda t=tree: not t.alive(), GONE_DEADLINE, "the run's processes")
-        state, rows = journal_state(journal), len(committed(journal))
-        assert (code, state) == (130, "unfinished"), (
-            f"attempt {attempt}: exit {code}, journal {state!r} with {rows} of 50 jobs\n{err}"
+    args = ["run", PIPELINE, "--procs", "2", "--journal", str(journal), "--no-progress"]
+    proc = start([*args, "--output", "out.jsonl"], tmp_path, env)
+    tree = Tree(proc.pid)
+    supervisor = psutil.Process(proc.pid)
+    try:
+        # Both workers in a slow job: nothing wakes the loop early.
+        wait_for(
+            lambda: tree.look() or line_count(side) >= 2 or proc.poll() is not None,
+            RUN_DEADLINE,
+            "two jobs to start",
         )
+        assert proc.poll() is None, "the run ended before the signals"
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: supervisor.status() == psutil.STATUS_STOPPED, 10, "the stop")
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal does
+        os.killpg(proc.pid, signal.SIGTERM)
+        wanted = {signal.SIGINT, signal.SIGTERM}
+        wait_for(lambda: wanted <= pending_signals(proc.pid), 10, "both signals pending")
+        os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        code, err = finish(proc, tmp_path)
+    wait_for(lambda: not tree.alive(), GONE_DEADLINE, "the run's processes")
+    state, rows = journal_state(journal), len(committed(journal))
+    assert (code, state) == (130, "unfinished"), (
+        f"exit {code}, journal {state!r} with {rows} of 50 jobs\n{err}"
+    )
+    assert rows < 50
+    code, err = cli([*args, "--resume", "--output", "out.jsonl"], tmp_path, environ(n=50))
+    assert code == 0, err
+    check_output(tmp_path / "out.jsonl", 50)
 
 
 # -- full disk -------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_full_disk_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     env = environ(n=DISK_N, ms="2,6", pad=DISK_PAD)
     base = ["run", PIPELINE, "--procs", "2", "--journal", str(journal), "--no-progress"]
     code, err = cli(base, tmp_path, env, preexec_fn=_small_disk)
-    assert code == 2, f"exit {code}\n{err}"  # a journal error (SPEC)
+    assert code == 2, f"exit {code} (SPEC: a journal error exits 2)\n{err}"
     no_traceback(err)
     errors = [line for line in err.splitlines() if "cannot write" in line]
     assert len(errors) == 1 and str(journal) in errors[0], err
@@ -458,11 +459,15 @@ def test_second_sigint_while_output_is_written_exits_130(tmp_path: Path) -> None
         os.killpg(proc.pid, signal.SIGINT)  # drain: the two slow jobs finish
         tmp = out.with_name(out.name + ".tmp")
         wait_for(lambda: tmp.exists() or proc.poll() is not None, 30, "--output being written")
+        # the case of the name: the run is still writing --output when the second one comes
+        assert tmp.exists() and proc.poll() is None, "the run ended before --output was written"
         os.killpg(proc.pid, signal.SIGINT)  # a second Ctrl-C: stop at once, exit 130
     finally:
         code, err = finish(proc, tmp_path)
     wait_for(lambda: not tree.alive(), GONE_DEADLINE, "the run's processes")
     assert integrity(journal) == "ok"
+    if out.exists():  # never a half-written file under the final name
+        check_output(out, BIG_N + 2)
     resumed, resumed_err = cli([*args, "--resume", "--output", str(out)], tmp_path, env)
     assert resumed == 0, resumed_err
     check_output(out, BIG_N + 2)

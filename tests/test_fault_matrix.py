@@ -21,6 +21,12 @@ Phases and the failures that make sense in them (the rest are left out on purpos
 - start*: a task that cannot be pickled at all fails Pool(...) construction, in our process.
 - hang in start / setup: the SPEC has no startup deadline (Task.timeout bounds attempts), so
   there is no outcome to expect; a hung setup() is the user's to fix.
+
+One outcome per cell, from the SPEC: an exception in run() is an "error"; a value that cannot
+be pickled or rebuilt is "serialization" (one attempt, never retried); a worker that exits or
+is killed is a "crash" and one that hangs a "timeout", whatever it was doing for the job
+(unpickling its payload, running it, pickling its result), each retried like any failure; a
+worker that cannot start or set up gives up the pool after three tries ("error").
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def _check_serialization(r) -> None:
 @pytest.mark.parametrize("phase, failure", CELLS, ids=[f"{p}-{f}" for p, f in CELLS])
 def test_fault_matrix(phase: str, failure: str, start_method: str) -> None:
     if phase == "start" and failure == "unpicklable":
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises(TypeError, match="the task cannot be pickled"):
             Pool(FaultTask("run", "exception", lock=threading.Lock()), procs=PROCS)
         _fresh_pool_works(start_method)
         return
@@ -126,27 +132,19 @@ def test_fault_matrix(phase: str, failure: str, start_method: str) -> None:
         assert not r.ok and r.value is None
         assert r.error.type and r.error.message
 
-        if phase == "run":
+        if phase == "run" or failure in ("exit", "sigkill", "hang"):
+            # A worker that dies or hangs is a crash or a timeout whatever it was doing for
+            # the job (SPEC: "the worker died ... while the job ran"): retried like any failure.
             kind, attempts, type_name, exitcode = RUN_OUTCOME[failure]
             assert (r.error.kind, r.attempts, r.error.type) == (kind, attempts, type_name), r
-            assert r.error.exitcode == exitcode
-            if failure in ("exception", "unpicklable"):
-                assert "do_fault" in r.error.traceback
-        elif failure in ("exception", "unpicklable"):
+            assert r.error.exitcode == exitcode, r
+        else:
             # a value that cannot be pickled or rebuilt: charged once, never retried
             _check_serialization(r)
-            if failure == "exception":
-                assert r.error.type == "ValueError", r
-        else:
-            # The worker died or hung while (un)pickling this job's data: the attempt is this
-            # job's, whether reported as a serialization failure (not retried) or as a
-            # crash / timeout (retried like any other).
-            expected = {"exit": "crash", "sigkill": "crash", "hang": "timeout"}[failure]
-            assert r.error.kind in (expected, "serialization"), r
-            if r.error.kind == "serialization":
-                assert r.attempts == 1, r
-            else:
-                assert r.attempts == RETRIES + 1, r
+        if phase == "run" and failure in ("exception", "unpicklable"):
+            assert "do_fault" in r.error.traceback
+        if failure == "exception":
+            assert r.error.type == "ValueError", r
 
         for i, other in enumerate(results[1:], start=1):
             assert other.ok and other.value == i, other

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
 import tracemalloc
-from contextlib import closing
 from pathlib import Path
 
 import pytest
+from helpers import integrity, read_line, wait_for
 
 from batchpool.journal import Journal, JournalError, fingerprint
 
@@ -28,11 +29,6 @@ def add(journal: Journal, index: int, *, ok: bool = True, value: object = None, 
     kw.setdefault("worker", 123)
     kw.setdefault("elapsed", 0.5)
     journal.add_final(index, f"fp{index}", ok=ok, value=value, error=error, **kw)
-
-
-def integrity(path: Path) -> str:
-    with closing(sqlite3.connect(path)) as conn:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 def spawn(mode: str, path: Path, **kw) -> subprocess.Popen:
@@ -271,7 +267,7 @@ def test_lock_of_a_sigkilled_holder_does_not_block(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     proc = spawn("hold", path)
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        assert read_line(proc, 30).strip() == "ready"
         with pytest.raises(JournalError, match=f"pid {proc.pid}"):
             Journal(path, "helper")
         proc.send_signal(signal.SIGKILL)
@@ -293,12 +289,13 @@ def test_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
         os.read(stop_r, 1)
         os._exit(0)
     try:
+        assert select.select([ready_r], [], [], 30)[0], "the forked child never started"
         os.read(ready_r, 1)
         journal.close()
         Journal(path, "p").close()  # not blocked by the child's inherited descriptor
     finally:
         os.write(stop_w, b"1")
-        os.waitpid(pid, 0)
+        wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 30, "the forked child to exit")
         for fd in (ready_r, ready_w, stop_r, stop_w):
             os.close(fd)
 
@@ -472,8 +469,8 @@ def test_sigkill_loses_no_committed_row(tmp_path: Path) -> None:
     try:
         seen = 0
         for _ in range(20):
-            line = proc.stdout.readline()
-            assert line.startswith("committed "), (line, proc.stderr.read())
+            line = read_line(proc, 30)
+            assert line.startswith("committed "), line
             seen = int(line.split()[1])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)

@@ -9,13 +9,14 @@ survive process boundaries (runs, timestamps) go to files under tmp_path.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
+from faults import Square, append_line
+from helpers import read_lines
 
-from batchpool import JobResult, PermanentError, Pipeline, RunReport, Task
+from batchpool import JobResult, Pipeline, RunReport, Task
 from batchpool.journal import Journal, JournalError
 from batchpool.pipeline import ReplayedResult, SourceChangedError, UnfinishedRunError
 
@@ -25,42 +26,6 @@ PROCS = 2
 
 
 # -- tasks (module level: picklable by reference) -------------------------------------------------
-
-
-def append_line(path: str | os.PathLike, text: str) -> None:
-    """One line appended with O_APPEND: whole lines, even from several processes at once."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, f"{text}\n".encode())
-    finally:
-        os.close(fd)
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-class Square(Task):
-    """n -> n * n; logs each run to ``runs`` (if given); PermanentError for ``fail``."""
-
-    retries = 0
-
-    def __init__(self, runs: str | None = None, fail: frozenset[int] = frozenset(), delay=0.0):
-        self.runs = runs
-        self.fail = fail
-        self.delay = delay
-
-    def run(self, n: int) -> int:
-        if self.runs:
-            append_line(self.runs, str(n))
-        if self.delay:
-            time.sleep(self.delay)
-        if n in self.fail:
-            raise PermanentError(f"payload {n} is refused")
-        return n * n
 
 
 class Stamped(Task):
@@ -252,6 +217,17 @@ def test_report_to_dict_is_json(tmp_path: Path) -> None:
     assert data["metrics"]["submitted"] == 6
     assert data["failures"][0]["index"] == 1
     assert data["failures"][0]["error"]["type"] == "PermanentError"
+
+
+def test_report_elapsed_is_the_run_s_wall_time() -> None:
+    """8 jobs of 0.2 s on 2 workers cannot take less than 0.8 s, nor more than the call."""
+    pipe = Pipeline(list(range(8)), Square(delay=0.2), name="timed")
+    begun = time.monotonic()
+    report = pipe.run(PROCS, journal=None, progress=False)
+    wall = time.monotonic() - begun
+    assert report.succeeded == 8
+    assert 8 * 0.2 / PROCS <= report.elapsed <= wall < 60
+    assert report.to_dict()["elapsed"] == report.elapsed
 
 
 # -- journal ----------------------------------------------------------------------------------

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import threading
 from collections import Counter
 from concurrent.futures import Future, wait
 from pathlib import Path
 
+import psutil
 import pytest
 from faults import (
     CountSetup,
     CountUnpickles,
     Echo,
     Raise,
+    RecordPid,
     Sleep,
     SleepPid,
     Square,
@@ -106,7 +110,7 @@ def test_imap_consumes_a_lazy_generator_with_backpressure(ordered: bool) -> None
     assert pulled < 3000 + 10_000
 
 
-def test_imap_is_lazy_until_iterated_or_bounded() -> None:
+def test_imap_is_lazy_until_iterated_then_bounded() -> None:
     pulled = 0
 
     def source():
@@ -117,9 +121,12 @@ def test_imap_is_lazy_until_iterated_or_bounded() -> None:
 
     with Pool(Echo(), procs=2) as pool:
         it = pool.imap(source())
+        # The pool serves other work meanwhile; the iterator that nobody iterates reads nothing.
+        assert pool.submit("other").result(timeout=30).value == "other"
+        assert pulled == 0 and pool.metrics().submitted == 1
         first = next(it)
         assert first.index == 0 and first.value == 0
-        assert pulled < 10_000
+        assert 1 <= pulled < 10_000  # a bounded window ahead of the consumer, not the input
         it.close()
 
 
@@ -164,6 +171,23 @@ def test_submit_and_map_after_close_raise_pool_closed() -> None:
         pool.map([1])
     with pytest.raises(PoolClosed):
         pool.imap([1])
+
+
+def test_defaults_cpu_count_workers_started_by_the_forkserver() -> None:
+    """SPEC: procs defaults to os.cpu_count(); the start method to forkserver where the platform
+    has it (fork after the supervisor's threads is unsafe), else spawn. A forkserver's workers
+    are children of the server, not of this process."""
+    with Pool(RecordPid()) as pool:
+        wait_for(lambda: len(pool.pids()) == os.cpu_count(), 30, "os.cpu_count() workers")
+        parents = {psutil.Process(pid).parent() for pid in pool.pids()}
+        assert len(pool.map(range(4))) == 4
+        assert pool.metrics().workers == os.cpu_count()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        assert {p.pid for p in parents} == {os.getpid()}  # spawned by this process
+        return
+    [server] = parents
+    assert server.pid != os.getpid() and server.ppid() == os.getpid()
+    assert "forkserver" in " ".join(server.cmdline())
 
 
 def test_pids_are_live_workers() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
+import faults
 import pytest
 from faults import (
     CustomRetryable,
@@ -43,9 +45,22 @@ def test_retries_exhausted(tmp_path: Path) -> None:
     assert len(attempts_of(tmp_path, "a")) == 3  # no attempt beyond retries + 1
     assert r.error.kind == "error"
     assert r.error.type == "ValueError"
-    assert "attempt 3" in r.error.message
-    assert "FailTimes" in r.error.traceback or "run" in r.error.traceback
+    assert r.error.message == "attempt 3 of 'a' fails"
     assert r.error.exitcode is None
+    # The worker-side traceback ends in the task's own run() frame, at the raise, with the
+    # exception that the last attempt raised.
+    lines = r.error.traceback.rstrip("\n").splitlines()
+    assert lines[0] == "Traceback (most recent call last):", r.error.traceback
+    assert lines[-1] == "ValueError: attempt 3 of 'a' fails", r.error.traceback
+    frames = [line for line in lines if line.startswith("  File ")]
+    assert frames[-1] == f'  File "{faults.__file__}", line {_line_of_raise(FailTimes)}, in run'
+
+
+def _line_of_raise(task: type) -> int:
+    """The line of faults.py where ``task.run`` raises."""
+    source, first = inspect.getsourcelines(task.run)
+    [offset] = [i for i, line in enumerate(source) if line.strip().startswith("raise ")]
+    return first + offset
 
 
 def test_zero_retries_means_one_attempt(tmp_path: Path) -> None:
@@ -148,6 +163,7 @@ def test_unpicklable_exception_reported_as_plain_data(
     with Pool(RaiseUnpicklable(kind, retries=1), procs=1) as pool:
         r = run_one(pool, "x")
         after = run_jobs(pool, ["y"])[0]
+        metrics = pool.metrics()
     assert not r.ok
     assert r.error.kind == "error"
     assert r.error.type == type_name
@@ -155,7 +171,9 @@ def test_unpicklable_exception_reported_as_plain_data(
     assert "raise_unpicklable_error" in r.error.traceback
     assert r.attempts == 2  # an ordinary error: retried
     assert r.error.exitcode is None
-    assert after.error.type == type_name  # the worker survived, the pool works
+    # The worker survived: the same process ran the next job, and none was restarted.
+    assert after.error.type == type_name and after.worker == r.worker
+    assert metrics.worker_restarts == 0 and metrics.crashed == 0
 
 
 def test_waiting_retry_does_not_occupy_a_worker(tmp_path: Path) -> None:
@@ -180,7 +198,11 @@ def test_waiting_retry_does_not_occupy_a_worker(tmp_path: Path) -> None:
 def test_exception_with_broken_str_still_reported() -> None:
     with Pool(Raise("BadStrError", retries=1), procs=1) as pool:
         r = run_one(pool, "x")
-        assert run_one(pool, "y").attempts == 2  # the worker is fine
+        after = run_one(pool, "y")
+        metrics = pool.metrics()
+    # the worker is fine: it reported, and it ran the next job too
+    assert after.attempts == 2 and after.error.type == "BadStrError" and after.worker == r.worker
+    assert metrics.worker_restarts == 0 and metrics.crashed == 0
     assert not r.ok
     assert r.error.kind == "error"
     assert r.error.type == "BadStrError"
@@ -201,3 +223,4 @@ def test_base_exceptions_fail_at_once_without_killing_the_worker(exc: str) -> No
     assert r.attempts == 1
     assert metrics.crashed == 0 and metrics.worker_restarts == 0
     assert [x.ok for x in after] == [False, False]  # Raise always raises; the pool answers
+    assert {x.worker for x in after} == {r.worker}  # from the worker that was not killed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from faults import Echo, FailTimes, SetupFails, Sleep, SleepMarked, attempts_of
-from helpers import alive, all_gone, child_env, run_jobs, wait_for
+from helpers import alive, all_gone, child_env, read_line, run_jobs, wait_for
 
 from batchpool import Pool
 from batchpool.errors import PoolClosed
@@ -100,23 +99,6 @@ def _run_child(script: Path, method: str, mode: str, timeout: float = 30.0):
             f"the child did not exit within {timeout:g} s (mode {mode}); stderr: {exc.stderr!r}"
         ) from None
     return proc, time.monotonic() - start
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no line from the child within {timeout:g} s: {data!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise AssertionError(f"the child closed stdout early: {data!r}")
-            data += chunk
-    return data.decode()
 
 
 # -- close / terminate / with ----------------------------------------------------------------------
@@ -211,7 +193,7 @@ def test_terminate_unblocks_a_map_in_another_thread(tmp_path: Path) -> None:
     pool.terminate()
     thread.join(10)
     assert not thread.is_alive(), "map() still blocked after terminate()"
-    assert outcome and isinstance(outcome[0], Exception), outcome
+    assert len(outcome) == 1 and isinstance(outcome[0], PoolClosed), outcome
 
 
 def test_with_closes_on_success() -> None:
@@ -299,7 +281,7 @@ def test_parent_sigkill_leaves_no_worker(child_script: Path, start_method: str) 
     )
     pids: list[int] = []
     try:
-        pids = json.loads(_read_line(proc, 60))
+        pids = json.loads(read_line(proc, 60))
         assert len(pids) == 2 and alive(pids) == pids
         proc.kill()
         proc.wait(10)

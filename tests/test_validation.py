@@ -1,4 +1,5 @@
-"""Invalid settings fail at Pool(...) construction, before any process or thread starts."""
+"""Invalid settings fail at Pool(...) and Pipeline(...) construction, before any process or
+thread starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import psutil
 import pytest
 from faults import Echo
 
-from batchpool import Pool, Task
+from batchpool import Pipeline, Pool, Task
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,10 +22,10 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def _build_fails(exc_types, build) -> None:
+def _build_fails(exc_types, build, match: str | None = None) -> None:
     before_children = _children()
     before_threads = threading.active_count()
-    with pytest.raises(exc_types):
+    with pytest.raises(exc_types, match=match):
         build()
     assert _children() == before_children  # no process was started
     assert threading.active_count() == before_threads  # nor a supervisor thread
@@ -83,10 +84,39 @@ def test_task_without_run() -> None:
 
 
 def test_unpicklable_task_fails_at_construction() -> None:
-    _build_fails((TypeError, ValueError), lambda: Pool(Echo(lock=threading.Lock()), procs=1))
+    _build_fails(TypeError, lambda: Pool(Echo(lock=threading.Lock()), procs=1))
 
 
 @pytest.mark.parametrize("jitter", [0.0, 1.0])
 def test_boundary_settings_are_valid(jitter: float) -> None:
     with Pool(Echo(jitter=jitter, retries=0), procs=1, timeout=0.5) as pool:
         assert pool.map([1])[0].value == 1
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: Pipeline([1, 2]), ValueError, "stage"),
+        (lambda: Pipeline([1, 2], name="x"), ValueError, "stage"),
+        (lambda: Pipeline([1], Echo(), sink="results.jsonl"), TypeError, "sink"),
+        (lambda: Pipeline([1], Echo(), sink=42), TypeError, "sink"),
+        (lambda: Pipeline([1], Echo), TypeError, "Task"),  # the class, not an instance
+        (lambda: Pipeline([1], Echo(), lambda x: x), TypeError, "Task"),
+        (lambda: Pipeline([1], Echo(), Echo(retries=-1)), ValueError, "retries"),
+        (lambda: Pipeline([1], Echo(timeout=0)), ValueError, "timeout"),
+    ],
+    ids=[
+        "no-stage",
+        "no-stage-named",
+        "sink-a-string",
+        "sink-a-number",
+        "stage-a-class",
+        "stage-a-function",
+        "bad-second-stage",
+        "bad-timeout",
+    ],
+)
+def test_invalid_pipelines_fail_when_built(build, error: type, message: str) -> None:
+    """SPEC: a pipeline needs one or more Task stages and a callable sink (or none); bad
+    settings fail when it is built, not in a worker at run time."""
+    _build_fails(error, build, match=message)
