@@ -302,7 +302,10 @@ def test_settings_refused_when_the_pool_is_built_exit_2(tmp_path: Path, jobs: Pa
     "text, expected",
     [
         ("def broken(:\n", "syntax error in"),
-        ("raise RuntimeError('no database here')\n", "error importing badpkg.mod: RuntimeError"),
+        (
+            "raise RuntimeError('no database here')\n",
+            "error importing badpkg.mod at badpkg/mod.py:1: RuntimeError: no database here",
+        ),
     ],
     ids=["syntax", "raises"],
 )

@@ -316,7 +316,9 @@ def test_two_signals_before_the_loop_looks_are_not_a_complete_run(tmp_path: Path
         f"exit {code}, journal {state!r} with {rows} of 50 jobs\n{err}"
     )
     assert rows < 50
-    code, err = cli([*args, "--resume", "--output", "out.jsonl"], tmp_path, environ(n=50))
+    code, err = cli(
+        [*args, "--resume", "--output", "out.jsonl"], tmp_path, environ(n=50, side=side)
+    )
     assert code == 0, err
     check_output(tmp_path / "out.jsonl", 50)
 
