@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from .formatting import safe_repr, to_json
 from .jobs import Job
-from .journal import Journal, JournalError, fingerprint
+from .journal import JournalError, JournalWriter, fingerprint
 from .mainguard import check_main_script
 from .pool import WINDOW_PER_PROC, Pool, broken_message
 from .progress import Progress
@@ -293,10 +293,10 @@ def _open_journal(
     resume: bool,
     fresh: bool,
     retry_failed: bool,
-) -> Journal | None:
+) -> JournalWriter | None:
     if path is None:
         return None
-    book = Journal(path, name, fresh=fresh)
+    book = JournalWriter(path, name, fresh=fresh)
     if book.state == "unfinished" and not (resume or retry_failed or fresh):
         book.close()
         raise UnfinishedRunError(
@@ -331,7 +331,7 @@ def output_line(row: dict[str, Any]) -> str:
     return to_json(line) + "\n"
 
 
-def write_jsonl(book: Journal, path: Path) -> None:
+def write_jsonl(book: JournalWriter, path: Path) -> None:
     """One JSON object per job, ordered by index (the journal is the source of truth)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -507,7 +507,7 @@ class _Run:
     def __init__(
         self,
         pipeline: Pipeline,
-        journal: Journal | None,
+        journal: JournalWriter | None,
         resume: bool,
         retry_failed: bool,
         progress: bool,
@@ -827,7 +827,7 @@ class _Run:
         return "\n".join(lines)
 
 
-def _merge(source: Iterator[Any], journal: Journal) -> Iterator[Any]:
+def _merge(source: Iterator[Any], journal: JournalWriter) -> Iterator[Any]:
     """(index, payload, recorded status) for each (index, payload), checking recorded
     fingerprints; _EMPTY passes through."""
     recorded = journal.recorded()
