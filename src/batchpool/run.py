@@ -67,8 +67,8 @@ class Inbox:
 
 
 class Run:
-    """One execution of a pipeline, from starting its pool to its report. Built with the pool
-    started and the source being read; ``execute()`` runs it."""
+    """One execution of a pipeline, from its pool to its report. Building it makes the pool
+    and starts reading the source; ``execute()`` runs the loop and drains."""
 
     def __init__(
         self,
@@ -97,9 +97,8 @@ class Run:
             pipeline.stages, procs, preload=pipeline.preload, **pool_options
         )
         self.window = WINDOW_PER_PROC * self.pool.procs
-        total = pipeline.total if pipeline.total is not None else length(pipeline.source)
-        self.total = total
-        self.progress = Progress(total, enabled=progress, metrics=self.pool.metrics)
+        self.total = pipeline.total if pipeline.total is not None else length(pipeline.source)
+        self.progress = Progress(self.total, enabled=progress, metrics=self.pool.metrics)
         self.halt = Halt(signals, self.pool)
         self.recorder = Recorder(journal, pipeline.sink, self.halt, self.progress)
         self.feed = Feed(pipeline.source, self.window, self.inbox.poke, self.progress.set_total)

@@ -52,7 +52,10 @@ class Signals:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-        old = {sig: signal.signal(sig, lambda s, f: self.request(names[s])) for sig in names}
+        old = {
+            sig: signal.signal(sig, lambda s, f: self.request(names[signal.Signals(s)]))
+            for sig in names
+        }
 
         def restore() -> None:
             for sig, handler in old.items():
