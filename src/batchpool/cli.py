@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import __version__
 from .backends import BackendUnavailable
 from .formatting import csv_cell, to_json
-from .journal import Journal, JournalError
+from .journal import JournalError, JournalReader
 from .pipeline import DEFAULT_JOURNAL, Pipeline, RunReport, default_name, output_line
 from .progress import summary
 
@@ -404,7 +404,7 @@ def _next_steps(report: RunReport, spec: str, journal_option: str | None) -> lis
 def results(journal: str, fmt: str, failed: bool) -> None:
     """Export the results a JOURNAL holds (also while its run is unfinished)."""
     try:
-        book = Journal.open_readonly(journal)
+        book = JournalReader(journal)
     except JournalError as exc:
         _fail(str(exc))
     # Text that UTF-8 cannot hold (a lone surrogate in an error message) is escaped, not fatal.
@@ -421,7 +421,7 @@ def results(journal: str, fmt: str, failed: bool) -> None:
         out.detach()
 
 
-def _export(book: Journal, fmt: str, failed: bool, out: io.TextIOBase) -> None:
+def _export(book: JournalReader, fmt: str, failed: bool, out: io.TextIOBase) -> None:
     if fmt == "jsonl":
         for row in book.rows(failed_only=failed):
             out.write(output_line(row))
