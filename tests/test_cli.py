@@ -293,6 +293,7 @@ def test_settings_refused_when_the_pool_is_built_exit_2(tmp_path: Path, jobs: Pa
     assert r.returncode == 2, r.stderr
     assert "invalid settings: timeout must be" in one_line(r.stderr)
     assert not runs.exists()
+    assert not (tmp_path / ".batchpool").exists()  # refused before a journal was made
     r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=environ(BP_N=2, BP_RUNS=runs))
     assert r.returncode == 0, r.stderr
     assert sorted(read_lines(runs)) == ["0", "1"]

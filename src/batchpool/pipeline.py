@@ -63,6 +63,9 @@ class StagesChangedError(JournalError):
         )
 
 
+POLICY_OVERRIDES = ("retries", "timeout", "backoff")  # pool options that override a task's
+
+
 class Pipeline:
     """``source`` -> stage 1 -> stage 2 -> ... -> ``sink``, streamed.
 
@@ -155,6 +158,9 @@ class Pipeline:
     ) -> RunReport:
         """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
         check_main_script(self.stages, pool_options)
+        overrides = {k: v for k, v in pool_options.items() if k in POLICY_OVERRIDES}
+        for stage in self.stages:  # bad settings fail before a journal is made
+            resolve_policy(stage, **overrides)
         name = self._name()
         journal, tmp = _journal_path(journal, name, output)
         signals = Signals()
