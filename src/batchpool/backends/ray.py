@@ -62,14 +62,14 @@ from ..messages import (
     error_tuple,
     loads,
 )
-from ..supervisor import _terminate_at_exit
+from ..registry import terminate_all_at_exit
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
 
 # Ray shuts itself down at exit, and it registered that when imported, above: register the
 # termination of pools still open again, after it, so it runs first, while Ray still works.
-atexit.register(_terminate_at_exit)
+atexit.register(terminate_all_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
