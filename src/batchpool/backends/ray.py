@@ -62,7 +62,6 @@ from ..messages import (
 )
 from ..registry import terminate_all_at_exit
 from ..task import Task
-from ..workercore import Retirement, Runner
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
@@ -90,8 +89,8 @@ class _Actor:
 
     def __init__(self) -> None:
         self.tasks: list[Task] = []
-        self.runner: Runner | None = None
-        self.retirement = Retirement(None, None)
+        self.runner: workercore.Runner | None = None
+        self.retirement = workercore.Retirement(None, None)
         self.outbox: list[bytes] = []  # the messages of the call in progress
 
     def describe(self) -> tuple[int, str]:
@@ -114,8 +113,8 @@ class _Actor:
             sys.stderr.flush()
             return dumps(hello), None, False
         self.tasks = tasks
-        self.retirement = Retirement(max_tasks, max_memory, report_every=RSS_EVERY)
-        self.runner = Runner(tasks, self._keep, self.retirement)
+        self.retirement = workercore.Retirement(max_tasks, max_memory, report_every=RSS_EVERY)
+        self.runner = workercore.Runner(tasks, self._keep, self.retirement)
         return dumps(hello), self.retirement.sample(time.monotonic()), True
 
     def run(
@@ -123,8 +122,8 @@ class _Actor:
     ) -> tuple[list[bytes], bool, int | None] | None:
         """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
         runner = self.runner
-        if runner is None or self.retirement.reason:  # queued behind a retirement: the
-            return None  # supervisor requeued these jobs
+        if runner is None or self.retirement.reason:  # queued behind a retirement (or a
+            return None  # failed setup): the supervisor requeued these jobs
         runner.run_batch(runner.unpack(ids, stages, blob))
         messages, self.outbox = self.outbox, []
         return messages, self.retirement.reason is not None, self.retirement.rss
