@@ -148,9 +148,9 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-_MESSAGE = (
-    object()
-)  # tags a RUN message not unpacked yet; its unpacked jobs are (id, stage, payload)
+# Tags a RUN message in the mailbox, not unpacked yet; its unpacked jobs are plain
+# (id, stage, payload) tuples.
+_MESSAGE = object()
 
 
 class _Mailbox:

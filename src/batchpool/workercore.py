@@ -196,12 +196,8 @@ class Runner:
         retirement = self.retirement
         if retirement.reason:  # retired already (by a refused job): run nothing more
             return retirement.reason
-        tasks, progress, job_at, started_at = (
-            self.tasks,
-            self.progress,
-            self.job_at,
-            self.started_at,
-        )
+        tasks, progress, flush_every = self.tasks, self.progress, self.flush_every
+        job_at, started_at = self.job_at, self.started_at
         monotonic, monotonic_ns, run = time.monotonic, time.monotonic_ns, run_one
         out = _Results()
         flushed = monotonic()
@@ -216,7 +212,7 @@ class Runner:
                 break
             # A failure is reported at once: its backoff starts now, and a crash of a later
             # job of the batch cannot lose the record of this attempt.
-            if outcome != OK or now - flushed > self.flush_every:
+            if outcome != OK or now - flushed > flush_every:
                 self._flush(out)
                 out = _Results()
                 flushed = now
