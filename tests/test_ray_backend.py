@@ -232,6 +232,16 @@ def test_serialization_failures_are_charged_once() -> None:
     assert [r.value for r in later] == ["still", "working"]
 
 
+def test_a_refused_payload_spends_its_place_in_the_actors_quota() -> None:
+    # The supervisor counts an answered job against max_tasks_per_worker, a refused one too:
+    # the actor must count it as well and retire, or the next job is never sent to anyone.
+    with Pool(ReturnUnpicklable(), 1, backend="ray", max_tasks_per_worker=1) as pool:
+        results = run_jobs(pool, [FaultOnUnpickle("exception"), "ok"], timeout=30)
+    assert results[0].error.kind == "serialization" and results[0].attempts == 1
+    assert results[1].ok and results[1].value == "ok"
+    assert results[1].worker != results[0].worker
+
+
 def test_setup_failures_give_up_after_three_starts(tmp_path: Path) -> None:
     with ray_pool(SetupFails(tmp_path)) as pool:
         results = pool.map(["a", "b"])

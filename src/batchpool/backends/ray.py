@@ -15,7 +15,7 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
-3 (worker.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
+3 (workercore.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
 batchpool killed the actor (a timeout, terminate, a stop past its grace); None when the actor
 died on its own (os._exit, a segfault, the OOM killer, a lost node): Ray does not report the
 process's exit status, so JobError.exitcode is None for crashes on Ray (the Ray error text is
@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from functools import partial
 from multiprocessing.connection import Pipe
 from typing import Any
 
@@ -48,28 +49,26 @@ import psutil
 import ray
 import ray.exceptions
 
-from .. import worker
+from .. import workercore
 from ..channel import Channel
 from ..messages import (
     IDLE,
-    READY,
     RETURNED,
     RUN,
-    START_FAILED,
     STEAL,
     STOP,
     dumps,
-    error_tuple,
     loads,
 )
-from ..supervisor import _terminate_at_exit
+from ..registry import terminate_all_at_exit
+from ..task import Task
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
 
 # Ray shuts itself down at exit, and it registered that when imported, above: register the
 # termination of pools still open again, after it, so it runs first, while Ray still works.
-atexit.register(_terminate_at_exit)
+atexit.register(terminate_all_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
@@ -84,18 +83,15 @@ _SETUP, _RUN, _PING, _STOP = "setup", "run", "ping", "stop"
 
 
 class _Actor:
-    """The remote side: one per worker. Every method catches what the user's code raises, so a
-    call fails only when the actor process dies."""
+    """The remote side: one per worker, driving the worker core (workercore.py) as the local
+    worker process does. Every method catches what the user's code raises, so a call fails
+    only when the actor process dies."""
 
     def __init__(self) -> None:
-        self.tasks: list = []
-        self.done = 0
-        self.retiring: str | None = None
-        self.max_tasks: int | None = None
-        self.max_memory: int | None = None
-        self._memory_info: Any = None
-        self._rss: int | None = None
-        self._rss_at = 0.0
+        self.tasks: list[Task] = []
+        self.runner: workercore.Runner | None = None
+        self.retirement = workercore.Retirement(None, None)
+        self.outbox: list[bytes] = []  # the messages of the call in progress
 
     def describe(self) -> tuple[int, str]:
         return os.getpid(), ray.get_runtime_context().get_node_id()
@@ -112,65 +108,45 @@ class _Actor:
         max_tasks: int | None,
         max_memory: int | None,
     ) -> tuple[bytes, int | None, bool]:
-        self.max_tasks = max_tasks
-        self.max_memory = max_memory
-        try:
-            for path in sys_path:
-                if path not in sys.path and os.path.isdir(path):
-                    sys.path.append(path)
-            if main is not None:
-                _import_main(*main)
-            worker._import_files(preload)
-            tasks = loads(tasks_blob)
-            for task in tasks:
-                task.setup()
-        except BaseException as exc:
+        tasks, hello = workercore.start(tasks_blob, preload, partial(_prepare, sys_path, main))
+        if tasks is None:
             sys.stderr.flush()
-            return dumps((START_FAILED, error_tuple(exc))), None, False
+            return dumps(hello), None, False
         self.tasks = tasks
-        return dumps((READY, os.getpid())), self._sample_rss(), True
+        self.retirement = workercore.Retirement(max_tasks, max_memory, report_every=RSS_EVERY)
+        self.runner = workercore.Runner(tasks, self._keep, self.retirement)
+        return dumps(hello), self.retirement.sample(time.monotonic()), True
 
-    def run(self, ids: list, stages: list, blob: bytes) -> tuple[bytes, bool, int | None] | None:
-        if self.retiring:  # calls queued behind a retirement: the supervisor requeued them
-            return None
-        message = worker.run_message(self.tasks, ids, stages, blob, self._retire)
-        return dumps(message), bool(self.retiring), self._rss
+    def run(
+        self, ids: list, stages: list, blob: bytes
+    ) -> tuple[list[bytes], bool, int | None] | None:
+        """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
+        runner = self.runner
+        if runner is None or self.retirement.reason:  # queued behind a retirement (or a
+            return None  # failed setup): the supervisor requeued these jobs
+        runner.run_batch(runner.unpack(ids, stages, blob))
+        messages, self.outbox = self.outbox, []
+        return messages, self.retirement.reason is not None, self.retirement.rss
 
     def stop(self) -> None:
         """Tear down and exit (by itself: no word from Ray's control plane needed)."""
-        for task in self.tasks:
-            try:
-                task.teardown()
-            except Exception as exc:
-                print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+        workercore.stop(self.tasks)
         sys.stdout.flush()
         sys.stderr.flush()
         ray.actor.exit_actor()
 
-    def _retire(self) -> str | None:
-        """Asked after each job: leave now? As the local worker loop decides it."""
-        self.done += 1
-        if self.max_tasks is not None and self.done >= self.max_tasks:
-            self.retiring = "max_tasks_per_worker"
-        else:
-            rss = self._sample_rss()
-            if self.max_memory is not None and rss is not None and rss > self.max_memory:
-                self.retiring = "max_memory"
-        return self.retiring
+    def _keep(self, message: tuple) -> None:
+        self.outbox.append(dumps(message))
 
-    def _sample_rss(self) -> int | None:
-        """This process's RSS, sampled at most every few ms (psutil costs ~10 us)."""
-        now = time.monotonic()
-        if now < self._rss_at:
-            return self._rss
-        self._rss_at = now + (worker.MEMORY_CHECK_EVERY if self.max_memory else RSS_EVERY)
-        try:
-            if self._memory_info is None:
-                self._memory_info = psutil.Process().memory_info
-            self._rss = self._memory_info().rss
-        except Exception:
-            self._rss = None
-        return self._rss
+
+def _prepare(sys_path: tuple, main: tuple[str, str] | None) -> None:
+    """Before the tasks unpickle: the driver's sys.path entries that exist here, and its
+    ``__main__`` where the tasks come from it."""
+    for path in sys_path:
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.append(path)
+    if main is not None:
+        _import_main(*main)
 
 
 def _main_module() -> tuple[str, str] | None:
@@ -196,7 +172,7 @@ def _import_main(kind: str, name: str) -> None:
         if kind == "module":
             sys.modules[MAIN_ALIAS] = importlib.import_module(name)
         else:
-            worker._import_files([(MAIN_ALIAS, name)])
+            workercore.import_files([(MAIN_ALIAS, name)])
     sys.modules["__main__"] = sys.modules[MAIN_ALIAS]
 
 
@@ -528,8 +504,9 @@ class RayWorker:
         if call.kind == _RUN:
             if value is None:
                 return _CONTINUE  # refused: it was queued behind a retirement
-            message, retiring, self._rss = value
-            self._write(message)
+            messages, retiring, self._rss = value
+            for message in messages:
+                self._write(message)
             if retiring:
                 with self._cond:
                     self._leaving = True
@@ -543,7 +520,7 @@ class RayWorker:
             if ok:
                 return _CONTINUE
             self._kill_actor()
-            return self._await_death(worker.EXIT_START_FAILED)
+            return self._await_death(workercore.EXIT_START_FAILED)
         if call.kind == _STOP:  # answered after all: make sure it goes
             self._kill_actor()
             return self._await_death(0)
