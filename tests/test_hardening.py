@@ -483,3 +483,51 @@ def test_pool_timeout_none_removes_the_tasks_timeout() -> None:
     with Pool(Sleep(1.0, timeout=0.3, retries=0), procs=1, timeout=None) as pool:
         result = pool.submit(None).result(timeout=30)
     assert result.ok, result
+
+
+FORK_AT_EXIT = """
+import os, sys, time
+from batchpool import Pool, PoolClosed
+from faults import Square
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    pool = Pool(Square(), procs=1)
+    pool.map([1])
+    child = os.fork()
+    if child == 0:
+        if mode == "with":
+            try:
+                pool.map([2])
+            except PoolClosed:
+                pass
+            else:
+                os._exit(3)
+            with pool:
+                pass  # leaving it closes the pool: the copy has nothing to wait for
+        sys.exit(0)  # runs the exit hooks, as a forked helper process would
+    start = time.monotonic()
+    _, status = os.waitpid(child, 0)
+    print(f"{time.monotonic() - start:.3f} {status}", flush=True)
+    pool.close()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["exit", "with"])
+def test_a_forked_child_exits_without_waiting_for_its_parents_pools(
+    tmp_path: Path, mode: str
+) -> None:
+    script = tmp_path / "fork_at_exit.py"
+    script.write_text(FORK_AT_EXIT)
+    done = subprocess.run(
+        [sys.executable, str(script), mode],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    assert done.returncode == 0, done.stderr
+    took, status = done.stdout.split()
+    assert status == "0", done.stderr  # the child's exit status
+    assert float(took) < 5, "the child waited for its parent's pool"

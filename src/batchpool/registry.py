@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 LIVE: set[Supervisor] = set()  # running supervisors, strongly held: a dropped Pool's included
+
+# A forked child has none of them running (threads do not survive fork): its exit must not
+# wait for supervisors that exist only in its parent.
+os.register_at_fork(after_in_child=LIVE.clear)
 
 
 @atexit.register
