@@ -203,6 +203,14 @@ def summary(report: RunReport) -> str:
         f"retries {m.retried}, timeouts {m.timed_out}, crashes {m.crashed}, "
         f"worker restarts {m.worker_restarts}; peak worker RSS {_size(report.peak_rss)}",
     ]
+    if len(m.stages) > 1:  # what each stage did: where the time and the failures went
+        names = report.stage_names or [f"stage {k + 1}" for k in range(len(m.stages))]
+        for k, (name, stage) in enumerate(zip(names, m.stages, strict=False)):
+            lines.append(
+                f"  stage {k + 1} {name}: {stage.submitted} in, {stage.succeeded} ok, "
+                f"{stage.failed} failed, {stage.retried} retries; attempt time p50 "
+                f"{_duration(stage.attempt_p50)}, p95 {_duration(stage.attempt_p95)}"
+            )
     if report.journal:
         lines.append(f"journal: {report.journal}")
     return "\n".join(lines)

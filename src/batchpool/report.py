@@ -4,7 +4,7 @@ of a run whose workers could not start."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .formatting import safe_repr
@@ -32,6 +32,7 @@ class RunReport:
     attempt_p95: float | None = None
     peak_rss: int = 0  # bytes, largest worker RSS sampled
     journal: str | None = None
+    stage_names: list[str] = field(default_factory=list)  # task class names; see metrics.stages
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class RunReport:
             "attempt_p95": self.attempt_p95,
             "peak_rss": self.peak_rss,
             "journal": self.journal,
+            "stage_names": self.stage_names,
             "metrics": self.metrics.to_dict(),
             "failures": [
                 {

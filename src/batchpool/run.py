@@ -98,6 +98,7 @@ class Run:
         )
         self.window = WINDOW_PER_PROC * self.pool.procs
         self.total = pipeline.total if pipeline.total is not None else length(pipeline.source)
+        self.stage_names = [type(stage).__name__ for stage in pipeline.stages]
         self.progress = Progress(self.total, enabled=progress, metrics=self.pool.metrics)
         self.halt = Halt(signals, self.pool)
         self.recorder = Recorder(journal, pipeline.sink, self.halt, self.progress)
@@ -241,5 +242,6 @@ class Run:
             attempt_p50=p50,
             attempt_p95=p95,
             peak_rss=max(self.progress.peak_rss, metrics.peak_rss),
+            stage_names=self.stage_names,
             journal=None if self.journal is None or self.journal.lost else str(self.journal.path),
         )
