@@ -409,7 +409,7 @@ def results(journal: str, fmt: str, failed: bool) -> None:
         _fail(str(exc))
     # Text that UTF-8 cannot hold (a lone surrogate in an error message) is escaped, not fatal.
     out = io.TextIOWrapper(
-        click.get_binary_stream("stdout"), encoding="utf-8", errors="backslashreplace", newline=""
+        sys.stdout.buffer, encoding="utf-8", errors="backslashreplace", newline=""
     )
     try:
         with book:
