@@ -12,11 +12,12 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .formatting import to_json
-from .journal import JournalError, JournalWriter, fingerprint
+from .journal import JournalError, JournalWriter, Outcome, fingerprint
 from .mainguard import check_main_script
 from .recorder import ReplayedResult
 from .report import RunReport
@@ -41,12 +42,15 @@ __all__ = [
 ]
 
 
-class _Default:
+class _Default(Enum):
+    JOURNAL = "default journal"
+
     def __repr__(self) -> str:
         return "<default journal>"
 
 
-DEFAULT_JOURNAL: Any = _Default()
+DEFAULT_JOURNAL: Final = _Default.JOURNAL
+JournalOption = str | os.PathLike[str] | _Default | None  # a path, the default one, or none
 
 
 class UnfinishedRunError(JournalError):
@@ -110,12 +114,12 @@ class Pipeline:
         self,
         procs: int | None = None,
         *,
-        journal: str | os.PathLike | None = DEFAULT_JOURNAL,
+        journal: JournalOption = DEFAULT_JOURNAL,
         resume: bool = False,
         fresh: bool = False,
         retry_failed: bool = False,
         progress: bool = True,
-        output: str | os.PathLike | None = None,
+        output: str | os.PathLike[str] | None = None,
         **pool_options: Any,
     ) -> RunReport:
         """Run to the end (or until stopped) and report.
@@ -148,12 +152,12 @@ class Pipeline:
         self,
         procs: int | None,
         *,
-        journal: str | os.PathLike | None,
+        journal: JournalOption,
         resume: bool,
         fresh: bool,
         retry_failed: bool,
         progress: bool,
-        output: str | os.PathLike | None,
+        output: str | os.PathLike[str] | None,
         **pool_options: Any,
     ) -> RunReport:
         """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
@@ -215,8 +219,8 @@ def default_name(stem: str, attr: str) -> str:
 
 
 def _journal_path(
-    journal: str | os.PathLike | None, name: str, output: str | os.PathLike | None
-) -> tuple[str | os.PathLike | None, tempfile.TemporaryDirectory | None]:
+    journal: JournalOption, name: str, output: str | os.PathLike[str] | None
+) -> tuple[str | os.PathLike[str] | None, tempfile.TemporaryDirectory[str] | None]:
     """The journal's path, and the temporary directory holding it where the caller asked for
     none but for ``--output``, which is written from a journal."""
     if journal is DEFAULT_JOURNAL:
@@ -228,7 +232,7 @@ def _journal_path(
 
 
 def _open_journal(
-    path: str | os.PathLike | None,
+    path: str | os.PathLike[str] | None,
     name: str,
     stages: str,
     resume: bool,
@@ -266,9 +270,15 @@ def stages_fingerprint(stages: Sequence[Task]) -> str:
     return fingerprint(parts)
 
 
-def output_line(row: dict[str, Any]) -> str:
+def output_line(row: Outcome) -> str:
     """The --output / ``results`` JSON line of a journal row."""
-    line = {k: row[k] for k in ("index", "ok", "value", "error", "attempts")}
+    line = {
+        "index": row["index"],
+        "ok": row["ok"],
+        "value": row["value"],
+        "error": row["error"],
+        "attempts": row["attempts"],
+    }
     return to_json(line) + "\n"
 
 
@@ -282,7 +292,7 @@ def write_jsonl(book: JournalWriter, path: Path) -> None:
 
 
 def _close_journal(
-    book: JournalWriter, report: RunReport, output: str | os.PathLike | None
+    book: JournalWriter, report: RunReport, output: str | os.PathLike[str] | None
 ) -> None:
     """Write ``--output`` from the journal, and close it. The work is done: if that fails,
     what is committed stays, and the report says the run was interrupted by the journal."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .journal import JournalError, JournalWriter, fingerprint
+from .journal import JournalError, JournalWriter, Outcome, fingerprint
 from .progress import Progress
 from .report import AttemptTimes
 from .results import JobError, JobResult
@@ -118,10 +118,12 @@ class Recorder:
 
     def _replay(self, index: int, payload: Any) -> None:
         """Hand the sink the outcome an earlier run recorded for ``index``."""
-        if self.sink is None or self.halt.stopped_by == "sink" or self.halt.signalled():
+        if self.journal is None or self.sink is None:  # (a skipped job implies a journal)
+            return
+        if self.halt.stopped_by == "sink" or self.halt.signalled():
             return
         try:
-            row = self.journal.outcome(index)  # type: ignore[union-attr]
+            row = self.journal.outcome(index)
         except JournalError as exc:
             self.halt.first("journal", str(exc))
             return
@@ -139,7 +141,7 @@ class Recorder:
             self.halt.first("sink", traceback.format_exc())
 
 
-def replayed(index: int, payload: Any, row: dict[str, Any]) -> ReplayedResult:
+def replayed(index: int, payload: Any, row: Outcome) -> ReplayedResult:
     """The result a journal row recorded, as a resumed run's sink gets it."""
     err = row["error"]
     error = None

@@ -186,7 +186,7 @@ class Run:
     def _intake(self) -> tuple[bool, bool]:
         """Submit source items that are ready, up to a batch and the window. Returns (the
         source may have more, items are ready now)."""
-        batch: list = []
+        batch: list[Job] = []
         try:
             while self.outstanding < self.window:
                 if len(batch) >= SUBMIT_BATCH:

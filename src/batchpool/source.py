@@ -11,15 +11,25 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from .journal import JournalError, JournalWriter, fingerprint
 
 PUT_POLL = 0.1  # seconds between looks at close() while the queue is full
 
-EMPTY = object()  # the source has nothing ready yet
-_END = object()  # the source is exhausted
+
+class _Marker(Enum):
+    EMPTY = "the source has nothing ready yet"
+    END = "the source is exhausted"
+
+
+EMPTY: Final = _Marker.EMPTY
+_END: Final = _Marker.END
+Empty = Literal[_Marker.EMPTY]
+Item = tuple[int, Any]  # (index, payload)
+Merged = tuple[int, Any, str | None]  # (index, payload, recorded status)
 
 
 class SourceChangedError(JournalError):
@@ -41,6 +51,9 @@ class SourceFailed(Exception):
         self.text = text
 
 
+_Queued = Item | SourceFailed | Literal[_Marker.END]  # what the source's thread hands over
+
+
 class Feed:
     """Reads the source in its own thread into a bounded queue.
 
@@ -57,7 +70,7 @@ class Feed:
         poke: Callable[[], None],
         on_length: Callable[[int | None], None],
     ) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize=size)
+        self.queue: queue.Queue[_Queued] = queue.Queue(maxsize=size)
         self.poke = poke  # told when items are ready again: the run loop may be waiting
         self.on_length = on_length  # told len() of what a callable source returned
         self.closed = False
@@ -79,7 +92,7 @@ class Feed:
             return
         self._put(_END)
 
-    def _put(self, item: Any) -> bool:
+    def _put(self, item: _Queued) -> bool:
         try:
             self.queue.put_nowait(item)
         except queue.Full:
@@ -100,7 +113,7 @@ class Feed:
     def __iter__(self) -> Feed:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> Item | Empty:
         try:
             item = self.queue.get_nowait()
         except queue.Empty:
@@ -116,7 +129,7 @@ class Feed:
         self.closed = True
 
 
-def merge(source: Iterator[Any], journal: JournalWriter) -> Iterator[Any]:
+def merge(source: Iterator[Item | Empty], journal: JournalWriter) -> Iterator[Merged | Empty]:
     """(index, payload, recorded status) for each (index, payload), checking recorded
     fingerprints; EMPTY passes through.
 

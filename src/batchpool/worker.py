@@ -17,10 +17,11 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
+from enum import Enum
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Final, Literal, NoReturn
 
-from .messages import EXITING, RETURNED, RUN, STEAL, STOP, dumps, loads
+from .messages import EXITING, RETURNED, RUN, STEAL, STOP, ProgressSlots, dumps, loads
 from .processes import GROUP_SIGNALS
 from .task import Task
 from .workercore import EXIT_START_FAILED, Job, Retirement, Runner, start, stop
@@ -32,7 +33,7 @@ FLUSH_EVERY = 0.02  # seconds: a long batch still streams results (progress, ord
 def main(
     conn: Connection,
     lifeline: Connection,
-    progress: Any,
+    progress: ProgressSlots,
     slot: int,
     tasks_blob: bytes,
     preload: Sequence[tuple[str, str]],
@@ -67,7 +68,7 @@ def main(
     _exit(0)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     """Leave now, and take along whatever the tasks started.
 
     ``os._exit``: returning to multiprocessing would join the non-daemon threads a task left
@@ -112,7 +113,7 @@ def _exit_with_parent(lifeline: Connection) -> None:
     threading.Thread(target=watch, name="batchpool-lifeline", daemon=True).start()
 
 
-def _orphaned() -> None:
+def _orphaned() -> NoReturn:
     """Nobody will read our results: end this worker and what its tasks started, at once."""
     try:
         os.killpg(0, signal.SIGKILL)
@@ -120,12 +121,16 @@ def _orphaned() -> None:
         os._exit(EXIT_ORPHANED)
 
 
-def _send(conn: Connection, message: tuple) -> None:
+def _send(conn: Connection, message: tuple[object, ...]) -> None:
     conn.send_bytes(dumps(message))
 
 
 def _serve(
-    conn: Connection, tasks: list[Task], progress: Any, slot: int, retirement: Retirement
+    conn: Connection,
+    tasks: list[Task],
+    progress: ProgressSlots,
+    slot: int,
+    retirement: Retirement,
 ) -> None:
     box = _Mailbox(conn)
     threading.Thread(target=box.read, name="batchpool-reader", daemon=True).start()
@@ -148,9 +153,14 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+class _Tag(Enum):
+    MESSAGE = "a RUN message, not unpacked yet"
+
+
 # Tags a RUN message in the mailbox, not unpacked yet; its unpacked jobs are plain
 # (id, stage, payload) tuples.
-_MESSAGE = object()
+_MESSAGE: Final = _Tag.MESSAGE
+_Pending = tuple[Literal[_Tag.MESSAGE], list[int], list[int], bytearray]  # ids, stages, payloads
 
 
 class _Mailbox:
@@ -165,11 +175,11 @@ class _Mailbox:
         self.conn = conn
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.items: deque[tuple] = deque()
+        self.items: deque[Job | _Pending] = deque()
         self.ended = False
         self.send_lock = threading.Lock()
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: tuple[object, ...]) -> None:
         blob = dumps(message)
         with self.send_lock:
             self.conn.send_bytes(blob)
@@ -206,14 +216,16 @@ class _Mailbox:
                 ids.append(item[0])
         self.send((RETURNED, ids))
 
-    def next(self) -> tuple | None:
+    def next(self) -> _Pending | None:
         """The next RUN message, (_MESSAGE, ids, stages, payloads blob); None once stopped."""
         with self.cond:
             while not self.items:
                 if self.ended:
                     return None
                 self.cond.wait()
-            return self.items.popleft()
+            item = self.items.popleft()
+        assert item[0] is _MESSAGE  # run_batch() took the jobs before it, or the worker left
+        return item
 
     def jobs(self) -> Iterator[Job]:
         """The unpacked jobs at the front, until the next message (or none): the end of the
@@ -223,9 +235,12 @@ class _Mailbox:
         lock, items = self.lock, self.items
         while True:
             with lock:
-                if not items or items[0][0] is _MESSAGE:
+                if not items:
                     return
-                job = items.popleft()
+                job = items[0]
+                if job[0] is _MESSAGE:
+                    return
+                items.popleft()
             yield job
 
     def push_front(self, jobs: list[Job]) -> None:

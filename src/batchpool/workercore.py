@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .messages import (
     ERROR,
@@ -28,6 +28,9 @@ from .messages import (
     START_FAILED,
     UNPACKING,
     UNPICKLABLE,
+    Hello,
+    ProgressSlots,
+    Results,
     dumps,
     error_tuple,
     loads,
@@ -45,7 +48,7 @@ def start(
     tasks_blob: bytes,
     preload: Sequence[tuple[str, str]],
     prepare: Callable[[], None] | None = None,
-) -> tuple[list[Task] | None, tuple]:
+) -> tuple[list[Task] | None, Hello]:
     """Import the pipeline files, unpickle the tasks and run their ``setup()``.
 
     Returns the tasks and the message for the supervisor, READY; or None and START_FAILED
@@ -88,6 +91,11 @@ def import_files(preload: Sequence[tuple[str, str]]) -> None:
         spec.loader.exec_module(module)
 
 
+class _Memory(Protocol):
+    @property
+    def rss(self) -> int: ...
+
+
 class Retirement:
     """When a worker leaves on its own, asked after every job it answers: once it has answered
     ``max_tasks`` jobs, or once its RSS is above ``max_memory``.
@@ -109,7 +117,7 @@ class Retirement:
         self.rss: int | None = None  # the latest sample, in bytes
         self._every = MEMORY_CHECK_EVERY if max_memory is not None else report_every
         self._sample_at = 0.0 if self._every is not None else math.inf
-        self._memory_info: Any = None
+        self._memory_info: Callable[[], _Memory] | None = None
 
     def after_job(self, now: float) -> str | None:
         """Count one answered job (``now``: time.monotonic()); why the worker leaves, if it
@@ -154,20 +162,20 @@ class Runner:
     def __init__(
         self,
         tasks: list[Task],
-        send: Callable[[tuple], None],
+        send: Callable[[Results], None],
         retirement: Retirement,
-        progress: Any = None,
+        progress: ProgressSlots | None = None,
         slot: int = 0,
         flush_every: float = math.inf,
     ) -> None:
         self.tasks = tasks
         self.send = send
         self.retirement = retirement
-        self.progress = [IDLE, 0] if progress is None else progress
+        self.progress: ProgressSlots = [IDLE, 0] if progress is None else progress
         self.job_at, self.started_at = progress_slot(slot)
         self.flush_every = flush_every
 
-    def unpack(self, ids: list[int], stages: list[int], blob: bytes) -> list[Job]:
+    def unpack(self, ids: list[int], stages: list[int], blob: bytes | bytearray) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
         then answered UNPICKLABLE (and counts for retirement), a batch is answered SPLIT, and
         the supervisor reruns its jobs one at a time to find the culprit."""
@@ -257,7 +265,7 @@ class _Results:
         self.elapsed.append(elapsed)
         self.values.append(value)
 
-    def message(self, retiring: str | None) -> tuple:
+    def message(self, retiring: str | None) -> Results:
         try:
             blob = dumps(self.values)
         except BaseException:

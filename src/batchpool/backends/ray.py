@@ -41,13 +41,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from enum import Enum
 from functools import partial
 from multiprocessing.connection import Pipe
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 import ray
 import ray.exceptions
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 from .. import workercore
 from ..channel import Channel
@@ -57,6 +61,7 @@ from ..messages import (
     RUN,
     STEAL,
     STOP,
+    Results,
     dumps,
     loads,
 )
@@ -102,8 +107,8 @@ class _Actor:
     def setup(
         self,
         tasks_blob: bytes,
-        preload: tuple,
-        sys_path: tuple,
+        preload: tuple[tuple[str, str], ...],
+        sys_path: tuple[str, ...],
         main: tuple[str, str] | None,
         max_tasks: int | None,
         max_memory: int | None,
@@ -118,7 +123,7 @@ class _Actor:
         return dumps(hello), self.retirement.sample(time.monotonic()), True
 
     def run(
-        self, ids: list, stages: list, blob: bytes
+        self, ids: list[int], stages: list[int], blob: bytes
     ) -> tuple[list[bytes], bool, int | None] | None:
         """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
         runner = self.runner
@@ -135,11 +140,11 @@ class _Actor:
         sys.stderr.flush()
         ray.actor.exit_actor()
 
-    def _keep(self, message: tuple) -> None:
+    def _keep(self, message: Results) -> None:
         self.outbox.append(dumps(message))
 
 
-def _prepare(sys_path: tuple, main: tuple[str, str] | None) -> None:
+def _prepare(sys_path: tuple[str, ...], main: tuple[str, str] | None) -> None:
     """Before the tasks unpickle: the driver's sys.path entries that exist here, and its
     ``__main__`` where the tasks come from it."""
     for path in sys_path:
@@ -271,11 +276,11 @@ class _Call:
 
     __slots__ = ("kind", "args", "job", "future", "at")
 
-    def __init__(self, kind: str, args: tuple = (), job: int = IDLE) -> None:
+    def __init__(self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE) -> None:
         self.kind = kind
-        self.args = args
+        self.args = args  # for the actor's method ``kind``
         self.job = job
-        self.future: Any = None  # set once submitted
+        self.future: Future[Any] | None = None  # set once submitted
         self.at = 0.0  # monotonic time it was submitted; 0: still ours (STEAL may take it)
 
     def done(self) -> bool:
@@ -305,16 +310,22 @@ class RayWorker:
         self._ended = False
         self._rss: int | None = None
         self.exitcode: int | None = None
-        self.actor: Any = None
         self.pid = 0
         self._proc: psutil.Process | None = None
         try:
-            self.actor = backend.actor_class.remote()
+            # Ray types remote() as "a handle or the class" (for methods typed by its
+            # @ray.method); on an actor class it returns a handle.
+            self.actor: ActorHandle[_Actor] = backend.actor_class.remote()  # type: ignore[assignment]
+        except BaseException:
+            self._close_ends()
+            raise
+        try:
             self.pid, node = ray.get(self.actor.describe.remote(), timeout=START_TIMEOUT)
             # On this node, the process itself tells when the actor is dead, Ray or no Ray.
             self._proc = psutil.Process(self.pid) if node == backend.node_id else None
         except BaseException as exc:
-            self._discard()
+            self._kill_actor()
+            self._close_ends()
             if isinstance(exc, ray.exceptions.GetTimeoutError):
                 raise RuntimeError(
                     f"Ray did not start a worker within {START_TIMEOUT:g} s (are there free "
@@ -419,7 +430,7 @@ class RayWorker:
                     call.future = future
                 future.add_done_callback(self._wake)
 
-    def _wake(self, _: Any = None) -> None:
+    def _wake(self, _: object = None) -> None:
         with self._cond:
             self._cond.notify_all()
 
@@ -463,6 +474,7 @@ class RayWorker:
                 if killing:
                     return self._await_death(EXIT_KILLED)
                 continue
+            assert call.future is not None  # _next hands out answered calls only
             try:
                 value = call.future.result()
             except Exception as exc:
@@ -482,7 +494,7 @@ class RayWorker:
             self._submit()
             code = self._answer(call, value)
             if code is not _CONTINUE:
-                return code  # type: ignore[return-value]
+                return code
 
     def _next(self) -> tuple[list[bytes], _Call | None, bool]:
         """Wait for something to do: replies to write, the oldest call answered, or a kill."""
@@ -500,7 +512,7 @@ class RayWorker:
                         break
             self._submit()
 
-    def _answer(self, call: _Call, value: Any) -> object:
+    def _answer(self, call: _Call, value: Any) -> int | None | Literal[_Answer.CONTINUE]:
         if call.kind == _RUN:
             if value is None:
                 return _CONTINUE  # refused: it was queued behind a retirement
@@ -567,9 +579,7 @@ class RayWorker:
                 return code
             time.sleep(0.01)  # the kill has not landed yet; the loop is deadline-bound
 
-    def _discard(self) -> None:
-        if self.actor is not None:
-            self._kill_actor()
+    def _close_ends(self) -> None:
         for fd in (self.sentinel, self._sentinel_w):
             try:
                 os.close(fd)
@@ -598,13 +608,17 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _failed(exc: BaseException) -> Future:
-    future: Future = Future()
+def _failed(exc: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
     future.set_exception(exc)
     return future
 
 
-_CONTINUE = object()
+class _Answer(Enum):
+    CONTINUE = "continue"
+
+
+_CONTINUE: Final = _Answer.CONTINUE  # what _answer() returns when the actor goes on
 # The error that means the actor is gone for good. Others (ActorUnavailableError, a
 # RayActorError too: it may come back) get the actor killed first.
 _DEAD = getattr(ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError)

@@ -11,11 +11,11 @@ run resumes with exactly one result per job.
 from __future__ import annotations
 
 from .encoding import fingerprint
-from .file import JournalError
+from .file import JournalError, Outcome
 from .reader import JournalReader
 from .writer import JournalWriter
 
-__all__ = ["Journal", "JournalError", "JournalReader", "JournalWriter", "fingerprint"]
+__all__ = ["Journal", "JournalError", "JournalReader", "JournalWriter", "Outcome", "fingerprint"]
 
 
 class Journal(JournalWriter):

@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, TypedDict, TypeVar
 
 from .encoding import unpickled
 
@@ -24,9 +25,20 @@ PAGE = 1000  # rows per read statement in recorded() / rows()
 _COLUMNS = "idx, status, value, error, attempts, worker, elapsed"
 # Each subquery walks one edge of the b-tree (min/max optimisation); one query for both would scan.
 _EDGES = "SELECT (SELECT min(idx) FROM jobs), (SELECT max(idx) FROM jobs)"
-_KEYS = ("index", "ok", "value", "error", "attempts", "worker", "elapsed")
 
 _Self = TypeVar("_Self", bound="JournalFile")
+
+
+class Outcome(TypedDict):
+    """A job's final outcome as a journal holds it (``rows()``, ``outcome()``)."""
+
+    index: int
+    ok: bool
+    value: Any  # JSON-decoded; outcome(): the object itself where it was kept pickled
+    error: dict[str, Any] | None  # JobError.to_dict(), JSON-decoded
+    attempts: int
+    worker: int | None
+    elapsed: float
 
 
 class JournalError(Exception):
@@ -42,7 +54,7 @@ def reason(exc: BaseException) -> str:
 class JournalFile:
     """An open journal file: its meta data, checked when opened, and its recorded outcomes."""
 
-    def __init__(self, path: str | PathLike) -> None:
+    def __init__(self, path: str | PathLike[str]) -> None:
         self.path = Path(path)
         self.pipeline = ""
         self._conn: sqlite3.Connection | None = None
@@ -99,16 +111,23 @@ class JournalFile:
         for a job submitted but not final. Streams in pages; writes may interleave."""
         yield from self._pages("idx, fp, status")
 
-    def rows(self, *, failed_only: bool = False) -> Iterator[dict[str, Any]]:
+    def rows(self, *, failed_only: bool = False) -> Iterator[Outcome]:
         """Final outcomes ordered by index, value and error decoded; streams in pages."""
         where = "status = 'failed'" if failed_only else "status IS NOT NULL"
         for idx, status, value, error, attempts, worker, elapsed in self._pages(_COLUMNS, where):
             value = None if value is None else json.loads(value)
             error = None if error is None else json.loads(error)
-            row = (idx, status == "ok", value, error, attempts, worker, elapsed)
-            yield dict(zip(_KEYS, row, strict=True))
+            yield Outcome(
+                index=idx,
+                ok=status == "ok",
+                value=value,
+                error=error,
+                attempts=attempts,
+                worker=worker,
+                elapsed=elapsed,
+            )
 
-    def outcome(self, index: int) -> dict[str, Any] | None:
+    def outcome(self, index: int) -> Outcome | None:
         """The final outcome recorded for ``index`` (as in rows()), or None. The value is the
         object itself where it was kept pickled (``keep_values``), else its JSON form."""
         sql = f"SELECT {_COLUMNS}, pickled FROM jobs WHERE idx = ? AND status IS NOT NULL"
@@ -121,10 +140,17 @@ class JournalFile:
         idx, status, value, error, attempts, worker, elapsed, pickled = found
         value = unpickled(pickled, value)
         error = None if error is None else json.loads(error)
-        row = (idx, status == "ok", value, error, attempts, worker, elapsed)
-        return dict(zip(_KEYS, row, strict=True))
+        return Outcome(
+            index=idx,
+            ok=status == "ok",
+            value=value,
+            error=error,
+            attempts=attempts,
+            worker=worker,
+            elapsed=elapsed,
+        )
 
-    def _pages(self, columns: str, where: str = "1") -> Iterator[tuple]:
+    def _pages(self, columns: str, where: str = "1") -> Iterator[tuple[Any, ...]]:
         """Keyset pagination: each page is one short statement, so no snapshot stays open."""
         sql = f"SELECT {columns} FROM jobs WHERE idx > ? AND {where} ORDER BY idx LIMIT {PAGE}"
         last: float = float("-inf")
@@ -165,7 +191,12 @@ class JournalFile:
     def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             self.close()
         except JournalError:

@@ -13,7 +13,7 @@ class JournalReader(JournalFile):
     """Takes no lock and never writes: WAL readers never block the run writing the file, and
     they see what that run has committed."""
 
-    def __init__(self, path: str | PathLike) -> None:
+    def __init__(self, path: str | PathLike[str]) -> None:
         super().__init__(path)
         if not self.path.is_file():
             what = "is not a file" if self.path.exists() else "does not exist"

@@ -15,7 +15,7 @@ from os import PathLike
 from typing import Any
 
 from .encoding import json_text, pickled
-from .file import SCHEMA_VERSION, JournalError, JournalFile, reason
+from .file import SCHEMA_VERSION, JournalError, JournalFile, Outcome, reason
 from .lock import RunLock
 
 FLUSH_ROWS = 1000  # auto-flush when this many rows are buffered ...
@@ -31,6 +31,9 @@ _UPGRADE_1 = "ALTER TABLE jobs ADD COLUMN pickled BLOB"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _ADD_PENDING = "INSERT OR IGNORE INTO jobs (idx, fp) VALUES (?, ?)"  # never hides a final row
 _ADD_FINAL = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# (idx, fp) and (idx, fp, status, value, error, attempts, worker, elapsed, finished_at, pickled)
+_PendingRow = tuple[int, str]
+_FinalRow = tuple[int, str, str, str, str | None, int, int | None, float, float, bytes | None]
 
 
 class JournalWriter(JournalFile):
@@ -41,7 +44,7 @@ class JournalWriter(JournalFile):
     earlier run committed.
     """
 
-    def __init__(self, path: str | PathLike, pipeline: str, *, fresh: bool = False) -> None:
+    def __init__(self, path: str | PathLike[str], pipeline: str, *, fresh: bool = False) -> None:
         """Open or create the journal, locked against other runs.
 
         Raises JournalError (one line, naming the path) when the location is unwritable, the
@@ -52,8 +55,8 @@ class JournalWriter(JournalFile):
         super().__init__(path)
         self.lost = False  # the file was deleted or replaced under a run writing it
         self._lock: RunLock | None = None
-        self._pending: list[tuple] = []
-        self._finals: list[tuple] = []
+        self._pending: list[_PendingRow] = []
+        self._finals: list[_FinalRow] = []
         self._oldest: float | None = None  # monotonic time of the oldest buffered row
         self._retry_at = 0.0  # no auto-flush before this, after a failed write
         # Also keep each value pickled, so that outcome() gives back the very object (bytes,
@@ -123,7 +126,7 @@ class JournalWriter(JournalFile):
         *,
         ok: bool,
         value: Any,
-        error: dict | None,
+        error: dict[str, Any] | None,
         attempts: int,
         worker: int | None,
         elapsed: float,
@@ -238,7 +241,7 @@ class JournalWriter(JournalFile):
         self.flush()
         yield from super().recorded()
 
-    def rows(self, *, failed_only: bool = False) -> Iterator[dict[str, Any]]:
+    def rows(self, *, failed_only: bool = False) -> Iterator[Outcome]:
         self.flush()
         yield from super().rows(failed_only=failed_only)
 
