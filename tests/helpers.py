@@ -43,11 +43,13 @@ CHILD_DEADLINE = 60.0  # seconds a CLI command or script of a test may take, unl
 
 # A pipeline configured by environment variables (read at import and at run, so workers under
 # every start method see the same): BP_N jobs (8 unless set); each appends its payload to
-# BP_RUNS (O_APPEND), sleeps BP_SLEEP seconds, and raises PermanentError for payloads in BP_FAIL
-# (comma separated) while the file BP_FLAG exists (always, when BP_FLAG is unset).
+# BP_RUNS (one O_APPEND write), sleeps BP_SLEEP seconds, and raises PermanentError for payloads
+# in BP_FAIL (comma separated) while the file BP_FLAG exists (always, when BP_FLAG is unset).
 JOBS_PY = """
 import os
 import time
+
+from faults import append_line
 
 from batchpool import PermanentError, Pipeline, Task
 
@@ -59,11 +61,8 @@ class Work(Task):
     retries = 0
 
     def run(self, n):
-        runs = os.environ.get("BP_RUNS")
-        if runs:
-            fd = os.open(runs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(fd, b"%d\\n" % n)
-            os.close(fd)
+        if os.environ.get("BP_RUNS"):
+            append_line(os.environ["BP_RUNS"], str(n))
         time.sleep(float(os.environ.get("BP_SLEEP", "0")))
         flag = os.environ.get("BP_FLAG")
         if n in FAIL and (not flag or os.path.exists(flag)):
@@ -209,6 +208,15 @@ def bp(
 ) -> subprocess.CompletedProcess:
     """One ``batchpool`` command to its end (TimeoutExpired past ``timeout``)."""
     return run([*CLI, *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def run_reported(
+    pipeline: Any, *options: Any, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``batchpool run PIPELINE OPTIONS...`` on 2 workers to its end, with --output
+    cwd/out.jsonl and --report cwd/report.json."""
+    reports = ["--output", "out.jsonl", "--report", "report.json"]
+    return bp("run", pipeline, "--procs", 2, *reports, *options, cwd=cwd, env=env)
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -35,6 +35,7 @@ from helpers import (
     output_rows,
     read_lines,
     run,
+    run_reported,
     start,
     wait_for,
     write,
@@ -114,18 +115,7 @@ def test_help_lists_commands_and_options(tmp_path: Path) -> None:
 
 
 def test_all_ok_exit_0_output_and_report(tmp_path: Path, jobs: Path) -> None:
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_N=10),
-    )
+    r = run_reported(jobs, cwd=tmp_path, env=environ(BP_N=10))
     assert r.returncode == 0, r.stderr
     assert "10 jobs: 10 ok, 0 failed" in r.stderr
     assert (tmp_path / ".batchpool" / "jobs.sqlite").is_file()
@@ -139,18 +129,7 @@ def test_all_ok_exit_0_output_and_report(tmp_path: Path, jobs: Path) -> None:
 
 
 def test_some_failed_exit_1(tmp_path: Path, jobs: Path) -> None:
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_N=8, BP_FAIL="2,5"),
-    )
+    r = run_reported(jobs, cwd=tmp_path, env=environ(BP_N=8, BP_FAIL="2,5"))
     assert r.returncode == 1, r.stderr
     assert "8 jobs: 6 ok, 2 failed" in r.stderr
     assert "Traceback" not in r.stderr
@@ -347,8 +326,7 @@ def run_options(tmp_path: Path, *options: Any, **settings: Any) -> subprocess.Co
     marks = tmp_path / "marks"
     marks.mkdir(exist_ok=True)
     env = environ(BP_MARKS=marks, **{f"BP_{k.upper()}": v for k, v in settings.items()})
-    args = ["run", "options.py", "--procs", 2, "--output", "out.jsonl", "--report", "report.json"]
-    return bp(*args, *options, cwd=tmp_path, env=env)
+    return run_reported("options.py", *options, cwd=tmp_path, env=env)
 
 
 def test_retries_option_overrides_the_task(tmp_path: Path) -> None:
@@ -451,15 +429,12 @@ def test_no_journal_option_leaves_no_journal(tmp_path: Path) -> None:
     assert "--resume needs a journal" in one_line(r.stderr)
 
 
-def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path: Path) -> None:
-    """The installed ``batchpool`` entry point (not ``python -c``): its sys.path starts with its
-    own folder, yet package.module:NAME is found in the working directory."""
-    script = Path(sys.executable).with_name("batchpool")
-    assert script.is_file(), f"no console script next to {sys.executable}"
-    write(tmp_path / "mypkg" / "__init__.py", "")
+def cubes_package(folder: Path, n: int) -> None:
+    """folder/mypkg/pipes.py: a module of a package, whose pipeline ``cubes`` cubes 0..n-1."""
+    write(folder / "mypkg" / "__init__.py", "")
     write(
-        tmp_path / "mypkg" / "pipes.py",
-        """
+        folder / "mypkg" / "pipes.py",
+        f"""
         from batchpool import Pipeline, Task
 
 
@@ -468,9 +443,17 @@ def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path:
                 return n**3
 
 
-        cubes = Pipeline(list(range(4)), Cube())
+        cubes = Pipeline(list(range({n})), Cube())
         """,
     )
+
+
+def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path: Path) -> None:
+    """The installed ``batchpool`` entry point (not ``python -c``): its sys.path starts with its
+    own folder, yet package.module:NAME is found in the working directory."""
+    script = Path(sys.executable).with_name("batchpool")
+    assert script.is_file(), f"no console script next to {sys.executable}"
+    cubes_package(tmp_path, 4)
     r = run(
         [script, "run", "mypkg.pipes:cubes", "--procs", "2", "--output", "o.jsonl"], cwd=tmp_path
     )
@@ -505,21 +488,7 @@ def test_file_colon_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_package_module_name(tmp_path: Path, start_method: str) -> None:
-    write(tmp_path / "mypkg" / "__init__.py", "")
-    write(
-        tmp_path / "mypkg" / "pipes.py",
-        """
-        from batchpool import Pipeline, Task
-
-
-        class Cube(Task):
-            def run(self, n):
-                return n**3
-
-
-        cubes = Pipeline(list(range(5)), Cube())
-        """,
-    )
+    cubes_package(tmp_path, 5)
     r = bp(
         "run",
         "mypkg.pipes:cubes",
@@ -856,16 +825,15 @@ SLOW_SOURCE_PY = """
 import os
 import time
 
+from faults import append_line
+
 from batchpool import Pipeline, Task
 
 
 class Stamp(Task):
     def run(self, n):
-        started = os.environ.get("BP_STARTED")
-        if started:
-            fd = os.open(started, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(fd, b"%d\\n" % n)
-            os.close(fd)
+        if os.environ.get("BP_STARTED"):
+            append_line(os.environ["BP_STARTED"], str(n))
         sleeps = os.environ.get("BP_JOB_SLEEP", "").split(",")
         if n < len(sleeps) and sleeps[n]:
             time.sleep(float(sleeps[n]))

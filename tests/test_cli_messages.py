@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CLI, bp, environ, one_line, run, start, wait_for, write
+from helpers import CLI, bp, environ, one_line, run, run_reported, start, wait_for, write
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -341,19 +341,7 @@ def test_summary_after_an_interrupt_names_resume(tmp_path: Path, jobs: Path) -> 
 
 def test_no_journal_names_no_journal(tmp_path: Path, jobs: Path) -> None:
     """--no-journal with --output runs on a temporary journal: never named, it is gone."""
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--no-journal",
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_N=6, BP_FAIL="1"),
-    )
+    r = run_reported(jobs, "--no-journal", cwd=tmp_path, env=environ(BP_N=6, BP_FAIL="1"))
     assert r.returncode == 1, r.stderr
     assert "journal" not in r.stderr and "batchpool results" not in r.stderr
     assert json.loads((tmp_path / "report.json").read_text())["journal"] is None

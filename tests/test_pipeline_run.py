@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from faults import append_line
+
 from batchpool import PermanentError, Pipeline, Task
 
 
@@ -27,9 +29,7 @@ class Work(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("runs.log", str(n))
         time.sleep(float(os.environ.get("SLEEP", "0")))
         if n in (3, 4) and os.path.exists("fail"):
             raise PermanentError(f"{n} refused")

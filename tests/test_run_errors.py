@@ -239,8 +239,9 @@ def test_callable_source_that_raises_is_a_failed_run(tmp_path: Path, resume: boo
 
 
 CHANGING_PY = """
-import os
 import time
+
+from faults import append_line
 
 from batchpool import Pipeline, Task
 
@@ -249,9 +250,7 @@ class Mark(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("started.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("started.log", str(n))
         time.sleep(0.01)
         return n
 
@@ -366,6 +365,8 @@ SLOW_PY = """
 import os
 import time
 
+from faults import append_line
+
 from batchpool import Pipeline, Task
 
 
@@ -373,9 +374,7 @@ class Slow(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("runs.log", str(n))
         time.sleep(float(os.environ.get("SLEEP", "0.3")))
         return n
 

@@ -37,6 +37,8 @@ SINK_PY = """
 import os
 import time
 
+from faults import append_line
+
 from batchpool import Pipeline, Task
 
 N = int(os.environ["SINK_N"])
@@ -54,11 +56,7 @@ def sink(result):
     tag = "R" if getattr(result, "replayed", False) else "L"
     n = result.index
     same = result.payload == n and result.value == {"n": n, "bytes": bytes([n % 256])}
-    fd = os.open(os.environ["SINK_LOG"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, f"{tag} {n} {'same' if same else 'DIFFERENT'}\\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.environ["SINK_LOG"], f"{tag} {n} {'same' if same else 'DIFFERENT'}")
 
 
 pipeline = Pipeline(list(range(N)), Tick(), name="sinkonce", sink=sink)
