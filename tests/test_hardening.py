@@ -37,6 +37,7 @@ from helpers import (
     check_invariants,
     launch,
     read_line,
+    run,
     wait_for,
     write,
 )
@@ -495,13 +496,7 @@ def test_a_forked_child_exits_without_waiting_for_its_parents_pools(
 ) -> None:
     script = tmp_path / "fork_at_exit.py"
     script.write_text(FORK_AT_EXIT)
-    done = subprocess.run(
-        [sys.executable, str(script), mode],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=45,
-    )
+    done = run([sys.executable, script, mode], timeout=45)
     assert done.returncode == 0, done.stderr
     took, status = done.stdout.split()
     assert status == "0", done.stderr  # the child's exit status
