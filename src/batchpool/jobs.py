@@ -25,8 +25,8 @@ future cancelled before that drops its job at dispatch (or at once, through ``ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain, repeat
 from typing import Any
 
 from .messages import ERROR, OK, SPLIT, UNPICKLABLE, error_tuple
@@ -129,6 +129,20 @@ class Block:
 
 
 Job = Block  # one job is a block of one; the name its consumers annotate with
+
+
+class Delivery:
+    """Final results for one consumer (see supervisor._deliver). Iterated: (block, result)
+    pairs, each made in the place of the one before. ``runs``: the same results as they were
+    built, (block, results) per block, for a consumer that takes them whole."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: list[tuple[Block, list[JobResult]]]) -> None:
+        self.runs = runs
+
+    def __iter__(self) -> Iterator[tuple[Block, JobResult]]:
+        return chain.from_iterable(zip(repeat(block), results) for block, results in self.runs)
 
 
 class StageCount:

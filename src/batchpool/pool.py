@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import operator
 import os
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
 from .errors import PoolBroken, PoolClosed
-from .jobs import Block
+from .jobs import Block, Delivery
 from .messages import dumps
 from .results import JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
@@ -28,9 +27,6 @@ WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
-
-
-_second = operator.itemgetter(1)
 
 
 def default_start_method() -> str:
@@ -114,7 +110,7 @@ class JobFuture(Future):
 class _Futures:
     """Consumer for submit(): resolves one Future per job."""
 
-    def deliver(self, items: list[tuple[Block, JobResult]]) -> None:
+    def deliver(self, items: Delivery) -> None:
         for job, result in items:
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
@@ -128,21 +124,22 @@ class _Futures:
         if error is None:
             future._terminated()
         else:
-            self.deliver([(job, job.results([None], error, [0.0])[0])])
+            self.deliver(Delivery([(job, job.results([None], error, [0.0]))]))
 
 
 class _Collector:
-    """Consumer for map()/imap(): results queue up here for the calling thread."""
+    """Consumer for map()/imap(): results queue up here for the calling thread, a block's
+    worth at a time: (the blocks' indexes, its results)."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.cond = threading.Condition(threading.Lock())
-        self.items: deque[JobResult] = deque()
+        self.items: deque[tuple[Sequence[int], list[JobResult]]] = deque()
         self.lost: str | None = None
 
-    def deliver(self, items: list[tuple[Block, JobResult]]) -> None:
+    def deliver(self, items: Delivery) -> None:
         with self.cond:
-            self.items.extend(map(_second, items))
+            self.items.extend((block.index, results) for block, results in items.runs)
             self.cond.notify()
 
     def cancel(self, job: Block, error: JobError | None) -> None:
@@ -150,8 +147,9 @@ class _Collector:
             self.lost = error.message if error else "the pool was terminated"
             self.cond.notify()
 
-    def take(self, timeout: float | None = None) -> list[JobResult]:
-        """Block until at least one result is in (or ``timeout``); return all that are."""
+    def take(self, timeout: float | None = None) -> list[tuple[Sequence[int], list[JobResult]]]:
+        """Block until results are in (or ``timeout``); return all that are, as (indexes,
+        results) runs."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while not self.items:
@@ -326,9 +324,13 @@ class Pool:
             self._post_jobs([Block(range(start, stop), items[start:stop], collector)])
         remaining = len(items)
         while remaining:
-            for result in collector.take():
-                results[result.index] = result
-                remaining -= 1
+            for indexes, run in collector.take():
+                if isinstance(indexes, range):  # a map's block, or a part of one
+                    results[indexes.start : indexes.stop] = run
+                else:
+                    for result in run:
+                        results[result.index] = result
+                remaining -= len(run)
         return results  # type: ignore[return-value]
 
     def imap(self, payloads: Iterable[Any], ordered: bool = True) -> Iterator[JobResult]:
@@ -366,7 +368,7 @@ class Pool:
                     outstanding += len(batch)
             if not outstanding:
                 return
-            for result in collector.take():
+            for result in itertools.chain.from_iterable(run for _, run in collector.take()):
                 if not ordered:
                     outstanding -= 1
                     yield result

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any
 
-from .jobs import Block, JobBook
+from .jobs import Block, Delivery, JobBook
 from .ledger import WorkerView, attribute, find
 from .messages import (
     EXITING,
@@ -644,13 +644,13 @@ class Supervisor:
             try:
                 self.book.stages[block.stage].failed += len(block)
                 results = block.results(itertools.repeat(None), self.broken, itertools.repeat(0.0))
-                block.consumer.deliver(list(zip(itertools.repeat(block), results)))
+                block.consumer.deliver(Delivery([(block, results)]))
             except BaseException:
                 log.exception("could not fail %r", block)
 
     def _deliver(self) -> None:
-        """Hand final results to their consumers, as (block, result) pairs: consumers run user
-        code (future callbacks) that may call back into the pool, or raise anything."""
+        """Hand final results to their consumers, a Delivery each: consumers run user code
+        (future callbacks) that may call back into the pool, or raise anything."""
         done, self.book.done = self.book.done, []
         cancelled, self.cancelled = self.cancelled, []
         for block, error in cancelled:
@@ -659,14 +659,15 @@ class Supervisor:
             except BaseException:
                 log.exception("cancelling %r failed", block)
         by_consumer: dict[Any, list] = {}
-        for block, results in done:
-            items = by_consumer.get(block.consumer)
-            if items is None:
-                items = by_consumer[block.consumer] = []
-            items.extend(zip(itertools.repeat(block), results))
-        for consumer, items in by_consumer.items():
+        for run in done:
+            runs = by_consumer.get(run[0].consumer)
+            if runs is None:
+                by_consumer[run[0].consumer] = [run]
+            else:
+                runs.append(run)
+        for consumer, runs in by_consumer.items():
             try:
-                consumer.deliver(items)
+                consumer.deliver(Delivery(runs))
             except BaseException:
                 log.exception("delivering results failed")
 
