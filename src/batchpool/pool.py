@@ -6,7 +6,6 @@ import itertools
 import multiprocessing
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, _base
@@ -129,42 +128,47 @@ class _Futures:
 
 class _Collector:
     """Consumer for map()/imap(): results queue up here for the calling thread, a block's
-    worth at a time: (the blocks' indexes, its results)."""
+    worth at a time: (the block's indexes, its results). The caller is woken once as many
+    have come as it asked for: map() asks for all of them, so a map of a million jobs wakes
+    its caller once, not at each batch."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.cond = threading.Condition(threading.Lock())
         self.items: deque[tuple[Sequence[int], list[JobResult]]] = deque()
+        self.queued = 0  # results in items
+        self.wanted = 1  # results the caller waits for
         self.lost: str | None = None
 
     def deliver(self, items: Delivery) -> None:
         with self.cond:
-            self.items.extend((block.index, results) for block, results in items.runs)
-            self.cond.notify()
+            for block, results in items.runs:
+                self.items.append((block.index, results))
+                self.queued += len(results)
+            if self.queued >= self.wanted:
+                self.cond.notify()
 
     def cancel(self, job: Block, error: JobError | None) -> None:
         with self.cond:
             self.lost = error.message if error else "the pool was terminated"
             self.cond.notify()
 
-    def take(self, timeout: float | None = None) -> list[tuple[Sequence[int], list[JobResult]]]:
-        """Block until results are in (or ``timeout``); return all that are, as (indexes,
-        results) runs."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def take(self, wanted: int = 1) -> list[tuple[Sequence[int], list[JobResult]]]:
+        """Block until ``wanted`` results are in; return all that are, as (indexes, results)
+        runs."""
         with self.cond:
-            while not self.items:
+            self.wanted = wanted
+            while self.queued < wanted:
                 if self.lost:
                     raise PoolClosed(f"results lost: {self.lost}")
-                if self.supervisor.done.is_set() and not self.items:
+                if self.supervisor.done.is_set():
                     if self.supervisor.broken is not None:
                         raise PoolBroken(broken_message(self.supervisor.broken))
                     raise PoolClosed("the pool stopped before all results came back")
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    return []
-                self.cond.wait(wait)
+                self.cond.wait(0.5)
             items = list(self.items)
             self.items.clear()
+            self.queued = 0
             return items
 
 
@@ -324,7 +328,7 @@ class Pool:
             self._post_jobs([Block(range(start, stop), items[start:stop], collector)])
         remaining = len(items)
         while remaining:
-            for indexes, run in collector.take():
+            for indexes, run in collector.take(remaining):
                 if isinstance(indexes, range):  # a map's block, or a part of one
                     results[indexes.start : indexes.stop] = run
                 else:
