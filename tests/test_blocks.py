@@ -10,7 +10,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from faults import Echo, Hang, Mixed, Square
+from faults import Echo, FailsUnpickle, Hang, Mixed, RefusesPickle, Square, UnpicklableResult
 from helpers import check_invariants
 
 from batchpool import JobResult, Pool
@@ -79,6 +79,30 @@ def test_a_batch_crosses_stages_together_and_a_failure_stays_its_own() -> None:
     assert all(r.attempts == 2 for r in results)  # one per stage
     assert [s.succeeded for s in metrics.stages] == [100, 99]
     assert metrics.failed == 1
+    check_invariants(metrics)
+
+
+@pytest.mark.parametrize(
+    "task, bad",
+    [
+        (Echo(), RefusesPickle()),  # cannot be pickled here: fails before it is sent
+        (Echo(), FailsUnpickle()),  # the worker cannot load the batch: each job runs alone
+        (UnpicklableResult(), "unload"),  # its value does not load here: each job runs alone
+    ],
+    ids=["payload-unpicklable", "payload-unloadable", "value-unloadable"],
+)
+def test_a_serialization_failure_inside_a_batch_is_charged_to_its_job(task, bad) -> None:
+    payloads = [f"p{i}" for i in range(10)]
+    payloads[6] = bad
+    with Pool(task, procs=1, chunksize=10) as pool:
+        results = pool.map(payloads)
+        metrics = pool.metrics()
+    assert results[6].error is not None and results[6].error.kind == "serialization"
+    assert results[6].attempts == 1
+    others = results[:6] + results[7:]
+    assert [r.value for r in others] == [f"p{i}" for i in range(10) if i != 6]
+    assert all(r.ok and r.attempts == 1 for r in others)
+    assert metrics.failed == 1 and metrics.retried == 0
     check_invariants(metrics)
 
 

@@ -105,3 +105,35 @@ def test_no_single_job_named_by_the_slot() -> None:
     empty, _ = sent()
     assert attribute(empty.held, IDLE) == (None, False)
     assert attribute(w.held, 77) == (None, False)  # not held: its result is in already
+
+
+def test_a_block_cut_or_parted_keeps_each_jobs_index_payload_and_data_together() -> None:
+    b = Block(range(10, 15), ["a", "b", "c", "d", "e"], None)
+    first = b.part(1, 3)
+    assert first.data is first.payload == ["b", "c"]  # a first stage runs on the payloads
+    b.data = ["A", "B", "C", "D", "E"]  # a later stage runs on the values of the one before
+    b.ids = [0, 1, 2, 3, 4]
+    b.attempts, b.prior, b.worker = 1, 2, 7
+    head = b.cut(2)
+    assert (head.index, head.payload, head.data, head.ids) == (
+        range(10, 12),
+        ["a", "b"],
+        ["A", "B"],
+        [0, 1],
+    )
+    assert (b.index, b.payload, b.data, b.ids) == (
+        range(12, 15),
+        ["c", "d", "e"],
+        ["C", "D", "E"],
+        [2, 3, 4],
+    )
+    assert [(s.index, s.payload, s.data) for s in b.singles()] == [
+        (range(12, 13), ["c"], ["C"]),
+        (range(13, 14), ["d"], ["D"]),
+        (range(14, 15), ["e"], ["E"]),
+    ]
+    results = head.results(["x", "y"], None, [0.5, 0.25])
+    assert [(r.index, r.payload, r.value, r.attempts, r.elapsed, r.worker) for r in results] == [
+        (10, "a", "x", 3, 0.5, 7),
+        (11, "b", "y", 3, 0.25, 7),
+    ]

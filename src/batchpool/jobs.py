@@ -119,13 +119,19 @@ class Block:
         self, values: Iterable[Any], error: JobError | None, elapsed: Iterable[float]
     ) -> list[JobResult]:
         """The final JobResults of every job of the block, in one pass."""
-        attempts = self.prior + self.attempts
-        worker = self.worker
-        jobs = zip(self.index, self.payload, values, elapsed, strict=False)  # values may repeat()
-        return [
-            new_result(index, payload, value, error, attempts, seconds, worker)
-            for index, payload, value, seconds in jobs
-        ]
+        attempts = repeat(self.prior + self.attempts)
+        return list(
+            map(
+                new_result,
+                self.index,
+                self.payload,
+                values,
+                repeat(error),
+                attempts,
+                elapsed,
+                repeat(self.worker),
+            )
+        )
 
 
 Job = Block  # one job is a block of one; the name its consumers annotate with
