@@ -1,15 +1,22 @@
-"""Jobs and the one place where a job changes state.
+"""Jobs, in blocks, and the one place where a job changes state.
 
-The states are where a job is, not a field: the ready queue, a worker's outstanding list, the
-retry timers, or delivered.
+A block is a run of jobs that share their way through the pool: one stage, one attempt count,
+one consumer. A map() enters as a few blocks; a worker is sent slices of them; a batch that
+succeeds completes as one, its JobResults built in one pass. A job gets a block of its own only
+where its way parts from its neighbours': it failed (a crash or a timeout charges exactly the
+job that was running, its batch-mates go back to the queue uncharged), it must run alone, or it
+has a Future. So the supervisor pays per block, not per job, on the path that every job takes.
+
+The states are where a block is, not a field: the ready queue, a worker's ledger, the retry
+timers, or delivered.
 
     submit --> QUEUED --dispatch--> SENT --result ok--------------------> (next stage) or DONE
                  ^                    |--failed, retries left--> WAITING --due--> QUEUED (front)
                  |                    |--failed, final------------------------------> DONE
                  +---- requeue -------+   (worker died or retired before starting it: free)
 
-A multi-stage job re-enters QUEUED for its next stage with the previous stage's value as its
-``data``; ``payload`` stays the source payload that the final JobResult reports, and its
+A multi-stage block re-enters QUEUED for its next stage with the previous stage's values as its
+``data``; ``payload`` stays the source payloads that the final JobResults report, and their
 ``attempts`` add up every stage's. Counters are kept per stage (StageCount); Metrics sums them
 into per-job counts. A job with a Future (``tag``) moves it to RUNNING when first dispatched; a
 future cancelled before that drops its job at dispatch (or at once, through ``cancel``).
@@ -18,7 +25,8 @@ future cancelled before that drops its job at dispatch (or at once, through ``ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain, repeat
 from typing import Any
 
 from .messages import ERROR, OK, SPLIT, UNPICKLABLE, error_tuple
@@ -29,41 +37,118 @@ from .results import (
     KIND_TIMEOUT,
     JobError,
     JobResult,
+    new_result,
 )
 from .retry import backoff_delay, should_retry
 from .scheduler import Scheduler
 from .task import Policy
 
 log = logging.getLogger("batchpool")
+_new = object.__new__
 
 
-class Job:
+class Block:
+    """Jobs that travel together (see the module's docstring); often just one."""
+
     __slots__ = (
-        "id",
+        "ids",
         "index",
-        "stage",
         "payload",
         "data",
+        "stage",
         "attempts",
+        "prior",
         "consumer",
         "tag",
         "worker",
         "solo",
-        "prior",
     )
 
-    def __init__(self, id: int, index: int, payload: Any, consumer: Any, tag: Any = None) -> None:
-        self.id = id
-        self.index = index
-        self.stage = 0
-        self.payload = payload  # as the source gave it
+    def __init__(self, index: Sequence[int], payload: list, consumer: Any, tag: Any = None) -> None:
+        self.ids: list[int] = []  # given at the first dispatch: only jobs sent need one
+        self.index = index  # each job's JobResult.index (a range, for a map's chunk)
+        self.payload = payload  # as the source gave them
         self.data = payload  # what the current stage runs on
-        self.attempts = 0
-        self.consumer = consumer  # gets the final JobResult (see supervisor.deliver)
-        self.tag = tag  # the consumer's own handle for the job (a Future, say)
-        self.worker: int | None = None  # pid of the worker of the latest attempt
-        self.solo = False  # sent alone: its batch failed as a whole (see messages.SPLIT)
+        self.stage = 0
+        self.attempts = 0  # in this stage; every job of a block has made as many
         self.prior = 0  # attempts made in the stages before this one
+        self.consumer = consumer  # gets the final JobResults (see supervisor.deliver)
+        self.tag = tag  # a one-job block's handle for its consumer (a Future, say)
+        self.worker: int | None = None  # pid of the worker of the latest attempt
+        self.solo = False  # a one-job block that must travel alone (see messages.SPLIT)
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def __repr__(self) -> str:
+        return f"<Block of {len(self)} at index {self.index[0]}, stage {self.stage}>"
+
+    def part(self, lo: int, hi: int) -> Block:
+        """Jobs ``lo`` to ``hi - 1`` as a block of their own; this one is left as it is."""
+        block = _new(Block)
+        block.ids = self.ids[lo:hi]
+        block.index = self.index[lo:hi]
+        block.payload = self.payload[lo:hi]
+        block.data = block.payload if self.data is self.payload else self.data[lo:hi]
+        block.stage = self.stage
+        block.attempts = self.attempts
+        block.prior = self.prior
+        block.consumer = self.consumer
+        block.tag = self.tag
+        block.worker = self.worker
+        block.solo = self.solo
+        return block
+
+    def cut(self, k: int) -> Block:
+        """Take the first ``k`` jobs out of this block, as a block of their own."""
+        head = self.part(0, k)
+        self.ids = self.ids[k:]
+        self.index = self.index[k:]
+        shared = self.data is self.payload
+        self.payload = self.payload[k:]
+        self.data = self.payload if shared else self.data[k:]
+        return head
+
+    def singles(self) -> list[Block]:
+        """One block per job."""
+        if len(self) == 1:
+            return [self]
+        return [self.part(i, i + 1) for i in range(len(self))]
+
+    def results(
+        self, values: Iterable[Any], error: JobError | None, elapsed: Iterable[float]
+    ) -> list[JobResult]:
+        """The final JobResults of every job of the block, in one pass."""
+        attempts = repeat(self.prior + self.attempts)
+        return list(
+            map(
+                new_result,
+                self.index,
+                self.payload,
+                values,
+                repeat(error),
+                attempts,
+                elapsed,
+                repeat(self.worker),
+            )
+        )
+
+
+Job = Block  # one job is a block of one; the name its consumers annotate with
+
+
+class Delivery:
+    """Final results for one consumer (see supervisor._deliver). Iterated: (block, result)
+    pairs, each made in the place of the one before. ``runs``: the same results as they were
+    built, (block, results) per block, for a consumer that takes them whole."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: list[tuple[Block, list[JobResult]]]) -> None:
+        self.runs = runs
+
+    def __iter__(self) -> Iterator[tuple[Block, JobResult]]:
+        return chain.from_iterable(zip(repeat(block), results) for block, results in self.runs)
 
 
 class StageCount:
@@ -107,104 +192,91 @@ class JobBook:
         self.rand = rand
         self.queue = Scheduler()
         self.sent = 0  # jobs in workers' hands
-        # final results not yet delivered, in runs that share a consumer (a batch, usually)
-        self.done: list[tuple[Any, list[tuple[Job, JobResult]]]] = []
+        self.next_id = 0  # job ids are unique in a pool, given out at first dispatch
+        # final results not yet delivered, with the block they belong to
+        self.done: list[tuple[Block, list[JobResult]]] = []
         self.stages = [StageCount() for _ in policies]
 
     # -- entry ---------------------------------------------------------------------------
-    def add(self, jobs: list[Job]) -> None:
-        self.stages[0].submitted += len(jobs)
-        self.queue.add(jobs)
+    def add(self, blocks: list[Block]) -> None:
+        self.stages[0].submitted += sum(len(block) for block in blocks)
+        self.queue.add(blocks)
 
     # -- dispatch ------------------------------------------------------------------------
-    def take(self, n: int, pid: int) -> list[Job]:
+    def take(self, n: int, pid: int) -> list[Block]:
         """Up to n jobs for one message to worker ``pid``. A job whose Future was cancelled
         is dropped here instead; the others' futures become RUNNING."""
-        taken = self.queue.take(n)
         started = []
-        for job in taken:
-            tag = job.tag
+        for block in self.queue.take(n):
+            tag = block.tag
             if tag is not None and not tag.claim():  # a pool.JobFuture, cancelled
-                self._cancelled(job)
+                self._cancelled(block)
                 continue
-            job.attempts += 1
-            job.worker = pid
-            started.append(job)
-        self.sent += len(started)
-        if len(self.stages) == 1:
-            self.stages[0].started += len(started)
-        else:
-            for job in started:
-                self.stages[job.stage].started += 1
+            k = len(block)
+            if not block.ids:
+                block.ids = list(range(self.next_id, self.next_id + k))
+                self.next_id += k
+            block.attempts += 1
+            block.worker = pid
+            self.stages[block.stage].started += k
+            self.sent += k
+            started.append(block)
         return started
 
-    def requeue(self, jobs: list[Job], solo: bool = False) -> None:
+    def requeue(self, blocks: list[Block], solo: bool = False) -> None:
         """Jobs a worker held but never started (or must run alone): back to the front, no
         attempt charged."""
-        for job in jobs:
-            job.attempts -= 1
-            self.stages[job.stage].started -= 1
-            if solo:
-                job.solo = True
-        self.sent -= len(jobs)
-        self.queue.push_front(jobs)
+        for block in blocks:
+            k = len(block)
+            block.attempts -= 1
+            self.stages[block.stage].started -= k
+            self.sent -= k
+        if solo:
+            blocks = [single for block in blocks for single in block.singles()]
+            for single in blocks:
+                single.solo = True
+        self.queue.push_front(blocks)
 
-    def cancel(self, job: Job) -> bool:
-        """Drop a queued job whose Future was cancelled; False if it is not queued (taken
+    def cancel(self, block: Block) -> bool:
+        """Drop a queued block whose Future was cancelled; False if it is not queued (taken
         already, or dropped at dispatch)."""
-        if not self.queue.remove(job):
+        if not self.queue.remove(block):
             return False
-        self._cancelled(job)
+        self._cancelled(block)
         return True
 
-    def cancel_held(self, jobs: list[Job], *, sent: bool = True) -> None:
+    def cancel_held(self, blocks: list[Block], *, sent: bool = True) -> None:
         """Count as cancelled jobs that no queue holds: taken by killed workers (``sent``),
         or never added."""
-        for job in jobs:
-            self._cancelled(job)
-        if sent:
-            self.sent -= len(jobs)
+        for block in blocks:
+            self._cancelled(block)
+            if sent:
+                self.sent -= len(block)
 
-    def _cancelled(self, job: Job) -> None:
-        self.stages[job.stage].cancelled += 1
-        job.data = None
+    def _cancelled(self, block: Block) -> None:
+        self.stages[block.stage].cancelled += len(block)
+        block.data = None
 
     # -- outcomes ------------------------------------------------------------------------
-    def complete(self, job: Job, value: Any, elapsed: float) -> None:
-        self.sent -= 1
-        self.stages[job.stage].succeeded += 1
-        if job.stage + 1 < len(self.policies):
-            job.stage += 1
-            job.data = value
-            job.prior += job.attempts
-            job.attempts = 0
-            self.stages[job.stage].submitted += 1
-            self.queue.push_front([job])  # finish old jobs first: keeps ordered streams moving
+    def complete(self, block: Block, values: list, elapsed: list) -> None:
+        """Every job of the block succeeded: on to the next stage together, or done."""
+        k = len(block)
+        self.sent -= k
+        self.stages[block.stage].succeeded += k
+        if block.stage + 1 < len(self.policies):
+            block.stage += 1
+            block.data = values
+            block.prior += block.attempts
+            block.attempts = 0
+            self.stages[block.stage].submitted += k
+            self.queue.push_front([block])  # finish old jobs first: keeps ordered streams moving
             return
-        self._final(job, value, None, elapsed)
-
-    def complete_all(self, jobs: list[Job], values: list, elapsed: list) -> None:
-        """complete() for a batch that all succeeded: one pass, counters updated once."""
-        if len(self.policies) > 1:
-            for job, value, seconds in zip(jobs, values, elapsed, strict=True):
-                self.complete(job, value, seconds)
-            return
-        n = len(jobs)
-        self.sent -= n
-        self.stages[0].succeeded += n
-        consumer = jobs[0].consumer
-        run: list[tuple[Job, JobResult]] = []
-        for job, value, seconds in zip(jobs, values, elapsed, strict=True):
-            job.data = None
-            if job.consumer is not consumer:
-                self.done.append((consumer, run))
-                consumer, run = job.consumer, []
-            run.append((job, result_of(job, value, None, seconds)))
-        self.done.append((consumer, run))
+        self._final(block, values, None, elapsed)
 
     def attempt_failed(
-        self, job: Job, error: JobError, *, retryable: bool, elapsed: float, now: float
+        self, job: Block, error: JobError, *, retryable: bool, elapsed: float, now: float
     ) -> None:
+        """The attempt of a one-job block failed: retried later, or its final result."""
         self.sent -= 1
         count = self.stages[job.stage]
         if error.kind == KIND_TIMEOUT:
@@ -220,7 +292,7 @@ class JobBook:
             self.queue.defer(job, now + delay)
             log.info(
                 "job %s: attempt %d failed (%s: %s); retry in %.2f s",
-                job.index,
+                job.index[0],
                 job.attempts,
                 error.type,
                 error.message,
@@ -228,58 +300,81 @@ class JobBook:
             )
             return
         count.failed += 1
-        log.info("job %s: failed for good (%s: %s)", job.index, error.type, error.message)
-        self._final(job, None, error, elapsed)
+        log.info("job %s: failed for good (%s: %s)", job.index[0], error.type, error.message)
+        self._final(job, (None,), error, (elapsed,))
 
-    def settle(self, jobs: list, outcomes: list, elapsed: list, values: list, now: float) -> int:
-        """The outcomes of one answered batch, job by job (``jobs`` may hold None for a job
-        already charged elsewhere); returns how many were split off to run alone."""
+    def settle(self, blocks: list, outcomes: list, elapsed: list, values: list, now: float) -> int:
+        """The outcomes of one answered batch (``blocks`` in order; None for a job already
+        charged elsewhere); returns how many jobs were split off to run alone."""
         split = 0
-        for job, outcome, seconds, value in zip(jobs, outcomes, elapsed, values, strict=True):
-            if job is None:
+        pos = 0
+        for block in blocks:
+            if block is None:
+                pos += 1
                 continue
-            if outcome == OK:
-                self.complete(job, value, seconds)
-            elif outcome == SPLIT:
-                split += 1
-                self.requeue([job], solo=True)
-            else:
-                kind = KIND_SERIALIZATION if outcome == UNPICKLABLE else KIND_ERROR
-                error = JobError(kind, *value)
-                retryable = outcome == ERROR
-                self.attempt_failed(job, error, retryable=retryable, elapsed=seconds, now=now)
+            end = pos + len(block)
+            split += self._settle(block, outcomes[pos:end], elapsed[pos:end], values[pos:end], now)
+            pos = end
         return split
 
-    def unloadable(self, jobs: list[Job], exc: BaseException, now: float) -> None:
+    def _settle(self, block: Block, outcomes: list, elapsed: list, values: list, now: float) -> int:
+        """One block's outcomes: the runs that succeeded complete together, every other job
+        on its own."""
+        split = 0
+        lo = 0
+        for i, outcome in enumerate(outcomes):
+            if outcome == OK:
+                continue
+            if lo < i:
+                self.complete(block.part(lo, i), values[lo:i], elapsed[lo:i])
+            lo = i + 1
+            job = block.part(i, lo)
+            if outcome == SPLIT:
+                split += 1
+                self.requeue([job], solo=True)
+                continue
+            kind = KIND_SERIALIZATION if outcome == UNPICKLABLE else KIND_ERROR
+            error = JobError(kind, *values[i])
+            retryable = outcome == ERROR
+            self.attempt_failed(job, error, retryable=retryable, elapsed=elapsed[i], now=now)
+        if lo == 0:
+            self.complete(block, values, elapsed)
+        elif lo < len(outcomes):
+            self.complete(block.part(lo, len(outcomes)), values[lo:], elapsed[lo:])
+        return split
+
+    def unloadable(self, blocks: list[Block], exc: BaseException, now: float) -> None:
         """Their values pickled in the worker but do not load here: alone, the job fails
         (never retried); in a batch, each runs alone to find which, no attempt charged."""
-        if len(jobs) == 1:
+        if sum(len(block) for block in blocks) == 1:
             error = error_from(KIND_SERIALIZATION, exc)
-            self.attempt_failed(jobs[0], error, retryable=False, elapsed=0.0, now=now)
+            self.attempt_failed(blocks[0], error, retryable=False, elapsed=0.0, now=now)
         else:
-            self.requeue(jobs, solo=True)
+            self.requeue(blocks, solo=True)
 
     def fail_unsent(self, error: JobError) -> None:
         """Fail every job not in a worker's hands (the pool cannot start workers)."""
-        for job in self.queue.drain():
+        for block in self.queue.drain():
             # The attempt it was queued for ends here, failed: counted like one that ran.
-            job.attempts += 1
-            count = self.stages[job.stage]
-            count.started += 1
-            count.failed += 1
-            self._final(job, None, error, 0.0)
+            block.attempts += 1
+            count = self.stages[block.stage]
+            count.started += len(block)
+            count.failed += len(block)
+            self._final(block, repeat(None), error, repeat(0.0))
 
-    def abandon(self) -> list[Job]:
+    def abandon(self) -> list[Block]:
         """Every unfinished job not in a worker's hands, counted as cancelled: for a drain or
         terminate()."""
-        jobs = self.queue.drain()
-        for job in jobs:
-            self._cancelled(job)
-        return jobs
+        blocks = self.queue.drain()
+        for block in blocks:
+            self._cancelled(block)
+        return blocks
 
-    def _final(self, job: Job, value: Any, error: JobError | None, elapsed: float) -> None:
-        job.data = None
-        self.done.append((job.consumer, [(job, result_of(job, value, error, elapsed))]))
+    def _final(
+        self, block: Block, values: Iterable, error: JobError | None, elapsed: Iterable
+    ) -> None:
+        block.data = None
+        self.done.append((block, block.results(values, error, elapsed)))
 
     @property
     def unfinished(self) -> int:
@@ -292,21 +387,3 @@ class JobBook:
 
 def error_from(kind: str, exc: BaseException) -> JobError:
     return JobError(kind, *error_tuple(exc))
-
-
-_new = object.__new__
-
-
-def result_of(job: Job, value: Any, error: JobError | None, elapsed: float) -> JobResult:
-    """JobResult(...) at a third of the cost: a frozen dataclass's __init__ sets each field
-    through object.__setattr__, and this runs once per job in the supervisor."""
-    result = _new(JobResult)
-    d = result.__dict__
-    d["index"] = job.index
-    d["payload"] = job.payload
-    d["value"] = value
-    d["error"] = error
-    d["attempts"] = job.prior + job.attempts
-    d["elapsed"] = elapsed
-    d["worker"] = job.worker
-    return result

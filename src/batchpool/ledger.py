@@ -1,10 +1,12 @@
 """The supervisor's view of one worker: the jobs it holds, in the order it runs them, and who
 is to blame when it dies or hangs.
 
-A worker answers its jobs in the order they were sent, so the ledger is a queue: answers take
-from the front (one pass for a whole batch), a STEAL's answer takes out the jobs it handed
-back, and what is left when the worker is gone goes back to the scheduler. Attribution
-(``attribute``) is a pure function of the ledger and the worker's progress slot.
+A worker answers its jobs in the order they were sent, so the ledger is a queue of blocks
+(jobs.Block): an answer takes whole blocks from the front, and cuts the last one where the
+answer ends; a STEAL's answer takes out the jobs it handed back; what is left when the worker is
+gone goes back to the scheduler. Attribution (``attribute``) is a pure function of the ledger
+and the worker's progress slot; ``WorkerView.isolate`` then gives the job it names a block of
+its own, so that exactly that job is charged and its batch-mates go back uncharged.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class WorkerView:
         "pid",
         "ready",
         "held",
+        "holding",
         "stealing",
         "assigned",
         "jobs",
@@ -44,7 +47,8 @@ class WorkerView:
         self.slot: int = proc.slot
         self.pid: int = proc.pid
         self.ready = False
-        self.held: deque = deque()  # jobs sent and not answered, in the order it runs them
+        self.held: deque = deque()  # blocks sent and not answered, in the order it runs them
+        self.holding = 0  # jobs in them
         self.stealing = False  # a STEAL is on its way; no new jobs until a result comes
         self.assigned = 0  # jobs sent and not handed back (max_tasks_per_worker)
         self.jobs = 0  # jobs it answered
@@ -61,62 +65,90 @@ class WorkerView:
         """It may be sent jobs."""
         return self.ready and not self.retiring and not self.stopping and self.killed_for is None
 
-    def sent(self, jobs: list) -> None:
-        self.held.extend(jobs)
-        self.assigned += len(jobs)
+    def sent(self, blocks: list) -> None:
+        k = sum(len(block) for block in blocks)
+        self.held.extend(blocks)
+        self.holding += k
+        self.assigned += k
 
     def answered(self, ids: list[int]) -> list:
-        """Take the answered jobs off the ledger; None for an id it no longer holds (a job
-        charged to a timeout kill already)."""
-        front = self._front(ids)
-        if front is not None:
-            return front
+        """Take the answered jobs off the ledger, as blocks in the order of ``ids``; None
+        stands for an id it no longer holds (a job charged to a timeout kill already)."""
         held = self.held
-        jobs: list = []
-        for job_id in ids:
-            if held and held[0].id == job_id:
-                jobs.append(held.popleft())
-            else:
-                job = find(held, job_id)
-                if job is not None:
-                    held.remove(job)
-                jobs.append(job)
-        return jobs
+        n = len(ids)
+        blocks: list = []
+        pos = 0
+        while pos < n and held:  # the answer is the front of the ledger: no search per id
+            block = held[0]
+            k = min(len(block), n - pos)
+            if ids[pos : pos + k] != block.ids[:k]:
+                break
+            blocks.append(held.popleft() if k == len(block) else block.cut(k))
+            pos += k
+        self.holding -= pos
+        for job_id in ids[pos:]:  # only after a kill or a steal took jobs out of order
+            blocks.append(self._take_out(job_id))
+        return blocks
 
-    def _front(self, ids: list[int]) -> list | None:
-        """The first len(ids) jobs, if they are exactly ``ids`` (a whole batch answered in
-        order, nothing lost to a kill or a steal): one pass instead of a search per id."""
-        held = self.held
-        k = len(ids)
-        if not k or len(held) < k or held[k - 1].id != ids[-1]:
+    def _take_out(self, job_id: int) -> Any:
+        found = find(self.held, job_id)
+        if found is None:
             return None
-        popleft = held.popleft
-        front = [popleft() for _ in range(k)]
-        if [job.id for job in front] == ids:
-            return front
-        held.extendleft(reversed(front))
-        return None
+        job = self.isolate(*found)
+        self.held.remove(job)
+        self.holding -= 1
+        return job
+
+    def isolate(self, block: Any, pos: int) -> Any:
+        """Give the job at ``pos`` of a held block a block of its own, in its place in the
+        ledger; return it."""
+        if len(block) == 1:
+            return block
+        held = self.held
+        at = held.index(block)
+        job = block.part(pos, pos + 1)
+        pieces = [block.part(0, pos), job, block.part(pos + 1, len(block))]
+        del held[at]
+        for piece in reversed(pieces):
+            if len(piece):
+                held.insert(at, piece)
+        return job
 
     def returned(self, ids: set[int]) -> list:
         """The jobs a STEAL handed back: off the ledger, and off the worker's quota."""
-        back = [job for job in self.held if job.id in ids]
-        for job in back:
-            self.held.remove(job)
-        self.assigned -= len(back)
-        if not self.held:
+        back: list = []
+        kept: deque = deque()
+        for block in self.held:
+            marks = [job_id in ids for job_id in block.ids]
+            if not any(marks):
+                kept.append(block)
+            elif all(marks):
+                back.append(block)
+            else:
+                lo = 0
+                for i in range(1, len(marks) + 1):
+                    if i == len(marks) or marks[i] != marks[lo]:
+                        (back if marks[lo] else kept).append(block.part(lo, i))
+                        lo = i
+        k = sum(len(block) for block in back)
+        self.held = kept
+        self.holding -= k
+        self.assigned -= k
+        if not kept:
             self.stealing = False  # it gave back everything: no result will come to clear it
         return back
 
     def take_all(self) -> list:
-        jobs = list(self.held)
+        blocks = list(self.held)
         self.held.clear()
-        return jobs
+        self.holding = 0
+        return blocks
 
 
-def attribute(held: deque, job_id: int) -> tuple[Any, bool]:
-    """Who a worker died (or hung) for: ``(job, False)``, or ``(None, True)`` when several
-    held jobs are candidates and each must run alone to find out (no attempt charged), or
-    ``(None, False)`` when it held nothing.
+def attribute(held: deque, job_id: int) -> tuple[tuple[Any, int] | None, bool]:
+    """Who a worker died (or hung) for: ``((block, position), False)`` for the job to charge,
+    or ``(None, True)`` when several held jobs are candidates and each must run alone to find
+    out (no attempt charged), or ``(None, False)`` when it held nothing.
 
     The progress slot names the running job exactly. Between jobs, while unpickling a batch
     or while pickling a batch of results, it names none: then a job already isolated (solo)
@@ -127,13 +159,14 @@ def attribute(held: deque, job_id: int) -> tuple[Any, bool]:
     if not held:
         return None, False
     head = held[0]
-    if head.solo or (job_id == FLUSHING and len(held) == 1):
-        return head, False
+    if head.solo or (job_id == FLUSHING and len(held) == 1 and len(head) == 1):
+        return (head, 0), False
     return None, True
 
 
-def find(jobs: deque, job_id: int) -> Any:
-    for job in jobs:
-        if job.id == job_id:
-            return job
+def find(held: deque, job_id: int) -> tuple[Any, int] | None:
+    """The held block with this job, and the job's position in it."""
+    for block in held:
+        if job_id in block.ids:
+            return block, block.ids.index(job_id)
     return None

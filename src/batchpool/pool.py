@@ -6,7 +6,6 @@ import itertools
 import multiprocessing
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, _base
@@ -14,7 +13,7 @@ from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
 from .errors import PoolBroken, PoolClosed
-from .jobs import Job, result_of
+from .jobs import Block, Delivery
 from .messages import dumps
 from .results import JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
@@ -25,7 +24,7 @@ from .task import UNSET, Policy, Task, resolve_policy
 # to bound memory
 WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
-SUBMIT_CHUNK = 256  # map() posts jobs in slices so workers start before the input is pickled
+SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
 
 
@@ -66,7 +65,7 @@ class JobFuture(Future):
     ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
     runs (Metrics.cancelled)."""
 
-    _job: Job
+    _job: Block
     _supervisor: Supervisor
 
     def cancel(self) -> bool:
@@ -110,59 +109,66 @@ class JobFuture(Future):
 class _Futures:
     """Consumer for submit(): resolves one Future per job."""
 
-    def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
+    def deliver(self, items: Delivery) -> None:
         for job, result in items:
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
                 pass  # cancelled by its owner meanwhile
 
-    def cancel(self, job: Job, error: JobError | None) -> None:
+    def cancel(self, job: Block, error: JobError | None) -> None:
         """terminate(): a future not yet running is cancelled; a running one resolves to a
         "cancelled" result (``error`` given: that failure instead)."""
         future: JobFuture = job.tag
         if error is None:
             future._terminated()
         else:
-            self.deliver([(job, result_of(job, None, error, 0.0))])
+            self.deliver(Delivery([(job, job.results([None], error, [0.0]))]))
 
 
 class _Collector:
-    """Consumer for map()/imap(): results queue up here for the calling thread."""
+    """Consumer for map()/imap(): results queue up here for the calling thread, a block's
+    worth at a time: (the block's indexes, its results). The caller is woken once as many
+    have come as it asked for: map() asks for all of them, so a map of a million jobs wakes
+    its caller once, not at each batch."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.cond = threading.Condition(threading.Lock())
-        self.items: deque[JobResult] = deque()
+        self.items: deque[tuple[Sequence[int], list[JobResult]]] = deque()
+        self.queued = 0  # results in items
+        self.wanted = 1  # results the caller waits for
         self.lost: str | None = None
 
-    def deliver(self, items: list[tuple[Job, JobResult]]) -> None:
+    def deliver(self, items: Delivery) -> None:
         with self.cond:
-            self.items.extend(result for _, result in items)
-            self.cond.notify()
+            for block, results in items.runs:
+                self.items.append((block.index, results))
+                self.queued += len(results)
+            if self.queued >= self.wanted:
+                self.cond.notify()
 
-    def cancel(self, job: Job, error: JobError | None) -> None:
+    def cancel(self, job: Block, error: JobError | None) -> None:
         with self.cond:
             self.lost = error.message if error else "the pool was terminated"
             self.cond.notify()
 
-    def take(self, timeout: float | None = None) -> list[JobResult]:
-        """Block until at least one result is in (or ``timeout``); return all that are."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def take(self, wanted: int = 1) -> list[tuple[Sequence[int], list[JobResult]]]:
+        """Block until ``wanted`` results are in; return all that are, as (indexes, results)
+        runs."""
         with self.cond:
-            while not self.items:
+            self.wanted = wanted
+            while self.queued < wanted:
                 if self.lost:
                     raise PoolClosed(f"results lost: {self.lost}")
-                if self.supervisor.done.is_set() and not self.items:
+                if self.supervisor.done.is_set():
                     if self.supervisor.broken is not None:
                         raise PoolBroken(broken_message(self.supervisor.broken))
                     raise PoolClosed("the pool stopped before all results came back")
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    return []
-                self.cond.wait(wait)
+                self.cond.wait(0.5)
             items = list(self.items)
             self.items.clear()
+            self.queued = 0
             return items
 
 
@@ -276,7 +282,6 @@ class Pool:
             start_timeout=start_limit,
         )
         self._futures = _Futures()
-        self._ids = itertools.count()  # job ids, unique in this pool
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
         self._closed = False
@@ -294,10 +299,10 @@ class Pool:
         if broken is not None:
             raise PoolBroken(broken_message(broken))
 
-    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Job:
-        return Job(next(self._ids), index, payload, consumer, tag)
+    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
+        return Block([index], [payload], consumer, tag)
 
-    def _post_jobs(self, entries: list) -> None:
+    def _post_jobs(self, entries: list[Block]) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
         callers checked for a broken pool on entry), so a map() never half-raises."""
         with self._submit_lock:
@@ -324,13 +329,17 @@ class Pool:
         results: list[JobResult | None] = [None] * len(items)
         collector = _Collector(self._supervisor)
         for start in range(0, len(items), SUBMIT_CHUNK):
-            chunk = items[start : start + SUBMIT_CHUNK]
-            self._post_jobs([self._make_job(start + i, p, collector) for i, p in enumerate(chunk)])
+            stop = min(start + SUBMIT_CHUNK, len(items))
+            self._post_jobs([Block(range(start, stop), items[start:stop], collector)])
         remaining = len(items)
         while remaining:
-            for result in collector.take():
-                results[result.index] = result
-                remaining -= 1
+            for indexes, run in collector.take(remaining):
+                if isinstance(indexes, range):  # a map's block, or a part of one
+                    results[indexes.start : indexes.stop] = run
+                else:
+                    for result in run:
+                        results[result.index] = result
+                remaining -= len(run)
         return results  # type: ignore[return-value]
 
     def imap(self, payloads: Iterable[Any], ordered: bool = True) -> Iterator[JobResult]:
@@ -355,25 +364,20 @@ class Pool:
         outstanding = 0  # submitted and not yet yielded
         exhausted = False
         while True:
-            batch = []
             window = self._window()
             while not exhausted and outstanding < window:
-                try:
-                    payload = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                batch.append(self._make_job(next_index, payload, collector))
-                next_index += 1
-                outstanding += 1
-                if len(batch) >= SUBMIT_CHUNK:
-                    self._post_jobs(batch)
-                    batch = []
-            if batch:
-                self._post_jobs(batch)
+                want = min(SUBMIT_CHUNK, window - outstanding)
+                batch = list(itertools.islice(source, want))
+                exhausted = len(batch) < want
+                if batch:
+                    self._post_jobs(
+                        [Block(range(next_index, next_index + len(batch)), batch, collector)]
+                    )
+                    next_index += len(batch)
+                    outstanding += len(batch)
             if not outstanding:
                 return
-            for result in collector.take():
+            for result in itertools.chain.from_iterable(run for _, run in collector.take()):
                 if not ordered:
                     outstanding -= 1
                     yield result

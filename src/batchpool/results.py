@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -29,9 +30,9 @@ class JobError:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobResult:
-    """The one final outcome of a job."""
+    """The one final outcome of a job. Slots: a map() of a million jobs holds a million."""
 
     index: int
     payload: Any
@@ -52,6 +53,39 @@ class JobResult:
         if self.error is not None:
             raise JobFailed(self)
         return self.value
+
+
+class _Unfrozen:
+    """JobResult's very layout, without the frozen ``__setattr__``: ``new_result`` fills one
+    with plain attribute stores, then it becomes the JobResult it was built as. The frozen
+    dataclass's own ``__init__`` pays a function call per field, and the supervisor builds one
+    result per job."""
+
+    __slots__ = JobResult.__slots__  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        index: int,
+        payload: Any,
+        value: Any,
+        error: JobError | None,
+        attempts: int,
+        elapsed: float,
+        worker: int | None,
+    ) -> None:
+        self.index = index
+        self.payload = payload
+        self.value = value
+        self.error = error
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.worker = worker
+        self.__class__ = JobResult  # type: ignore[assignment]
+
+
+#: ``JobResult(index, payload, value, error, attempts, elapsed, worker)``, at half the cost.
+new_result: Callable[[int, Any, Any, JobError | None, int, float, int | None], JobResult]
+new_result = _Unfrozen  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 interface, so that ordering (priorities), admission (rate limits) and cancellation are policies
 of this module and never branches of the supervisor's loop.
 
-Order today: first in, first out, except that work already under way goes to the front (a
-job handed back unstarted, a retry that is due, a job entering its next stage), so that
-ordered streams keep moving. A job marked ``solo`` travels alone: the batch it was in failed
-as a whole, and running its jobs one at a time finds the culprit.
+It holds blocks of jobs (jobs.Block), and counts jobs: ``take(n)`` hands out whole blocks
+and cuts the last one to fit, so a map of a million jobs costs a cut per message, not a step
+per job. Order today: first in, first out, except that work already under way goes to the
+front (jobs handed back unstarted, a retry that is due, jobs entering their next stage), so
+that ordered streams keep moving. A block marked ``solo`` holds one job that travels alone:
+the batch it was in failed as a whole, and running its jobs one at a time finds the culprit.
 
 Pure logic: no processes, no clock of its own (callers pass ``now``).
 """
@@ -20,100 +22,116 @@ from .timers import Timers
 
 
 class Queued(Protocol):
-    """What the scheduler needs of a job."""
+    """What the scheduler needs of a block of jobs (jobs.Block)."""
 
-    id: int
+    ids: list[int]
     solo: bool
+
+    def __len__(self) -> int: ...
+
+    def cut(self, k: int) -> Queued: ...
 
 
 class Scheduler:
     def __init__(self) -> None:
         self._ready: deque[Queued] = deque()
-        self._waiting = Timers()  # job id -> job, due at its retry time
-        self._solo = 0  # solo jobs held, ready or waiting (rare: skip the scans without)
+        self._jobs = 0  # in the ready blocks
+        self._waiting = Timers()  # first job id -> block, due at its retry time
+        self._waiting_jobs = 0
+        self._solo = 0  # solo blocks held, ready or waiting (rare: skip the scans without)
 
     # -- what is there -----------------------------------------------------------------------
     def __len__(self) -> int:
         """Jobs ready to run now."""
-        return len(self._ready)
+        return self._jobs
 
     def __iter__(self) -> Iterator[Queued]:
+        """The ready blocks, in order."""
         return iter(self._ready)
 
     @property
     def waiting(self) -> int:
         """Jobs waiting for a retry."""
-        return len(self._waiting)
+        return self._waiting_jobs
 
     def head(self) -> Queued | None:
-        """The job that ``take`` would hand out first."""
+        """The block that ``take`` would hand out (the first part of) first."""
         return self._ready[0] if self._ready else None
 
     def next_due(self) -> float | None:
-        """When the next waiting job becomes ready."""
+        """When the next waiting block becomes ready."""
         return self._waiting.next_at()
 
     # -- in ------------------------------------------------------------------------------------
-    def add(self, jobs: list) -> None:
-        """New jobs (never solo), behind every job ready now."""
-        self._ready.extend(jobs)
+    def add(self, blocks: list) -> None:
+        """New blocks (never solo), behind every block ready now."""
+        self._ready.extend(blocks)
+        self._jobs += sum(len(block) for block in blocks)
 
-    def push_front(self, jobs: list) -> None:
+    def push_front(self, blocks: list) -> None:
         """Work already under way, ahead of everything, in the given order."""
-        self._ready.extendleft(reversed(jobs))
-        self._count_solo(jobs, 1)
+        self._ready.extendleft(reversed(blocks))
+        self._jobs += sum(len(block) for block in blocks)
+        self._count_solo(blocks, 1)
 
-    def defer(self, job: Queued, at: float) -> None:
+    def defer(self, block: Queued, at: float) -> None:
         """Ready again at ``at`` (a retry's backoff); it occupies nothing meanwhile."""
-        self._waiting.schedule(at, job.id, job)
-        self._count_solo([job], 1)
+        self._waiting.schedule(at, block.ids[0], block)
+        self._waiting_jobs += len(block)
+        self._count_solo([block], 1)
 
     def release(self, now: float) -> None:
-        """Waiting jobs that are due: to the front, earliest first."""
-        due = [job for _, job in self._waiting.pop_due(now)]
+        """Waiting blocks that are due: to the front, earliest first."""
+        due = [block for _, block in self._waiting.pop_due(now)]
         if due:
+            k = sum(len(block) for block in due)
+            self._waiting_jobs -= k
+            self._jobs += k
             self._ready.extendleft(reversed(due))
 
     # -- out -----------------------------------------------------------------------------------
     def take(self, n: int) -> list:
-        """Up to ``n`` ready jobs for one message, from the front; a solo job goes alone and
-        a batch stops before one."""
+        """Blocks of up to ``n`` jobs in all for one message, from the front, the last one cut
+        to fit; a solo block goes alone and a batch stops before one."""
         ready = self._ready
-        n = min(n, len(ready))
-        if self._solo:
-            n = self._solo_cut(n)
-        popleft = ready.popleft
-        taken = [popleft() for _ in range(n)]
-        if self._solo:
-            self._count_solo(taken, -1)
+        taken: list = []
+        left = n
+        while left > 0 and ready:
+            block = ready[0]
+            if block.solo:
+                if not taken:
+                    taken.append(ready.popleft())
+                    self._solo -= 1
+                    left -= 1
+                break
+            k = len(block)
+            if k <= left:
+                taken.append(ready.popleft())
+                left -= k
+            else:
+                taken.append(block.cut(left))
+                left = 0
+        self._jobs -= n - left
         return taken
 
-    def _solo_cut(self, n: int) -> int:
-        ready = self._ready
-        if n and ready[0].solo:
-            return 1
-        for i in range(1, n):
-            if ready[i].solo:
-                return i
-        return n
-
-    def remove(self, job: Queued) -> bool:
-        """Take a ready job out of the queue (a cancellation); False if it is not there."""
+    def remove(self, block: Queued) -> bool:
+        """Take a ready block out of the queue (a cancellation); False if it is not there."""
         try:
-            self._ready.remove(job)
+            self._ready.remove(block)
         except ValueError:
             return False
-        self._count_solo([job], -1)
+        self._jobs -= len(block)
+        self._count_solo([block], -1)
         return True
 
     def drain(self) -> list:
-        """Every job, ready or waiting, out of the scheduler."""
-        jobs = list(self._ready)
+        """Every block, ready or waiting, out of the scheduler."""
+        blocks = list(self._ready)
         self._ready.clear()
-        jobs.extend(job for _, job in self._waiting.pop_due(float("inf")))
-        self._solo = 0
-        return jobs
+        blocks.extend(block for _, block in self._waiting.pop_due(float("inf")))
+        self._jobs = self._waiting_jobs = self._solo = 0
+        return blocks
 
-    def _count_solo(self, jobs: list, sign: int) -> None:
+    def _count_solo(self, blocks: list, sign: int) -> None:
         if self._solo or sign > 0:
-            self._solo += sign * sum(1 for job in jobs if job.solo)
+            self._solo += sign * sum(1 for block in blocks if block.solo)

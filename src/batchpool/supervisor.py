@@ -16,8 +16,9 @@
                                    7. publish    the counters metrics() reads
                                    8. deliver    final JobResults, to their consumers
 
-Where things live: a job's state changes in jobs.JobBook, its place in line in
-scheduler.Scheduler, what a worker holds in ledger.WorkerView. Nothing in the loop blocks:
+Where things live: jobs travel in blocks (jobs.Block: a run of jobs that share their way, so
+the loop pays per block, not per job); their state changes in jobs.JobBook, their place in
+line in scheduler.Scheduler, what a worker holds in ledger.WorkerView. Nothing in the loop blocks:
 channels queue what a worker cannot take yet (channel.py), so a job stuck in C code holding its
 worker's GIL cannot stop the timer that kills it. State is touched only by this thread; other
 threads read what step 7 publishes, never a half-made change, and never wait for the loop.
@@ -25,6 +26,7 @@ threads read what step 7 publishes, never a half-made change, and never wait for
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -32,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from .jobs import Job, JobBook, result_of
+from .jobs import Block, Delivery, JobBook
 from .ledger import WorkerView, attribute, find
 from .messages import (
     EXITING,
@@ -108,7 +110,7 @@ class Supervisor:
         self.start_failures = 0
         self.starts = 0
         self.peak_rss = 0
-        self.cancelled: list[tuple[Job, JobError | None]] = []
+        self.cancelled: list[tuple[Block, JobError | None]] = []
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self._view: tuple = ()
@@ -209,7 +211,7 @@ class Supervisor:
         self._fire_timers(now)
         if self.draining:
             self._take_back_prefetched()
-            self.cancelled.extend((job, None) for job in self.book.abandon())
+            self.cancelled.extend((block, None) for block in self.book.abandon())
         if self.broken is not None:  # whatever reaches the queue of a broken pool fails
             self.book.fail_unsent(self.broken)
         self._start_workers(now)
@@ -282,26 +284,33 @@ class Supervisor:
     def _on_results(
         self, w: WorkerView, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
     ) -> None:
-        jobs = w.answered(ids)
-        if not jobs:
+        blocks = w.answered(ids)
+        if not blocks:
             return
         w.stealing = False
         try:
             values = loads(blob)
         except BaseException as exc:  # a value that pickled in the worker but cannot load here
-            self.book.unloadable([j for j in jobs if j is not None], exc, now)
+            self.book.unloadable([b for b in blocks if b is not None], exc, now)
             return
-        stage = jobs[0].stage if jobs[0] is not None else 0
-        if outcomes.count(OK) == len(jobs) and None not in jobs:  # the common case
-            self.book.complete_all(jobs, values, elapsed)
+        stage = blocks[0].stage if blocks[0] is not None else 0
+        if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
+            if len(blocks) == 1:
+                self.book.complete(blocks[0], values, elapsed)
+            else:
+                pos = 0
+                for block in blocks:
+                    end = pos + len(block)
+                    self.book.complete(block, values[pos:end], elapsed[pos:end])
+                    pos = end
         else:
-            w.assigned -= self.book.settle(jobs, outcomes, elapsed, values, now)
+            w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
         total = sum(elapsed)
-        w.jobs += len(jobs)
+        w.jobs += len(ids)
         w.busy += total
         if outcomes[0] != SPLIT:  # split jobs did not run: nothing was timed
             self.samples[stage].extend(elapsed)
-            self.sizer.timed(stage, total, len(jobs))
+            self.sizer.timed(stage, total, len(ids))
 
     # -- deaths --------------------------------------------------------------------------------
     def _on_exit(self, w: WorkerView, now: float) -> None:
@@ -309,7 +318,7 @@ class Supervisor:
         job_id, started_at = w.proc.running()
         self._forget(w)
         code = w.proc.reap()  # dead for sure, its process group swept: nothing runs twice
-        running: Job | None = None
+        running: Block | None = None
         error: JobError | None = None
         if w.killed_for is not None:
             running, error = w.killed_for
@@ -325,7 +334,7 @@ class Supervisor:
         if running is not None and error is not None:
             if error.kind == KIND_CRASH:
                 log.info(
-                    "job %s: worker %s crashed (%s)", running.index, w.pid, describe_exit(code)
+                    "job %s: worker %s crashed (%s)", running.index[0], w.pid, describe_exit(code)
                 )
             elapsed = max(0.0, now - started_at)
             self.book.attempt_failed(running, error, retryable=True, elapsed=elapsed, now=now)
@@ -335,12 +344,13 @@ class Supervisor:
                 w.start_error or JobError(KIND_ERROR, "WorkerCrashed", message, "", code)
             )
 
-    def _blame(self, w: WorkerView, job_id: int) -> Job | None:
-        """The job to charge, or None: then every held job reruns alone to find it."""
-        job, rerun_alone = attribute(w.held, job_id)
+    def _blame(self, w: WorkerView, job_id: int) -> Block | None:
+        """The job to charge, as a block of its own; or None: then every held job reruns
+        alone to find it."""
+        found, rerun_alone = attribute(w.held, job_id)
         if rerun_alone:
             self.book.requeue(w.take_all(), solo=True)
-        return job
+        return None if found is None else w.isolate(*found)
 
     def _forget(self, w: WorkerView) -> None:
         """Stop watching a worker: its descriptors close when it is reaped."""
@@ -397,10 +407,11 @@ class Supervisor:
             return
         job_id, started_at = w.proc.running()
         if job_id in (FLUSHING, UNPACKING):  # a hang while (un)pickling counts the first's
-            job = w.held[0] if w.held else None
+            block = w.held[0] if w.held else None
         else:
-            job = find(w.held, job_id)
-        timeout = self.policies[job.stage].timeout if job is not None else None
+            found = find(w.held, job_id)
+            block = None if found is None else found[0]
+        timeout = self.policies[block.stage].timeout if block is not None else None
         if not timeout:
             self._schedule_watch(w, now)
             return
@@ -409,14 +420,14 @@ class Supervisor:
             self.timers.schedule(deadline, ("watch", w.slot))
             return
         message = f"attempt exceeded its {timeout:g} s timeout; worker {w.pid} killed"
-        log.info("job %s: %s", job.index, message)  # type: ignore[union-attr]
+        log.info("job %s: %s", _index_of(block, job_id), message)
         w.killed_for = (self._blame(w, job_id), JobError(KIND_TIMEOUT, "TimeoutError", message))
         w.proc.kill()
 
     def _schedule_watch(self, w: WorkerView, now: float) -> None:
         if not self.timed:
             return
-        timeouts = [t for t in (self.policies[j.stage].timeout for j in w.held) if t]
+        timeouts = [t for t in (self.policies[b.stage].timeout for b in w.held) if t]
         if timeouts:
             self.timers.schedule(now + min(timeouts), ("watch", w.slot))
 
@@ -447,7 +458,7 @@ class Supervisor:
             return
         queue = self.book.queue
         sizer = self.sizer
-        workers.sort(key=lambda w: len(w.held))
+        workers.sort(key=lambda w: w.holding)
         for w in workers:
             head = queue.head()
             if head is None:
@@ -457,10 +468,10 @@ class Supervisor:
             size = sizer.jobs_per_message(head.stage)
             # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
             # between batches; a batch stuck behind a long job is taken back by _steal.
-            if len(w.held) > size:
+            if w.holding > size:
                 continue
             n = min(size, -(-len(queue) // len(workers)))
-            probe = _pickled_size(head.data) if sizer.should_probe(head.stage, n) else None
+            probe = _pickled_size(head.data[0]) if sizer.should_probe(head.stage, n) else None
             n = sizer.fit_bytes(head.stage, n, probe)
             if self.max_tasks is not None:
                 n = min(n, self.max_tasks - w.assigned)
@@ -471,9 +482,9 @@ class Supervisor:
 
     def _steal(self, workers: list[WorkerView]) -> None:
         """An idle worker and nothing queued: take back jobs waiting behind running ones."""
-        if any(not w.held for w in workers):
+        if any(not w.holding for w in workers):
             for w in workers:
-                if len(w.held) > 1 and not w.stealing:
+                if w.holding > 1 and not w.stealing:
                     w.stealing = True
                     w.proc.send(STEAL_MESSAGE)
 
@@ -481,44 +492,74 @@ class Supervisor:
         """A drain waits for running attempts only: jobs waiting in a worker's mailbox come
         back (and are dropped with the queue)."""
         for w in self.workers.values():
-            if len(w.held) > 1 and not w.stealing and w.killed_for is None:
+            if w.holding > 1 and not w.stealing and w.killed_for is None:
                 w.stealing = True
                 w.proc.send(STEAL_MESSAGE)
 
     def _send(self, w: WorkerView, n: int, now: float) -> None:
-        jobs = self.book.take(n, w.pid)
-        if not jobs:
+        blocks = self.book.take(n, w.pid)
+        if not blocks:
             return  # their futures were cancelled
         try:
-            blob = dumps([j.data for j in jobs])
+            blob = dumps(_data(blocks))
         except BaseException:  # a payload's __reduce__ may raise anything, SystemExit too
-            jobs = self._drop_unpicklable(jobs, now)
-            if not jobs:
+            blocks = self._drop_unpicklable(blocks, now)
+            if not blocks:
                 return
-            blob = dumps([j.data for j in jobs])
-        keep = self.sizer.oversized(len(jobs), len(blob))
+            blob = dumps(_data(blocks))
+        jobs = sum(len(block) for block in blocks)
+        keep = self.sizer.oversized(jobs, len(blob))
         if keep is not None:  # payloads grew past the estimate: a moderate message now
-            self.book.requeue(jobs[keep:])
-            jobs = jobs[:keep]
-            blob = dumps([j.data for j in jobs])
-        self.sizer.sized(jobs[0].stage, len(blob), len(jobs))
-        header = dumps((RUN, [j.id for j in jobs], [j.stage for j in jobs]))
+            blocks = self._keep(blocks, keep)
+            jobs = keep
+            blob = dumps(_data(blocks))
+        self.sizer.sized(blocks[0].stage, len(blob), jobs)
+        if len(blocks) == 1:
+            block = blocks[0]
+            header = dumps((RUN, block.ids, [block.stage] * jobs))
+        else:
+            ids = list(itertools.chain.from_iterable(b.ids for b in blocks))
+            stages = list(itertools.chain.from_iterable([b.stage] * len(b) for b in blocks))
+            header = dumps((RUN, ids, stages))
         if not w.proc.send(header, blob):
-            self.book.requeue(jobs)  # it died; its sentinel will tell
+            self.book.requeue(blocks)  # it died; its sentinel will tell
             return
-        w.sent(jobs)
+        w.sent(blocks)
         if ("watch", w.slot) not in self.timers:
             self._schedule_watch(w, now)
 
-    def _drop_unpicklable(self, jobs: list[Job], now: float) -> list[Job]:
+    def _keep(self, blocks: list[Block], keep: int) -> list[Block]:
+        """The first ``keep`` jobs of ``blocks``; the rest go back to the queue."""
+        kept: list[Block] = []
+        for i, block in enumerate(blocks):
+            if keep >= len(block):
+                kept.append(block)
+                keep -= len(block)
+                continue
+            if keep:
+                kept.append(block.cut(keep))
+            self.book.requeue(blocks[i:])
+            break
+        return kept
+
+    def _drop_unpicklable(self, blocks: list[Block], now: float) -> list[Block]:
         """Fail the jobs whose payload cannot be pickled (one attempt, never retried)."""
         good = []
-        for job in jobs:
-            try:
-                dumps(job.data)
-                good.append(job)
-            except BaseException as exc:
-                self.book.unloadable([job], exc, now)
+        for block in blocks:
+            lo = 0
+            for i, data in enumerate(block.data):
+                try:
+                    dumps(data)
+                    continue
+                except BaseException as exc:
+                    if lo < i:
+                        good.append(block.part(lo, i))
+                    self.book.unloadable([block.part(i, i + 1)], exc, now)
+                lo = i + 1
+            if lo == 0:
+                good.append(block)
+            elif lo < len(block):
+                good.append(block.part(lo, len(block)))
         return good
 
     # -- ending --------------------------------------------------------------------------------
@@ -540,9 +581,9 @@ class Supervisor:
         held.extend(self.book.abandon())
         self.cancelled.extend((job, None) for job in held)
 
-    def _kill_all(self) -> list[Job]:
+    def _kill_all(self) -> list[Block]:
         """Kill and reap every worker, whatever state the loop is in; the jobs they held."""
-        held: list[Job] = []
+        held: list[Block] = []
         for w in list(self.workers.values()):
             try:
                 w.proc.kill()
@@ -576,47 +617,62 @@ class Supervisor:
     def _settle_leftovers(self) -> None:
         """Jobs submitted while the loop was ending: failed if the pool broke, else
         cancelled; never left waiting."""
-        jobs = [job for cmd in self.commands.leftovers() if cmd[0] == "submit" for job in cmd[1]]
-        if not jobs:
+        blocks = [b for cmd in self.commands.leftovers() if cmd[0] == "submit" for b in cmd[1]]
+        if not blocks:
             return
-        self.book.stages[0].submitted += len(jobs)
+        self.book.stages[0].submitted += sum(len(block) for block in blocks)
         if self.broken is not None:
-            self._fail_jobs(jobs)
+            self._fail_jobs(blocks)
         else:
-            self.book.cancel_held(jobs, sent=False)
-            self.cancelled.extend((job, None) for job in jobs)
+            self.book.cancel_held(blocks, sent=False)
+            self.cancelled.extend((block, None) for block in blocks)
             self._deliver()
 
-    def _fail_jobs(self, jobs: list[Job]) -> None:
-        for job in jobs:
+    def _fail_jobs(self, blocks: list[Block]) -> None:
+        for block in blocks:
             try:
-                self.book.stages[job.stage].failed += 1
-                job.consumer.deliver([(job, result_of(job, None, self.broken, 0.0))])
+                self.book.stages[block.stage].failed += len(block)
+                results = block.results(itertools.repeat(None), self.broken, itertools.repeat(0.0))
+                block.consumer.deliver(Delivery([(block, results)]))
             except BaseException:
-                log.exception("could not fail job %s", job.index)
+                log.exception("could not fail %r", block)
 
     def _deliver(self) -> None:
-        """Hand final results to their consumers: consumers run user code (future callbacks)
-        that may call back into the pool, or raise anything."""
+        """Hand final results to their consumers, a Delivery each: consumers run user code
+        (future callbacks) that may call back into the pool, or raise anything."""
         done, self.book.done = self.book.done, []
         cancelled, self.cancelled = self.cancelled, []
-        for job, error in cancelled:
+        for block, error in cancelled:
             try:
-                job.consumer.cancel(job, error)
+                block.consumer.cancel(block, error)
             except BaseException:
-                log.exception("cancelling job %s failed", job.index)
+                log.exception("cancelling %r failed", block)
         by_consumer: dict[Any, list] = {}
-        for consumer, run in done:
-            items = by_consumer.get(consumer)
-            if items is None:
-                by_consumer[consumer] = run
+        for run in done:
+            runs = by_consumer.get(run[0].consumer)
+            if runs is None:
+                by_consumer[run[0].consumer] = [run]
             else:
-                items.extend(run)
-        for consumer, items in by_consumer.items():
+                runs.append(run)
+        for consumer, runs in by_consumer.items():
             try:
-                consumer.deliver(items)
+                consumer.deliver(Delivery(runs))
             except BaseException:
                 log.exception("delivering results failed")
+
+
+def _data(blocks: list[Block]) -> list:
+    """What the jobs of one message run on, as one list."""
+    if len(blocks) == 1:
+        return blocks[0].data
+    return list(itertools.chain.from_iterable(block.data for block in blocks))
+
+
+def _index_of(block: Block | None, job_id: int) -> Any:
+    """The JobResult.index of a held job, for a log line."""
+    if block is None or job_id not in block.ids:
+        return block.index[0] if block is not None else "?"
+    return block.index[block.ids.index(job_id)]
 
 
 def _pickled_size(data: Any) -> int:
