@@ -116,16 +116,7 @@ class JournalFile:
         where = "status = 'failed'" if failed_only else "status IS NOT NULL"
         for idx, status, value, error, attempts, worker, elapsed in self._pages(_COLUMNS, where):
             value = None if value is None else json.loads(value)
-            error = None if error is None else json.loads(error)
-            yield Outcome(
-                index=idx,
-                ok=status == "ok",
-                value=value,
-                error=error,
-                attempts=attempts,
-                worker=worker,
-                elapsed=elapsed,
-            )
+            yield _outcome(idx, status, value, error, attempts, worker, elapsed)
 
     def outcome(self, index: int) -> Outcome | None:
         """The final outcome recorded for ``index`` (as in rows()), or None. The value is the
@@ -138,17 +129,7 @@ class JournalFile:
         if found is None:
             return None
         idx, status, value, error, attempts, worker, elapsed, pickled = found
-        value = unpickled(pickled, value)
-        error = None if error is None else json.loads(error)
-        return Outcome(
-            index=idx,
-            ok=status == "ok",
-            value=value,
-            error=error,
-            attempts=attempts,
-            worker=worker,
-            elapsed=elapsed,
-        )
+        return _outcome(idx, status, unpickled(pickled, value), error, attempts, worker, elapsed)
 
     def _pages(self, columns: str, where: str = "1") -> Iterator[tuple[Any, ...]]:
         """Keyset pagination: each page is one short statement, so no snapshot stays open."""
@@ -207,3 +188,24 @@ class JournalFile:
         if self._conn is None:
             raise JournalError(f"journal {self.path} is closed")
         return self._conn
+
+
+def _outcome(
+    idx: int,
+    status: str,
+    value: Any,
+    error: str | None,
+    attempts: int,
+    worker: int | None,
+    elapsed: float,
+) -> Outcome:
+    """A journal row as rows() and outcome() hand it out (the error decoded from JSON)."""
+    return Outcome(
+        index=idx,
+        ok=status == "ok",
+        value=value,
+        error=None if error is None else json.loads(error),
+        attempts=attempts,
+        worker=worker,
+        elapsed=elapsed,
+    )
