@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .jobs import count
 from .messages import FLUSHING, IDLE, UNPACKING
 from .results import JobError
 
@@ -66,24 +67,28 @@ class WorkerView:
         return self.ready and not self.retiring and not self.stopping and self.killed_for is None
 
     def sent(self, blocks: list) -> None:
-        k = sum(len(block) for block in blocks)
+        k = count(blocks)
         self.held.extend(blocks)
         self.holding += k
         self.assigned += k
 
     def answered(self, ids: list[int]) -> list:
         """Take the answered jobs off the ledger, as blocks in the order of ``ids``; None
-        stands for an id it no longer holds (a job charged to a timeout kill already)."""
+        stands for an id it no longer holds (a job charged to a timeout kill already).
+
+        A worker answers the jobs it holds in the order it was sent them, and a block's ids
+        are consecutive: an answer that starts and ends where the front of the ledger does
+        is that front, whatever its length, and takes no step per job."""
         held = self.held
         n = len(ids)
         blocks: list = []
         pos = 0
-        while pos < n and held:  # the answer is the front of the ledger: no search per id
+        while pos < n and held:
             block = held[0]
-            k = min(len(block), n - pos)
-            if ids[pos : pos + k] != block.ids[:k]:
+            k = min(block.size, n - pos)
+            if ids[pos] != block.ids[0] or ids[pos + k - 1] != block.ids[k - 1]:
                 break
-            blocks.append(held.popleft() if k == len(block) else block.cut(k))
+            blocks.append(held.popleft() if k == block.size else block.cut(k))
             pos += k
         self.holding -= pos
         for job_id in ids[pos:]:  # only after a kill or a steal took jobs out of order
@@ -102,15 +107,15 @@ class WorkerView:
     def isolate(self, block: Any, pos: int) -> Any:
         """Give the job at ``pos`` of a held block a block of its own, in its place in the
         ledger; return it."""
-        if len(block) == 1:
+        if block.size == 1:
             return block
         held = self.held
         at = held.index(block)
         job = block.part(pos, pos + 1)
-        pieces = [block.part(0, pos), job, block.part(pos + 1, len(block))]
+        pieces = [block.part(0, pos), job, block.part(pos + 1, block.size)]
         del held[at]
         for piece in reversed(pieces):
-            if len(piece):
+            if piece.size:
                 held.insert(at, piece)
         return job
 
@@ -130,7 +135,7 @@ class WorkerView:
                     if i == len(marks) or marks[i] != marks[lo]:
                         (back if marks[lo] else kept).append(block.part(lo, i))
                         lo = i
-        k = sum(len(block) for block in back)
+        k = count(back)
         self.held = kept
         self.holding -= k
         self.assigned -= k
@@ -159,7 +164,7 @@ def attribute(held: deque, job_id: int) -> tuple[tuple[Any, int] | None, bool]:
     if not held:
         return None, False
     head = held[0]
-    if head.solo or (job_id == FLUSHING and len(held) == 1 and len(head) == 1):
+    if head.solo or (job_id == FLUSHING and len(held) == 1 and head.size == 1):
         return (head, 0), False
     return None, True
 

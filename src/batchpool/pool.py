@@ -110,7 +110,7 @@ class _Futures:
     """Consumer for submit(): resolves one Future per job."""
 
     def deliver(self, items: Delivery) -> None:
-        for job, result in items:
+        for job, (result,) in items.runs:  # a Future's job has a block of its own
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
@@ -123,7 +123,7 @@ class _Futures:
         if error is None:
             future._terminated()
         else:
-            self.deliver(Delivery([(job, job.results([None], error, [0.0]))]))
+            self.deliver(Delivery([(job, job.failures(error))]))
 
 
 class _Collector:
@@ -295,7 +295,7 @@ class Pool:
             raise PoolBroken(broken_message(broken))
 
     def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
-        return Block([index], [payload], consumer, tag)
+        return Block(range(index, index + 1), [payload], consumer, tag)
 
     def _post_jobs(self, entries: list[Block]) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the

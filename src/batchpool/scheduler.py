@@ -16,18 +16,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Protocol
 
 from .timers import Timers
+
+_size = attrgetter("size")
 
 
 class Queued(Protocol):
     """What the scheduler needs of a block of jobs (jobs.Block)."""
 
-    ids: list[int]
+    size: int  # jobs in it
+    ids: range
     solo: bool
-
-    def __len__(self) -> int: ...
 
     def cut(self, k: int) -> Queued: ...
 
@@ -66,25 +68,25 @@ class Scheduler:
     def add(self, blocks: list) -> None:
         """New blocks (never solo), behind every block ready now."""
         self._ready.extend(blocks)
-        self._jobs += sum(len(block) for block in blocks)
+        self._jobs += sum(map(_size, blocks))
 
     def push_front(self, blocks: list) -> None:
         """Work already under way, ahead of everything, in the given order."""
         self._ready.extendleft(reversed(blocks))
-        self._jobs += sum(len(block) for block in blocks)
+        self._jobs += sum(map(_size, blocks))
         self._count_solo(blocks, 1)
 
     def defer(self, block: Queued, at: float) -> None:
         """Ready again at ``at`` (a retry's backoff); it occupies nothing meanwhile."""
         self._waiting.schedule(at, block.ids[0], block)
-        self._waiting_jobs += len(block)
+        self._waiting_jobs += block.size
         self._count_solo([block], 1)
 
     def release(self, now: float) -> None:
         """Waiting blocks that are due: to the front, earliest first."""
         due = [block for _, block in self._waiting.pop_due(now)]
         if due:
-            k = sum(len(block) for block in due)
+            k = sum(map(_size, due))
             self._waiting_jobs -= k
             self._jobs += k
             self._ready.extendleft(reversed(due))
@@ -104,7 +106,7 @@ class Scheduler:
                     self._solo -= 1
                     left -= 1
                 break
-            k = len(block)
+            k = block.size
             if k <= left:
                 taken.append(ready.popleft())
                 left -= k
@@ -120,7 +122,7 @@ class Scheduler:
             self._ready.remove(block)
         except ValueError:
             return False
-        self._jobs -= len(block)
+        self._jobs -= block.size
         self._count_solo([block], -1)
         return True
 

@@ -27,7 +27,6 @@ threads read what step 7 publishes, never a half-made change, and never wait for
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
 import math
 import random
@@ -35,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from .jobs import Block, Delivery, JobBook
+from .jobs import Block, Delivery, JobBook, count
 from .ledger import WorkerView, attribute, find
 from .messages import (
     EXITING,
@@ -232,11 +231,16 @@ class Supervisor:
         return self._maybe_stop(now)
 
     def _run_commands(self) -> None:
+        new: list[Block] = []  # the blocks of consecutive submits, added at once
         while (command := self.commands.pop()) is not None:
             kind = command[0]
             if kind == "submit":
-                self.book.add(command[1])
-            elif kind == "cancel":
+                new += command[1]
+                continue
+            if new:
+                self.book.add(new)
+                new = []
+            if kind == "cancel":
                 self.book.cancel(command[1])
             elif kind == "close":
                 self.closing = True
@@ -245,6 +249,8 @@ class Supervisor:
             elif kind == "terminate":
                 self._terminate()
                 return
+        if new:
+            self.book.add(new)
 
     def _publish(self) -> None:
         book = self.book
@@ -306,14 +312,7 @@ class Supervisor:
             return
         stage = blocks[0].stage if blocks[0] is not None else 0
         if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
-            if len(blocks) == 1:
-                self.book.complete(blocks[0], values, elapsed)
-            else:
-                pos = 0
-                for block in blocks:
-                    end = pos + len(block)
-                    self.book.complete(block, values[pos:end], elapsed[pos:end])
-                    pos = end
+            self.book.complete_all(blocks, values, elapsed)
         else:
             w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
         total = sum(elapsed)
@@ -518,7 +517,7 @@ class Supervisor:
             if not blocks:
                 return
             blob = dumps(_data(blocks))
-        jobs = sum(len(block) for block in blocks)
+        jobs = count(blocks)
         keep = self.sizer.oversized(jobs, len(blob))
         if keep is not None:  # payloads grew past the estimate: a moderate message now
             blocks = self._keep(blocks, keep)
@@ -527,10 +526,13 @@ class Supervisor:
         self.sizer.sized(blocks[0].stage, len(blob), jobs)
         if len(blocks) == 1:
             block = blocks[0]
-            header = dumps((RUN, block.ids, [block.stage] * jobs))
+            header = dumps((RUN, list(block.ids), [block.stage] * jobs))
         else:
-            ids = list(itertools.chain.from_iterable(b.ids for b in blocks))
-            stages = list(itertools.chain.from_iterable([b.stage] * len(b) for b in blocks))
+            ids: list[int] = []  # consecutive within each block
+            stages: list[int] = []
+            for block in blocks:
+                ids += block.ids
+                stages += [block.stage] * block.size
             header = dumps((RUN, ids, stages))
         if not w.proc.send(header, blob):
             self.book.requeue(blocks)  # it died; its sentinel will tell
@@ -543,9 +545,9 @@ class Supervisor:
         """The first ``keep`` jobs of ``blocks``; the rest go back to the queue."""
         kept: list[Block] = []
         for i, block in enumerate(blocks):
-            if keep >= len(block):
+            if keep >= block.size:
                 kept.append(block)
-                keep -= len(block)
+                keep -= block.size
                 continue
             if keep:
                 kept.append(block.cut(keep))
@@ -569,8 +571,8 @@ class Supervisor:
                 lo = i + 1
             if lo == 0:
                 good.append(block)
-            elif lo < len(block):
-                good.append(block.part(lo, len(block)))
+            elif lo < block.size:
+                good.append(block.part(lo, block.size))
         return good
 
     # -- ending --------------------------------------------------------------------------------
@@ -631,7 +633,7 @@ class Supervisor:
         blocks = [b for cmd in self.commands.leftovers() if cmd[0] == "submit" for b in cmd[1]]
         if not blocks:
             return
-        self.book.stages[0].submitted += sum(len(block) for block in blocks)
+        self.book.stages[0].submitted += count(blocks)
         if self.broken is not None:
             self._fail_jobs(blocks)
         else:
@@ -642,9 +644,8 @@ class Supervisor:
     def _fail_jobs(self, blocks: list[Block]) -> None:
         for block in blocks:
             try:
-                self.book.stages[block.stage].failed += len(block)
-                results = block.results(itertools.repeat(None), self.broken, itertools.repeat(0.0))
-                block.consumer.deliver(Delivery([(block, results)]))
+                self.book.stages[block.stage].failed += block.size
+                block.consumer.deliver(Delivery([(block, block.failures(self.broken))]))
             except BaseException:
                 log.exception("could not fail %r", block)
 
@@ -655,7 +656,8 @@ class Supervisor:
         cancelled, self.cancelled = self.cancelled, []
         for block, error in cancelled:
             try:
-                block.consumer.cancel(block, error)
+                for _ in range(block.size):  # once per job: a consumer may count them
+                    block.consumer.cancel(block, error)
             except BaseException:
                 log.exception("cancelling %r failed", block)
         by_consumer: dict[Any, list] = {}
@@ -676,7 +678,10 @@ def _data(blocks: list[Block]) -> list:
     """What the jobs of one message run on, as one list."""
     if len(blocks) == 1:
         return blocks[0].data
-    return list(itertools.chain.from_iterable(block.data for block in blocks))
+    data: list = []
+    for block in blocks:
+        data += block.data
+    return data
 
 
 def _index_of(block: Block | None, job_id: int) -> Any:
