@@ -1,4 +1,5 @@
-"""Fixtures shared by every test module: start methods, and the process-leak check."""
+"""Fixtures shared by every test module: start methods, the jobs pipeline file, and the
+process-leak check."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import os
 import threading
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from helpers import START_METHODS
+from helpers import JOBS_PY, START_METHODS, write
 
 LEAK_DEADLINE = 5.0  # seconds a test's processes get to go away after it ends
 # Long-lived helpers of multiprocessing itself, started once per test session. They are ours to
@@ -68,6 +70,12 @@ def pytest_runtest_makereport(
 @pytest.fixture(params=START_METHODS)
 def start_method(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Path:
+    """tmp_path/jobs.py: helpers.JOBS_PY, the pipeline the CLI tests run."""
+    return write(tmp_path / "jobs.py", JOBS_PY)
 
 
 def _describe(proc: psutil.Process) -> str:

@@ -7,7 +7,7 @@ this file, under any start method, with the same environment):
   DUR_MS        "LO,HI": each job sleeps LO..HI ms, fixed per payload     ["10,30"]
   DUR_PAD       length of the value's padding string (0: value is 3*n)    [0]
   DUR_SIDE      side-effect file: each run() appends "payload\\n" with one
-                O_APPEND write, before returning (unset: no side effect)
+                O_APPEND write (faults.append_line), before returning (unset: none)
 
 ``expected_value(n, pad)`` is what a job's value must be. ``other`` is the same work under a
 different pipeline name, for the "journal of another pipeline" check.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+
+from faults import append_line
 
 from batchpool import Pipeline, Task
 
@@ -45,11 +47,7 @@ class Append(Task):
 
     def run(self, n: int) -> object:
         if self.side:
-            fd = os.open(self.side, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, f"{n}\n".encode())
-            finally:
-                os.close(fd)
+            append_line(self.side, str(n))
         time.sleep(duration(n))
         return expected_value(n, self.pad)
 

@@ -1,19 +1,26 @@
 """Shared test helpers: deadlines instead of sleeps, process checks, bounded job runs, and the
 pieces every test of the real ``batchpool`` command needs (its command line, a clean child
-environment, reads of its output and journal with deadlines)."""
+environment, children started in a session of their own, on a pipe, a log file or a
+pseudo-terminal, reads of their output and journal, all with deadlines)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import select
+import signal
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
+import textwrap
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, wait
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +33,45 @@ PIPELINES_DIR = REPO_DIR / "pipelines"
 START_METHODS = ["fork", "forkserver", "spawn"]
 # The console script's entry point, run by this interpreter: works in any virtual environment.
 CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
-# Environment variables that configure the test pipelines (tests/test_cli.py's BP_*,
-# tests/durability_pipeline.py's DUR_*): a child must see only those its test sets.
-PIPELINE_SETTINGS = ("BP_", "DUR_")
+DURABILITY_PIPELINE = str(TESTS_DIR / "durability_pipeline.py")
+# Environment variables that configure the test pipelines (JOBS_PY's BP_*,
+# tests/durability_pipeline.py's DUR_*, test_sink_exactly_once.py's SINK_*) and the examples in
+# pipelines/: a child must see only those its test sets.
+PIPELINE_SETTINGS = ("BP_", "DUR_", "SINK_", "PRIMES_", "MANDELBROT_", "LOGS_")
 OUTPUT_KEYS = {"index", "ok", "value", "error", "attempts"}  # one --output line (SPEC 2)
+CHILD_DEADLINE = 60.0  # seconds a CLI command or script of a test may take, unless it says
+
+# A pipeline configured by environment variables (read at import and at run, so workers under
+# every start method see the same): BP_N jobs (8 unless set); each appends its payload to
+# BP_RUNS (one O_APPEND write), sleeps BP_SLEEP seconds, and raises PermanentError for payloads
+# in BP_FAIL (comma separated) while the file BP_FLAG exists (always, when BP_FLAG is unset).
+JOBS_PY = """
+import os
+import time
+
+from faults import append_line
+
+from batchpool import PermanentError, Pipeline, Task
+
+N = int(os.environ.get("BP_N", "8"))
+FAIL = {int(x) for x in os.environ.get("BP_FAIL", "").split(",") if x}
+
+
+class Work(Task):
+    retries = 0
+
+    def run(self, n):
+        if os.environ.get("BP_RUNS"):
+            append_line(os.environ["BP_RUNS"], str(n))
+        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
+        flag = os.environ.get("BP_FLAG")
+        if n in FAIL and (not flag or os.path.exists(flag)):
+            raise PermanentError(f"payload {n} refused")
+        return n * n
+
+
+pipeline = Pipeline(list(range(N)), Work(), name="jobs")
+"""
 
 
 def wait_for(
@@ -121,12 +163,37 @@ def child_env(**settings: Any) -> dict[str, str]:
 environ = child_env  # the name the CLI tests use
 
 
-def bp(
-    *args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+def dur_env(**dur: Any) -> dict[str, str]:
+    """A child's environment with tests/durability_pipeline.py's DUR_* settings."""
+    return child_env(**{f"DUR_{k.upper()}": v for k, v in dur.items()})
+
+
+def dur_run(journal: Path, *extra: Any) -> list[Any]:
+    """``batchpool run`` arguments: tests/durability_pipeline.py on 2 workers, journalled in
+    ``journal``, without a progress bar, then ``extra``."""
+    return ["run", DURABILITY_PIPELINE, "--procs", 2, "--journal", journal, "--no-progress", *extra]
+
+
+def write(path: Path, text: str) -> Path:
+    """A file (its folders made as needed) of ``text``, dedented: a pipeline, a script."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# -- children: to their end, or started and ended by the test ---------------------------------
+
+
+def run(
+    argv: list[Any],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = CHILD_DEADLINE,
 ) -> subprocess.CompletedProcess:
-    """One ``batchpool`` command to its end (TimeoutExpired past ``timeout``)."""
+    """One command (a script, ``python -m``) to its end (TimeoutExpired past ``timeout``)."""
     return subprocess.run(
-        [*CLI, *map(str, args)],
+        [str(a) for a in argv],
         cwd=cwd,
         env=env or child_env(),
         stdin=subprocess.DEVNULL,
@@ -134,6 +201,132 @@ def bp(
         text=True,
         timeout=timeout,
     )
+
+
+def bp(
+    *args: Any, cwd: Path, env: dict[str, str] | None = None, timeout: float = CHILD_DEADLINE
+) -> subprocess.CompletedProcess:
+    """One ``batchpool`` command to its end (TimeoutExpired past ``timeout``)."""
+    return run([*CLI, *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def run_reported(
+    pipeline: Any, *options: Any, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``batchpool run PIPELINE OPTIONS...`` on 2 workers to its end, with --output
+    cwd/out.jsonl and --report cwd/report.json."""
+    reports = ["--output", "out.jsonl", "--report", "report.json"]
+    return bp("run", pipeline, "--procs", 2, *reports, *options, cwd=cwd, env=env)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """If ``proc`` still runs: SIGKILL to its whole process group, then reap it."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class Child(subprocess.Popen):
+    """A child that leads a session of its own: its pid is its process group, as a terminal's
+    foreground job's, so a test signals the whole run as a terminal (or systemd) does. Leaving
+    its ``with`` block kills what still runs of it, where Popen would wait without end."""
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            kill_group(self)
+        finally:
+            super().__exit__(*exc_info)
+
+
+def launch(
+    argv: list[Any], *, cwd: Path | None = None, env: dict[str, str] | None = None, **popen: Any
+) -> Child:
+    """Start ``argv`` as a Child: stdin from /dev/null, stdout and stderr on text pipes, unless
+    ``popen`` says otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return Child(
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=env or child_env(),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        **options,
+    )
+
+
+def start(*args: Any, cwd: Path, env: dict[str, str] | None = None, **popen: Any) -> Child:
+    """Start ``batchpool ARGS...`` (see launch)."""
+    return launch([*CLI, *args], cwd=cwd, env=env, **popen)
+
+
+def start_logged(*args: Any, cwd: Path, env: dict[str, str] | None = None, **popen: Any) -> Child:
+    """Start ``batchpool ARGS...`` with its output in cwd/stdout.txt and cwd/stderr.txt, so it
+    never blocks on a full pipe while the test is busy elsewhere; finish() reads them."""
+    with open(cwd / "stdout.txt", "wb") as out, open(cwd / "stderr.txt", "wb") as err:
+        return start(*args, cwd=cwd, env=env, stdout=out, stderr=err, **popen)
+
+
+def finish(proc: subprocess.Popen, cwd: Path, timeout: float = CHILD_DEADLINE) -> tuple[int, str]:
+    """Wait for a start_logged() child with a deadline (killing its group past it): (exit
+    code, stderr)."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"the run did not end within {timeout:g} s") from None
+    return code, (cwd / "stderr.txt").read_text(errors="replace")
+
+
+def cli(
+    *args: Any,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = CHILD_DEADLINE,
+    **popen: Any,
+) -> tuple[int, str]:
+    """``batchpool ARGS...`` to its end, its output logged: (exit code, stderr)."""
+    return finish(start_logged(*args, cwd=cwd, env=env, **popen), cwd, timeout)
+
+
+def on_terminal(
+    args: list[Any],
+    cwd: Path,
+    columns: int = 100,
+    env: dict[str, str] | None = None,
+    timeout: float = CHILD_DEADLINE,
+) -> tuple[int, str]:
+    """``batchpool ARGS...`` with stderr on a pseudo-terminal ``columns`` wide, as in an
+    interactive shell: (exit code, everything it wrote there)."""
+    master, slave = pty.openpty()
+    chunks = []
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with start(*args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=slave) as proc:
+            os.close(slave)
+            slave = -1
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"the run did not close its terminal within {timeout:g} s: {chunks}"
+                    )
+                if not select.select([master], [], [], left)[0]:
+                    continue
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            code = proc.wait(timeout=timeout)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return code, b"".join(chunks).decode(errors="replace")
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -154,6 +347,9 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
                 raise AssertionError(f"the child closed its output early: {data!r}")
             data += byte
     return data.decode()
+
+
+# -- what the children wrote -----------------------------------------------------------------
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -177,14 +373,18 @@ def output_rows(path: Path, n: int) -> list[dict]:
     return rows
 
 
-def one_line(stderr: str) -> str:
-    """The message of a refusal: stderr without click's usage and hint lines, no traceback,
-    and exactly one line."""
+def no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr and 'File "' not in stderr, stderr
+
+
+def one_line(stderr: str, *, strict: bool = False) -> str:
+    """The message of a refusal: no traceback, and exactly one non-empty line besides click's
+    usage and hint lines (``strict``: besides nothing at all)."""
+    no_traceback(stderr)
     lines = [
         line
         for line in stderr.splitlines()
-        if line.strip() and not line.startswith(("Usage:", "Try '"))
+        if line.strip() and (strict or not line.startswith(("Usage:", "Try '")))
     ]
     assert len(lines) == 1, f"expected a one-line message, got:\n{stderr}"
     return lines[0]
@@ -201,6 +401,23 @@ def integrity(journal: Path) -> str:
         return " ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
 
 
+def final_rows(journal: Path) -> dict[int, str]:
+    """index -> status of each final row committed to a journal, read without batchpool while
+    its run may still be writing (none before the journal or its table exists)."""
+    if not Path(journal).exists():
+        return {}
+    with closing(connect_ro(journal)) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
+            return {}
+        return dict(conn.execute("SELECT idx, status FROM jobs WHERE status IS NOT NULL"))
+
+
+def journal_meta(journal: Path) -> dict[str, Any]:
+    """A journal's meta table (schema, pipeline, state...), read without batchpool."""
+    with closing(connect_ro(journal)) as conn:
+        return dict(conn.execute("SELECT key, value FROM meta"))
+
+
 def committed_indexes(journal: Path) -> list[int]:
     """Indexes with a final outcome in a journal, read in this process while its run may still
     be writing (none before the journal exists)."""
@@ -211,17 +428,6 @@ def committed_indexes(journal: Path) -> list[int]:
             return [row["index"] for row in book.rows()]
     except JournalError:
         return []
-
-
-def run_script(path: Path, timeout: float, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(path), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-        cwd=path.parent,
-    )
 
 
 def check_invariants(m: Any, *, cut_short: bool = False) -> None:

@@ -11,11 +11,9 @@ import io
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ import psutil
 import pytest
 from faults import attempts_of
 from helpers import (
-    CLI,
     PIPELINES_DIR,
     START_METHODS,
     all_gone,
@@ -33,10 +30,15 @@ from helpers import (
     environ,
     group_alive,
     jsonl,
+    on_terminal,
     one_line,
     output_rows,
     read_lines,
+    run,
+    run_reported,
+    start,
     wait_for,
+    write,
 )
 
 from batchpool import __version__
@@ -45,60 +47,7 @@ pytestmark = pytest.mark.timeout(110)
 
 PIPELINES = PIPELINES_DIR
 
-# A pipeline configured by environment variables (read at import and at run, so workers under
-# every start method see the same): BP_N jobs; each appends its payload to BP_RUNS (O_APPEND),
-# sleeps BP_SLEEP seconds, and raises PermanentError for payloads in BP_FAIL (comma separated)
-# while the file BP_FLAG exists (always, when BP_FLAG is unset).
-JOBS_PY = """
-import os
-import time
-
-from batchpool import PermanentError, Pipeline, Task
-
-N = int(os.environ.get("BP_N", "8"))
-FAIL = {int(x) for x in os.environ.get("BP_FAIL", "").split(",") if x}
-
-
-class Work(Task):
-    retries = 0
-
-    def run(self, n):
-        runs = os.environ.get("BP_RUNS")
-        if runs:
-            fd = os.open(runs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(fd, b"%d\\n" % n)
-            os.close(fd)
-        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
-        flag = os.environ.get("BP_FLAG")
-        if n in FAIL and (not flag or os.path.exists(flag)):
-            raise PermanentError(f"payload {n} refused")
-        return n * n
-
-
-pipeline = Pipeline(list(range(N)), Work(), name="jobs")
-"""
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def start(*args: Any, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """In a new session: its own process group, as a terminal's foreground job would be."""
-    return subprocess.Popen(
-        [*CLI, *map(str, args)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 class StderrSoFar:
@@ -124,11 +73,6 @@ class StderrSoFar:
         os.set_blocking(self.fd, True)
         _, rest = self.proc.communicate(timeout=timeout)
         return text + rest
-
-
-@pytest.fixture
-def jobs(tmp_path: Path) -> Path:
-    return write(tmp_path / "jobs.py", JOBS_PY)
 
 
 # -- basics ----------------------------------------------------------------------------------
@@ -171,18 +115,7 @@ def test_help_lists_commands_and_options(tmp_path: Path) -> None:
 
 
 def test_all_ok_exit_0_output_and_report(tmp_path: Path, jobs: Path) -> None:
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_N=10),
-    )
+    r = run_reported(jobs, cwd=tmp_path, env=environ(BP_N=10))
     assert r.returncode == 0, r.stderr
     assert "10 jobs: 10 ok, 0 failed" in r.stderr
     assert (tmp_path / ".batchpool" / "jobs.sqlite").is_file()
@@ -196,18 +129,7 @@ def test_all_ok_exit_0_output_and_report(tmp_path: Path, jobs: Path) -> None:
 
 
 def test_some_failed_exit_1(tmp_path: Path, jobs: Path) -> None:
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_N=8, BP_FAIL="2,5"),
-    )
+    r = run_reported(jobs, cwd=tmp_path, env=environ(BP_N=8, BP_FAIL="2,5"))
     assert r.returncode == 1, r.stderr
     assert "8 jobs: 6 ok, 2 failed" in r.stderr
     assert "Traceback" not in r.stderr
@@ -293,6 +215,7 @@ def test_settings_refused_when_the_pool_is_built_exit_2(tmp_path: Path, jobs: Pa
     assert r.returncode == 2, r.stderr
     assert "invalid settings: timeout must be" in one_line(r.stderr)
     assert not runs.exists()
+    assert not (tmp_path / ".batchpool").exists()  # refused before a journal was made
     r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=environ(BP_N=2, BP_RUNS=runs))
     assert r.returncode == 0, r.stderr
     assert sorted(read_lines(runs)) == ["0", "1"]
@@ -302,7 +225,10 @@ def test_settings_refused_when_the_pool_is_built_exit_2(tmp_path: Path, jobs: Pa
     "text, expected",
     [
         ("def broken(:\n", "syntax error in"),
-        ("raise RuntimeError('no database here')\n", "error importing badpkg.mod: RuntimeError"),
+        (
+            "raise RuntimeError('no database here')\n",
+            "error importing badpkg.mod at badpkg/mod.py:1: RuntimeError: no database here",
+        ),
     ],
     ids=["syntax", "raises"],
 )
@@ -400,8 +326,7 @@ def run_options(tmp_path: Path, *options: Any, **settings: Any) -> subprocess.Co
     marks = tmp_path / "marks"
     marks.mkdir(exist_ok=True)
     env = environ(BP_MARKS=marks, **{f"BP_{k.upper()}": v for k, v in settings.items()})
-    args = ["run", "options.py", "--procs", 2, "--output", "out.jsonl", "--report", "report.json"]
-    return bp(*args, *options, cwd=tmp_path, env=env)
+    return run_reported("options.py", *options, cwd=tmp_path, env=env)
 
 
 def test_retries_option_overrides_the_task(tmp_path: Path) -> None:
@@ -504,15 +429,12 @@ def test_no_journal_option_leaves_no_journal(tmp_path: Path) -> None:
     assert "--resume needs a journal" in one_line(r.stderr)
 
 
-def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path: Path) -> None:
-    """The installed ``batchpool`` entry point (not ``python -c``): its sys.path starts with its
-    own folder, yet package.module:NAME is found in the working directory."""
-    script = Path(sys.executable).with_name("batchpool")
-    assert script.is_file(), f"no console script next to {sys.executable}"
-    write(tmp_path / "mypkg" / "__init__.py", "")
+def cubes_package(folder: Path, n: int) -> None:
+    """folder/mypkg/pipes.py: a module of a package, whose pipeline ``cubes`` cubes 0..n-1."""
+    write(folder / "mypkg" / "__init__.py", "")
     write(
-        tmp_path / "mypkg" / "pipes.py",
-        """
+        folder / "mypkg" / "pipes.py",
+        f"""
         from batchpool import Pipeline, Task
 
 
@@ -521,17 +443,19 @@ def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path:
                 return n**3
 
 
-        cubes = Pipeline(list(range(4)), Cube())
+        cubes = Pipeline(list(range({n})), Cube())
         """,
     )
-    r = subprocess.run(
-        [str(script), "run", "mypkg.pipes:cubes", "--procs", "2", "--output", "o.jsonl"],
-        cwd=tmp_path,
-        env=environ(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
+
+
+def test_console_script_runs_a_package_module_of_the_working_directory(tmp_path: Path) -> None:
+    """The installed ``batchpool`` entry point (not ``python -c``): its sys.path starts with its
+    own folder, yet package.module:NAME is found in the working directory."""
+    script = Path(sys.executable).with_name("batchpool")
+    assert script.is_file(), f"no console script next to {sys.executable}"
+    cubes_package(tmp_path, 4)
+    r = run(
+        [script, "run", "mypkg.pipes:cubes", "--procs", "2", "--output", "o.jsonl"], cwd=tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert [x["value"] for x in output_rows(tmp_path / "o.jsonl", 4)] == [0, 1, 8, 27]
@@ -564,21 +488,7 @@ def test_file_colon_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_package_module_name(tmp_path: Path, start_method: str) -> None:
-    write(tmp_path / "mypkg" / "__init__.py", "")
-    write(
-        tmp_path / "mypkg" / "pipes.py",
-        """
-        from batchpool import Pipeline, Task
-
-
-        class Cube(Task):
-            def run(self, n):
-                return n**3
-
-
-        cubes = Pipeline(list(range(5)), Cube())
-        """,
-    )
+    cubes_package(tmp_path, 5)
     r = bp(
         "run",
         "mypkg.pipes:cubes",
@@ -716,8 +626,10 @@ def test_results_of_a_complete_journal(tmp_path: Path, jobs: Path) -> None:
     r = bp("run", jobs, "--procs", 2, cwd=tmp_path, env=environ(BP_N=6, BP_FAIL="4"))
     assert r.returncode == 1
     journal = ".batchpool/jobs.sqlite"
-    r = bp("results", journal, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    # Warnings as errors: nothing it calls is deprecated (click 8.5 deprecated
+    # get_binary_stream, which it once used).
+    r = bp("results", journal, cwd=tmp_path, env=environ(PYTHONWARNINGS="error"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     rows = jsonl(r.stdout)
     assert [x["index"] for x in rows] == list(range(6))
     assert [x["ok"] for x in rows] == [True] * 4 + [False, True]
@@ -783,22 +695,11 @@ def test_signal_drains_and_resume_completes(
     tmp_path: Path, jobs: Path, sig: signal.Signals, code: int
 ) -> None:
     n, runs = 24, tmp_path / "runs"
-    proc = start(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        cwd=tmp_path,
-        env=environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
-    )
-    try:
+    env = environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs)
+    with start("run", jobs, "--procs", 2, cwd=tmp_path, env=env) as proc:
         wait_for(lambda: len(read_lines(runs)) >= 4, 60, "jobs to run")
         os.killpg(proc.pid, sig)  # the whole group, as a terminal (or systemd) does
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert proc.returncode == code, err
     assert f"stopped by {sig.name}" in err
     assert "Traceback" not in err
@@ -810,15 +711,8 @@ def test_signal_drains_and_resume_completes(
 
 def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
     n, runs = 8, tmp_path / "runs"
-    proc = start(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        cwd=tmp_path,
-        env=environ(BP_N=n, BP_SLEEP=8, BP_RUNS=runs),
-    )
-    try:
+    env = environ(BP_N=n, BP_SLEEP=8, BP_RUNS=runs)
+    with start("run", jobs, "--procs", 2, cwd=tmp_path, env=env) as proc:
         wait_for(lambda: len(read_lines(runs)) >= 2, 60, "both workers to be busy")
         os.killpg(proc.pid, signal.SIGINT)
         first = time.monotonic()
@@ -829,10 +723,6 @@ def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
         os.killpg(proc.pid, signal.SIGINT)
         err = stderr.rest(timeout=60)
         took = time.monotonic() - first
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert took < 6, f"the second Ctrl-C took {took:.1f} s: it waited for the 8 s jobs"
@@ -847,25 +737,13 @@ def test_second_sigint_stops_at_once(tmp_path: Path, jobs: Path) -> None:
 def test_sigkill_of_the_supervisor(tmp_path: Path, jobs: Path, start_method: str) -> None:
     n, runs = 24, tmp_path / "runs"
     journal = tmp_path / ".batchpool" / "jobs.sqlite"
-    proc = start(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--start-method",
-        start_method,
-        cwd=tmp_path,
-        env=environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
-    )
-    try:
+    env = environ(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs)
+    args = ["run", jobs, "--procs", 2, "--start-method", start_method]
+    with start(*args, cwd=tmp_path, env=env) as proc:
         wait_for(lambda: len(committed_indexes(journal)) >= 2, 60, "committed results")
         children = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)  # the supervisor only: workers must notice alone
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
     pids = [c.pid for c in children]
     assert pids, "no worker processes seen"
@@ -949,16 +827,15 @@ SLOW_SOURCE_PY = """
 import os
 import time
 
+from faults import append_line
+
 from batchpool import Pipeline, Task
 
 
 class Stamp(Task):
     def run(self, n):
-        started = os.environ.get("BP_STARTED")
-        if started:
-            fd = os.open(started, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(fd, b"%d\\n" % n)
-            os.close(fd)
+        if os.environ.get("BP_STARTED"):
+            append_line(os.environ["BP_STARTED"], str(n))
         sleeps = os.environ.get("BP_JOB_SLEEP", "").split(",")
         if n < len(sleeps) and sleeps[n]:
             time.sleep(float(sleeps[n]))
@@ -1010,8 +887,7 @@ def test_second_signal_leaves_a_blocking_source(tmp_path: Path) -> None:
     env = environ(
         BP_N=3, BP_QUICK=2, BP_SLEEP=60, BP_JOB_SLEEP="0,60", BP_STARTED=tmp_path / "started"
     )
-    proc = start("run", path, "--procs", "2", cwd=tmp_path, env=env)
-    try:
+    with start("run", path, "--procs", "2", cwd=tmp_path, env=env) as proc:
         wait_for(lambda: committed_indexes(journal) == [0], 30, "the first job recorded")
         wait_for(lambda: "1" in read_lines(tmp_path / "started"), 30, "the long job to start")
         os.killpg(proc.pid, signal.SIGINT)  # drain: job 1 has 60 s to go
@@ -1019,10 +895,6 @@ def test_second_signal_leaves_a_blocking_source(tmp_path: Path) -> None:
         begun = time.monotonic()
         _, err = proc.communicate(timeout=20)
         took = time.monotonic() - begun
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert took < 10, f"two signals took {took:.1f} s: the run waited for the source or job 1"
@@ -1032,53 +904,12 @@ def test_second_signal_leaves_a_blocking_source(tmp_path: Path) -> None:
 # -- what a person sees ------------------------------------------------------------------------
 
 
-def _run_on_terminal(args: list[Any], cwd: Path) -> tuple[int, str]:
-    """Run the CLI with stderr on a pseudo-terminal, as in an interactive shell."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
-    proc = subprocess.Popen(
-        [*CLI, *map(str, args)],
-        cwd=cwd,
-        env=environ(),
-        stdout=subprocess.DEVNULL,
-        stderr=slave,
-        start_new_session=True,
-    )
-    os.close(slave)
-    chunks = []
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-                raise AssertionError(f"the run did not close its terminal within 60 s: {chunks}")
-            if not select.select([master], [], [], left)[0]:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(master)
-    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
-
-
 def test_progress_bar_on_a_terminal(tmp_path: Path, jobs: Path) -> None:
-    code, screen = _run_on_terminal(["run", jobs, "--procs", "2"], tmp_path)
+    code, screen = on_terminal(["run", jobs, "--procs", "2"], tmp_path)
     assert code == 0, screen
     assert "ok=" in screen and "restarts=" in screen and "job/s" in screen  # the tqdm bar
     assert "8 jobs: 8 ok, 0 failed" in screen  # the summary
-    code, screen = _run_on_terminal(["run", jobs, "--procs", "2", "--no-progress"], tmp_path)
+    code, screen = on_terminal(["run", jobs, "--procs", "2", "--no-progress"], tmp_path)
     assert code == 0 and "ok=" not in screen and "8 jobs: 8 ok" in screen
 
 

@@ -14,46 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_run import CLI, bp, environ, one_line, run, write
-from helpers import wait_for
+from helpers import CLI, bp, environ, one_line, run, run_reported, start, wait_for, write
 
 pytestmark = pytest.mark.timeout(90)
-
-# BP_N jobs; each appends its payload to BP_RUNS, sleeps BP_SLEEP seconds, and fails with
-# PermanentError for payloads in BP_FAIL (comma separated).
-JOBS_PY = """
-import os
-import time
-
-from batchpool import PermanentError, Pipeline, Task
-
-N = int(os.environ.get("BP_N", "6"))
-FAIL = {int(x) for x in os.environ.get("BP_FAIL", "").split(",") if x}
-
-
-class Work(Task):
-    retries = 0
-
-    def run(self, n):
-        runs = os.environ.get("BP_RUNS")
-        if runs:
-            fd = os.open(runs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(fd, b"%d\\n" % n)
-            os.close(fd)
-        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
-        if n in FAIL:
-            raise PermanentError(f"payload {n} refused")
-        return n * n
-
-
-pipeline = Pipeline(list(range(N)), Work(), name="jobs")
-"""
-
-
-@pytest.fixture
-def jobs(tmp_path: Path) -> Path:
-    return write(tmp_path / "jobs.py", JOBS_PY)
-
 
 # -- output files that cannot be written: refused before the first job -----------------------
 
@@ -73,7 +36,7 @@ def test_unwritable_output_is_refused_before_any_job(
     runs = tmp_path / "runs.txt"
     r = bp("run", jobs, "--procs", 1, option, path, cwd=tmp_path, env=environ(BP_RUNS=runs))
     assert r.returncode == 2, r.stderr
-    line = one_line(r.stderr)
+    line = one_line(r.stderr, strict=True)
     assert line.startswith(f"batchpool: {option} {path}") and expected in line
     assert not runs.exists(), "a job ran before the refusal"
 
@@ -211,7 +174,7 @@ def test_load_error_names_the_file_and_line(tmp_path: Path) -> None:
     )
     r = bp("run", "pipe.py", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert one_line(r.stderr) == (
+    assert one_line(r.stderr, strict=True) == (
         "batchpool: error loading pipe.py:8: NameError: name 'Doubel' is not defined"
     )
 
@@ -221,7 +184,7 @@ def test_load_error_raised_in_an_imported_module(tmp_path: Path) -> None:
     write(tmp_path / "pipe.py", "import sys\nimport helper\n")
     r = bp("run", "pipe.py", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    line = one_line(r.stderr)
+    line = one_line(r.stderr, strict=True)
     assert "pipe.py:2 (raised at " in line and "KeyError: 'NO_SUCH_VARIABLE'" in line
 
 
@@ -249,7 +212,7 @@ def test_task_class_under_main_guard_is_refused(tmp_path: Path, method: str) -> 
     script = write(tmp_path / "guarded.py", GUARDED_TASK_PY)
     r = run([sys.executable, script, method], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    line = one_line(r.stderr)
+    line = one_line(r.stderr, strict=True)
     assert line.startswith("batchpool: guarded.py:8: task class Double is defined under")
     assert "define task classes at module level" in line and method in line
 
@@ -281,7 +244,7 @@ def test_script_without_main_guard_gets_one_line(tmp_path: Path) -> None:
     )
     r = run([sys.executable, script], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    line = one_line(r.stderr)
+    line = one_line(r.stderr, strict=True)
     assert line.startswith("batchpool: noguard.py:11: the run starts when noguard.py is imported")
     assert 'under `if __name__ == "__main__":`' in line
 
@@ -293,7 +256,7 @@ def test_script_without_main_guard_gets_one_line(tmp_path: Path) -> None:
 def test_max_memory_under_1mb_is_refused(tmp_path: Path, jobs: Path, size: str, hint: str) -> None:
     r = bp("run", jobs, "--max-memory", size, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    line = one_line(r.stderr)
+    line = one_line(r.stderr, strict=True)
     assert line.startswith("batchpool: Invalid value for '--max-memory'")
     assert f"did you mean {hint}?" in line
 
@@ -306,7 +269,7 @@ def test_max_memory_of_a_megabyte_or_more_runs(tmp_path: Path, jobs: Path) -> No
 def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, jobs: Path) -> None:
     r = bp("run", jobs, "-q", "-v", cwd=tmp_path)
     assert r.returncode == 2
-    assert one_line(r.stderr).startswith("batchpool: -q and -v exclude each other")
+    assert one_line(r.stderr, strict=True).startswith("batchpool: -q and -v exclude each other")
 
 
 @pytest.mark.parametrize(
@@ -324,7 +287,7 @@ def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, jobs: Path) -> Non
 def test_every_error_has_the_same_prefix(tmp_path: Path, jobs: Path, args: list[str]) -> None:
     r = bp(*args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert one_line(r.stderr).startswith("batchpool: ")
+    assert one_line(r.stderr, strict=True).startswith("batchpool: ")
     assert "Error:" not in r.stderr and "Usage:" not in r.stderr
 
 
@@ -367,42 +330,18 @@ def test_summary_after_failures_names_the_results_command(tmp_path: Path, jobs: 
 def test_summary_after_an_interrupt_names_resume(tmp_path: Path, jobs: Path) -> None:
     journal = tmp_path / "my journal.sqlite"
     runs = tmp_path / "runs.txt"
-    proc = subprocess.Popen(
-        [*CLI, "run", str(jobs), "--procs", "1", "--journal", str(journal)],
-        cwd=tmp_path,
-        env=environ(BP_N=20, BP_SLEEP=0.2, BP_RUNS=runs),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    env = environ(BP_N=20, BP_SLEEP=0.2, BP_RUNS=runs)
+    with start("run", jobs, "--procs", 1, "--journal", journal, cwd=tmp_path, env=env) as proc:
         wait_for(lambda: runs.exists() and runs.read_text().count("\n") >= 2, 30, "two jobs")
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 130, err
     assert f"continue with: batchpool run {jobs} --journal '{journal}' --resume" in err
 
 
 def test_no_journal_names_no_journal(tmp_path: Path, jobs: Path) -> None:
     """--no-journal with --output runs on a temporary journal: never named, it is gone."""
-    r = bp(
-        "run",
-        jobs,
-        "--procs",
-        2,
-        "--no-journal",
-        "--output",
-        "out.jsonl",
-        "--report",
-        "report.json",
-        cwd=tmp_path,
-        env=environ(BP_FAIL="1"),
-    )
+    r = run_reported(jobs, "--no-journal", cwd=tmp_path, env=environ(BP_N=6, BP_FAIL="1"))
     assert r.returncode == 1, r.stderr
     assert "journal" not in r.stderr and "batchpool results" not in r.stderr
     assert json.loads((tmp_path / "report.json").read_text())["journal"] is None

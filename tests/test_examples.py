@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_run import CLI, PIPELINES, environ, run
+from helpers import CLI, PIPELINES_DIR, environ, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,7 +30,7 @@ def _primes_below(limit: int) -> int:
 
 
 def _run(name: str, way: str, cwd: Path) -> tuple[int, str]:
-    r = run(WAYS[way](PIPELINES / f"{name}.py"), cwd, environ(**SMALL), timeout=100)
+    r = run(WAYS[way](PIPELINES_DIR / f"{name}.py"), cwd=cwd, env=environ(**SMALL), timeout=100)
     assert "Traceback" not in r.stderr, r.stderr
     return r.returncode, r.stdout
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -32,14 +30,21 @@ from hardening_tasks import (
     TeardownHangs,
     pids_in,
 )
-from helpers import START_METHODS, all_gone, check_invariants, child_env, wait_for
+from helpers import (
+    START_METHODS,
+    all_gone,
+    bp,
+    check_invariants,
+    launch,
+    read_line,
+    run,
+    wait_for,
+    write,
+)
 
 import batchpool
 from batchpool import Pool, PoolBroken, PoolClosed
 from batchpool.supervisor import STOP_GRACE
-
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
-
 
 # -- 1. a job holding the GIL in C cannot stall the supervisor ----------------------------------
 
@@ -94,25 +99,17 @@ def test_result_rebuild_raising_baseexception_in_parent(exc: str) -> None:
 
 @pytest.mark.timeout(90)
 def test_cli_run_with_a_result_that_breaks_in_the_parent_ends(tmp_path: Path) -> None:
-    (tmp_path / "pipe.py").write_text(
-        textwrap.dedent(
-            """
-            from batchpool import Pipeline
-            from hardening_tasks import ReturnsParentBomb
+    write(
+        tmp_path / "pipe.py",
+        """
+        from batchpool import Pipeline
+        from hardening_tasks import ReturnsParentBomb
 
-            pipeline = Pipeline(["fine", "SystemExit", "fine", "KeyboardInterrupt"],
-                                ReturnsParentBomb(), name="bomb")
-            """
-        )
+        pipeline = Pipeline(["fine", "SystemExit", "fine", "KeyboardInterrupt"],
+                            ReturnsParentBomb(), name="bomb")
+        """,
     )
-    done = subprocess.run(
-        [*CLI, "run", "pipe.py", "--procs", "1", "-q"],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = bp("run", "pipe.py", "--procs", "1", "-q", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -176,29 +173,21 @@ def test_supervisor_death_during_map_fails_its_jobs_then_map_raises() -> None:
 
 @pytest.mark.timeout(90)
 def test_cli_ends_with_one_line_when_the_supervisor_dies(tmp_path: Path) -> None:
-    (tmp_path / "pipe.py").write_text(
-        textwrap.dedent(
-            """
-            from batchpool import Pipeline
-            from batchpool.supervisor import Supervisor
-            from faults import Sleep
+    write(
+        tmp_path / "pipe.py",
+        """
+        from batchpool import Pipeline
+        from batchpool.supervisor import Supervisor
+        from faults import Sleep
 
-            def _broken(self, now):  # fault injection: the supervisor's loop fails
-                raise RuntimeError("injected supervisor fault")
+        def _broken(self, now):  # fault injection: the supervisor's loop fails
+            raise RuntimeError("injected supervisor fault")
 
-            Supervisor._dispatch = _broken
-            pipeline = Pipeline([0.01] * 20, Sleep(), name="dies")
-            """
-        )
+        Supervisor._dispatch = _broken
+        pipeline = Pipeline([0.01] * 20, Sleep(), name="dies")
+        """,
     )
-    done = subprocess.run(
-        [*CLI, "run", "pipe.py", "--procs", "2", "-q"],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = bp("run", "pipe.py", "--procs", "2", "-q", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "injected supervisor fault" in done.stderr
@@ -449,23 +438,10 @@ if __name__ == "__main__":
 def test_ctrl_c_while_spawned_workers_start_prints_no_tracebacks(tmp_path: Path) -> None:
     script = tmp_path / "spawn_interrupt.py"
     script.write_text(SPAWN_INTERRUPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "started\n"
+    with launch([sys.executable, script]) as proc:
+        assert read_line(proc, 30) == "started\n"
         os.killpg(proc.pid, signal.SIGINT)  # while the spawned interpreters start
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
     assert proc.returncode == 130, err
 
@@ -483,3 +459,45 @@ def test_pool_timeout_none_removes_the_tasks_timeout() -> None:
     with Pool(Sleep(1.0, timeout=0.3, retries=0), procs=1, timeout=None) as pool:
         result = pool.submit(None).result(timeout=30)
     assert result.ok, result
+
+
+FORK_AT_EXIT = """
+import os, sys, time
+from batchpool import Pool, PoolClosed
+from faults import Square
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    pool = Pool(Square(), procs=1)
+    pool.map([1])
+    child = os.fork()
+    if child == 0:
+        if mode == "with":
+            try:
+                pool.map([2])
+            except PoolClosed:
+                pass
+            else:
+                os._exit(3)
+            with pool:
+                pass  # leaving it closes the pool: the copy has nothing to wait for
+        sys.exit(0)  # runs the exit hooks, as a forked helper process would
+    start = time.monotonic()
+    _, status = os.waitpid(child, 0)
+    print(f"{time.monotonic() - start:.3f} {status}", flush=True)
+    pool.close()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["exit", "with"])
+def test_a_forked_child_exits_without_waiting_for_its_parents_pools(
+    tmp_path: Path, mode: str
+) -> None:
+    script = tmp_path / "fork_at_exit.py"
+    script.write_text(FORK_AT_EXIT)
+    done = run([sys.executable, script, mode], timeout=45)
+    assert done.returncode == 0, done.stderr
+    took, status = done.stdout.split()
+    assert status == "0", done.stderr  # the child's exit status
+    assert float(took) < 5, "the child waited for its parent's pool"

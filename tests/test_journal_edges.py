@@ -4,18 +4,25 @@ starved of disk mid-run (the real CLI for those)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import (
+    CHILD_DEADLINE,
+    cli,
+    dur_env,
+    dur_run,
+    final_rows,
+    finish,
+    no_traceback,
+    start_logged,
+    wait_for,
+)
 
 from batchpool.journal import Journal, JournalError
 
@@ -120,70 +127,24 @@ def test_foreign_sqlite_file_is_refused_and_left_as_it_was(tmp_path: Path) -> No
 
 # -- the real CLI: a journal locked, deleted or starved of disk mid-run -----------------------
 
-TESTS = Path(__file__).resolve().parent
-PIPELINE = str(TESTS / "durability_pipeline.py")
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
-RUN_DEADLINE = 60.0
-
-
-def environ(**dur: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUR_")}
-    env.update({f"DUR_{k.upper()}": str(v) for k, v in dur.items()})
-    return env
-
-
-def start(args: list[str], cwd: Path, env: dict[str, str], **kw: object) -> subprocess.Popen:
-    """The CLI in its own session, stderr to a file (never a full pipe)."""
-    with open(cwd / "stderr.txt", "wb") as err:
-        return subprocess.Popen(
-            [*CLI, *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-            **kw,
-        )
-
-
-def finish(proc: subprocess.Popen, cwd: Path) -> tuple[int, str]:
-    try:
-        code = proc.wait(timeout=RUN_DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"the run did not end within {RUN_DEADLINE:g} s") from None
-    return code, (cwd / "stderr.txt").read_text(errors="replace")
-
 
 def committed(journal: Path) -> int:
-    """Final rows committed to the journal, read without batchpool (0 before its table)."""
-    if not journal.exists():
-        return 0
-    with closing(sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
-            return 0
-        return conn.execute("SELECT count(*) FROM jobs WHERE status IS NOT NULL").fetchone()[0]
-
-
-def no_traceback(stderr: str) -> None:
-    assert "Traceback" not in stderr and 'File "' not in stderr, stderr
+    """Final rows committed to the journal (0 before there is one)."""
+    return len(final_rows(journal))
 
 
 def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path: Path) -> None:
     journal, side = tmp_path / "j.sqlite", tmp_path / "side.txt"
-    env = environ(n=200, ms="20,30", side=side)
-    args = ["run", PIPELINE, "--procs", "2", "--no-progress", "--journal", str(journal)]
-    first = start(args, tmp_path, env)
+    env = dur_env(n=200, ms="20,30", side=side)
+    first = start_logged(*dur_run(journal), cwd=tmp_path, env=env)
     try:
-        wait_for(lambda: committed(journal) or first.poll() is not None, RUN_DEADLINE, "rows")
+        wait_for(lambda: committed(journal) or first.poll() is not None, CHILD_DEADLINE, "rows")
         assert first.poll() is None, "the first run ended too soon"
         for lock in tmp_path.glob("*-lock"):  # a side file, if any, is no lock
             lock.unlink()
         second = tmp_path / "second"
         second.mkdir()
-        code, err = finish(start([*args, "--resume"], second, env), second)
+        code, err = cli(*dur_run(journal), "--resume", cwd=second, env=env)
         assert code == 2, err
         assert "in use" in err and f"pid {first.pid}" in err, err
         assert first.poll() is None, "the first run must outlast the refusal"
@@ -197,11 +158,10 @@ def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path: Path) -> 
 
 def test_journal_deleted_mid_run_is_reported(tmp_path: Path) -> None:
     journal, side = tmp_path / "j.sqlite", tmp_path / "side.txt"
-    env = environ(n=300, ms="10,20", side=side)
-    args = ["run", PIPELINE, "--procs", "2", "--no-progress", "--journal", str(journal)]
-    proc = start(args, tmp_path, env)
+    env = dur_env(n=300, ms="10,20", side=side)
+    proc = start_logged(*dur_run(journal), cwd=tmp_path, env=env)
     try:
-        wait_for(lambda: committed(journal) or proc.poll() is not None, RUN_DEADLINE, "rows")
+        wait_for(lambda: committed(journal) or proc.poll() is not None, CHILD_DEADLINE, "rows")
         assert proc.poll() is None, "the run ended too soon"
         for path in tmp_path.glob("j.sqlite*"):
             path.unlink()
@@ -224,11 +184,9 @@ def _small_disk(limit: int) -> Callable[[], None]:
 
 def test_disk_full_exits_2_and_counts_what_was_saved(tmp_path: Path) -> None:
     journal = tmp_path / "j.sqlite"
-    env = environ(n=3000, ms="1,3", pad=1000)  # ~1 KB a row: the limit bites mid-run
-    args = ["run", PIPELINE, "--procs", "2", "--no-progress", "--journal", str(journal)]
-    code, err = finish(
-        start(args, tmp_path, env, preexec_fn=_small_disk(2 * 1024 * 1024)), tmp_path
-    )
+    env = dur_env(n=3000, ms="1,3", pad=1000)  # ~1 KB a row: the limit bites mid-run
+    limit = _small_disk(2 * 1024 * 1024)
+    code, err = cli(*dur_run(journal), cwd=tmp_path, env=env, preexec_fn=limit)
     assert code == 2, err
     no_traceback(err)
     assert f"journal {journal}: cannot write" in err

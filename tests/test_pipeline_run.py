@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import textwrap
-from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import child_env, group_alive, wait_for
+from helpers import bp, child_env, final_rows, group_alive, launch, run, wait_for, write
 
 pytestmark = pytest.mark.timeout(90)
-
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
 
 SCRIPT_PY = """
 import os
 import sys
 import time
+
+from faults import append_line
 
 from batchpool import PermanentError, Pipeline, Task
 
@@ -32,9 +29,7 @@ class Work(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("runs.log", str(n))
         time.sleep(float(os.environ.get("SLEEP", "0")))
         if n in (3, 4) and os.path.exists("fail"):
             raise PermanentError(f"{n} refused")
@@ -62,20 +57,11 @@ if __name__ == "__main__":
 
 
 def write_script(folder: Path) -> Path:
-    path = folder / "script.py"
-    path.write_text(textwrap.dedent(SCRIPT_PY))
-    return path
+    return write(folder / "script.py", SCRIPT_PY)
 
 
 def python(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "script.py", *args],
-        cwd=folder,
-        env={**child_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run([sys.executable, "script.py", *args], cwd=folder, env=child_env(**env))
 
 
 def runs(folder: Path) -> list[int]:
@@ -85,31 +71,13 @@ def runs(folder: Path) -> list[int]:
         return []
 
 
-def final_rows(journal: Path) -> dict[int, str]:
-    with closing(sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        sql = "SELECT idx, status FROM jobs WHERE status IS NOT NULL"
-        return dict(conn.execute(sql).fetchall())
-
-
 def test_ctrl_c_drains_then_raises_keyboard_interrupt(tmp_path: Path) -> None:
     write_script(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "script.py", "interrupt"],
-        cwd=tmp_path,
-        env={**child_env(), "SLEEP": "0.5"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    argv = [sys.executable, "script.py", "interrupt"]
+    with launch(argv, cwd=tmp_path, env=child_env(SLEEP="0.5")) as proc:
         wait_for(lambda: len(runs(tmp_path)) >= 2 or proc.poll() is not None, 60, "jobs")
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert out == "KeyboardInterrupt\n", (out, err)
     assert proc.returncode == -signal.SIGINT, err  # re-raised to the top, as Python does
     assert "finishing" in err and "Ctrl-C again to stop now" in err, err
@@ -146,16 +114,9 @@ def test_two_unnamed_pipelines_of_one_file_keep_two_journals(tmp_path: Path) -> 
         ".batchpool/script.sqlite 12 0 0",
         ".batchpool/script-other.sqlite 5 0 0",
     ]
-    env = {**child_env(), "SLEEP": "0"}
+    env = child_env(SLEEP="0")
     for spec, journal, n in (("script.py", "script", 12), ("script.py:other", "script-other", 5)):
-        done = subprocess.run(
-            [*CLI, "run", spec, "--procs", "2", "--no-progress"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = bp("run", spec, "--procs", "2", "--no-progress", cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr
         assert f"journal: .batchpool/{journal}.sqlite" in done.stderr
         assert len(final_rows(tmp_path / ".batchpool" / f"{journal}.sqlite")) == n

@@ -349,6 +349,19 @@ def test_many_tiny_jobs_are_fast() -> None:
     assert metrics.elapsed < 15
 
 
+@pytest.mark.timeout(30)
+def test_jobs_unpacked_behind_a_long_one_are_stolen_by_an_idle_worker() -> None:
+    # chunksize 4: the first batch, the long job and three no-ops, is unpacked in its worker's
+    # mailbox while the long job runs (the other worker is busy 0.3 s first, time enough);
+    # the other worker, once idle, gets the three through STEAL instead of waiting 3 s.
+    with Pool(SleepPid(), procs=2, chunksize=4) as pool:
+        pool.map([0.2, 0.2])  # both workers started and ready
+        results = pool.map([3.0, 0, 0, 0, 0.3, 0, 0, 0])
+    assert all(r.ok and r.attempts == 1 for r in results)
+    long_pid = results[0].value
+    assert long_pid not in {r.value for r in results[1:4]}, [r.value for r in results]
+
+
 def test_many_small_rounds_never_stall() -> None:
     # Thousands of short rounds exercise the interleavings of dispatch, prefetch and work
     # stealing between two workers. A pool that strands queued jobs shows up as a stalled

@@ -113,10 +113,13 @@ if __name__ == "__main__":
     else:
         start_forkserver_ignoring_signals()
     pid = server().pid
-    ignored = {
-        name: bool(int(line.split()[1], 16) >> (getattr(signal, name) - 1) & 1)
+    masks = [  # blocked or ignored: either way the signal cannot end the server
+        int(line.split()[1], 16)
         for line in open(f"/proc/{pid}/status")
-        if line.startswith("SigIgn:")
+        if line.startswith(("SigIgn:", "SigBlk:"))
+    ]
+    ignored = {
+        name: bool((masks[0] | masks[1]) >> (getattr(signal, name) - 1) & 1)
         for name in ("SIGINT", "SIGTERM")
     }
     handlers = {
@@ -151,9 +154,9 @@ def run_forkserver(tmp_path: Path, mode: str) -> dict:
 
 
 def test_forkserver_started_for_a_run_survives_group_signals(tmp_path: Path) -> None:
-    """The server ignores SIGINT and SIGTERM (a signal ignored at exec stays ignored), so a
-    Ctrl-C or a SIGTERM to the whole process group leaves it serving workers; the caller's
-    own handlers are what they were."""
+    """The server starts with SIGINT and SIGTERM blocked (a blocked signal stays blocked
+    across exec), so a Ctrl-C or a SIGTERM to the whole process group leaves it serving
+    workers; the caller's own handlers are what they were."""
     seen = run_forkserver(tmp_path, "signals")
     assert seen["ignored"] == {"SIGINT": True, "SIGTERM": True}
     assert seen["handlers"] == {"SIGINT": True, "SIGTERM": True}

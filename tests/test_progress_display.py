@@ -3,12 +3,36 @@ drawing of the bar read back and checked (total, ETA, counts, clock, width)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
-from cli_run import environ, frames, on_terminal, write
+from helpers import environ, on_terminal, write
 
 pytestmark = pytest.mark.timeout(90)
+
+FRAME = re.compile(r"(\d+)/(\d+) \[(\d\d):(\d\d)<")
+
+
+def frames(screen: str) -> list[dict[str, int | None]]:
+    """Each drawing of the bar that shows a total: done, total, elapsed seconds, and its ok
+    and failed counts (None where not shown), in any order."""
+    found = []
+    for part in screen.split("\r"):
+        m = FRAME.search(part)
+        if m:
+            done, total, mins, secs = map(int, m.groups())
+            counts = {k: re.search(rf"\b{k}=(\d+)", part) for k in ("ok", "failed")}
+            found.append(
+                {
+                    "done": done,
+                    "total": total,
+                    "elapsed": 60 * mins + secs,
+                    **{k: int(c.group(1)) if c else None for k, c in counts.items()},
+                }
+            )
+    return found
+
 
 # BP_N jobs of BP_SLEEP seconds from a source of kind BP_SOURCE: "list", "lambda" (a callable
 # returning a list), "generator" (a generator function, with total=BP_N given to Pipeline).

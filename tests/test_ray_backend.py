@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -47,15 +45,18 @@ from faults import (  # noqa: E402
     marks_by_pid,
 )
 from helpers import (  # noqa: E402
-    CLI,
     all_gone,
+    bp,
     check_invariants,
     child_env,
     group_alive,
     output_rows,
     read_lines,
+    run,
     run_jobs,
+    start,
     wait_for,
+    write,
 )
 from ray_tasks import ExitOn, RaiseByPayload, ReturnUnpicklable  # noqa: E402
 
@@ -232,6 +233,16 @@ def test_serialization_failures_are_charged_once() -> None:
     assert [r.value for r in later] == ["still", "working"]
 
 
+def test_a_refused_payload_spends_its_place_in_the_actors_quota() -> None:
+    # The supervisor counts an answered job against max_tasks_per_worker, a refused one too:
+    # the actor must count it as well and retire, or the next job is never sent to anyone.
+    with Pool(ReturnUnpicklable(), 1, backend="ray", max_tasks_per_worker=1) as pool:
+        results = run_jobs(pool, [FaultOnUnpickle("exception"), "ok"], timeout=30)
+    assert results[0].error.kind == "serialization" and results[0].attempts == 1
+    assert results[1].ok and results[1].value == "ok"
+    assert results[1].worker != results[0].worker
+
+
 def test_setup_failures_give_up_after_three_starts(tmp_path: Path) -> None:
     with ray_pool(SetupFails(tmp_path)) as pool:
         results = pool.map(["a", "b"])
@@ -286,17 +297,9 @@ if __name__ == "__main__":
 
 
 def test_script_joins_a_running_cluster_with_tasks_of_its_main(tmp_path: Path) -> None:
-    script = tmp_path / "double.py"
-    script.write_text(textwrap.dedent(MAIN_SCRIPT))
+    script = write(tmp_path / "double.py", MAIN_SCRIPT)
     address = ray.get_runtime_context().gcs_address  # this module's instance, as a cluster
-    r = subprocess.run(
-        [sys.executable, str(script), address],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run([sys.executable, script, address], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     pairs = json.loads(r.stdout.strip().splitlines()[-1])
     assert [value for value, _ in pairs] == [2 * i for i in range(6)]
@@ -305,30 +308,6 @@ def test_script_joins_a_running_cluster_with_tasks_of_its_main(tmp_path: Path) -
 
 
 # -- the command line --------------------------------------------------------------------------
-
-# BP_N jobs; each appends its payload to BP_RUNS, sleeps BP_SLEEP seconds, returns n * n.
-JOBS_PY = """
-import os
-import time
-
-from batchpool import Pipeline, Task
-
-N = int(os.environ.get("BP_N", "8"))
-
-
-class Work(Task):
-    retries = 0
-
-    def run(self, n):
-        fd = os.open(os.environ["BP_RUNS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
-        time.sleep(float(os.environ.get("BP_SLEEP", "0")))
-        return n * n
-
-
-pipeline = Pipeline(list(range(N)), Work(), name="jobs")
-"""
 
 
 def read_runs(path: Path) -> list[int]:
@@ -339,32 +318,18 @@ def read_runs(path: Path) -> list[int]:
     "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
 )
 def test_cli_run_with_ray_interrupted_then_resumed(
-    tmp_path: Path, sig: signal.Signals, code: int
+    tmp_path: Path, jobs: Path, sig: signal.Signals, code: int
 ) -> None:
     """A signal to the whole process group (a terminal's Ctrl-C, ``kill -TERM -PGID``) also
     reaches the local Ray instance's daemons: they must survive it, so the attempts in flight
     drain into the journal, and ``--resume`` completes the run."""
-    jobs = tmp_path / "jobs.py"
-    jobs.write_text(textwrap.dedent(JOBS_PY))
     n, runs = 24, tmp_path / "runs"
     args = ["run", jobs, "--backend", "ray", "--procs", PROCS, "--no-progress"]
-    proc = subprocess.Popen(
-        [*CLI, *map(str, args)],
-        cwd=tmp_path,
-        env=child_env(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    try:
+    env = child_env(BP_N=n, BP_SLEEP=0.3, BP_RUNS=runs)
+    with start(*args, cwd=tmp_path, env=env) as proc:  # its own process group, as a terminal's
         wait_for(lambda: len(read_runs(runs)) >= 4, 120, "jobs to run on Ray")
         os.killpg(proc.pid, sig)  # the whole group, Ray's daemons included
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert proc.returncode == code, err
     assert f"stopped by {sig.name}" in err and "Traceback" not in err
     assert "crashed" not in err and "0 failed" in err  # drained, not killed with Ray
@@ -373,14 +338,8 @@ def test_cli_run_with_ray_interrupted_then_resumed(
     assert 4 <= len(recorded) < n
 
     before = len(read_runs(runs))
-    r = subprocess.run(
-        [*CLI, *map(str, [*args, "--resume", "--output", "out.jsonl"])],
-        cwd=tmp_path,
-        env=child_env(BP_N=n, BP_SLEEP=0.01, BP_RUNS=runs),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    env = child_env(BP_N=n, BP_SLEEP=0.01, BP_RUNS=runs)
+    r = bp(*args, "--resume", "--output", "out.jsonl", cwd=tmp_path, env=env, timeout=240)
     assert r.returncode == 0, r.stderr
     lines = output_rows(tmp_path / "out.jsonl", n)
     assert all(x["ok"] and x["value"] == x["index"] ** 2 for x in lines)

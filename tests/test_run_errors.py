@@ -10,51 +10,31 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
-import textwrap
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import group_alive, wait_for
+from helpers import (
+    bp,
+    child_env,
+    final_rows,
+    group_alive,
+    journal_meta,
+    no_traceback,
+    start,
+    wait_for,
+    write,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def bp(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *map(str, args)],
-        cwd=cwd,
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-
 
 def rows(journal: Path) -> dict[int, str]:
-    """index -> status of each final row, read without batchpool."""
-    with closing(sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        sql = "SELECT idx, status FROM jobs WHERE status IS NOT NULL"
-        return dict(conn.execute(sql).fetchall())
-
-
-def meta(journal: Path) -> dict[str, object]:
-    with closing(sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
-
-
-def no_traceback(stderr: str) -> None:
-    assert "Traceback" not in stderr and 'File "' not in stderr, stderr
+    """index -> status of each final row (the journal must exist)."""
+    assert journal.exists(), f"no journal {journal}"
+    return final_rows(journal)
 
 
 # -- the sink ---------------------------------------------------------------------------------
@@ -100,7 +80,7 @@ def test_sink_calling_sys_exit_is_a_sink_failure(tmp_path: Path) -> None:
     recorded = rows(tmp_path / ".batchpool" / "exiting.sqlite")
     assert set(seen) <= set(recorded), "results the sink saw were not kept"
     assert len(recorded) < 300 and all(status == "ok" for status in recorded.values())
-    assert meta(tmp_path / ".batchpool" / "exiting.sqlite")["state"] == "unfinished"
+    assert journal_meta(tmp_path / ".batchpool" / "exiting.sqlite")["state"] == "unfinished"
 
 
 # -- stages that changed ----------------------------------------------------------------------
@@ -143,13 +123,13 @@ def test_resume_with_other_stages_is_refused(tmp_path: Path) -> None:
     write(tmp_path / "stages.py", STAGES_PY)
     journal = tmp_path / ".batchpool" / "stages.sqlite"
     run = ["run", "stages.py", "--procs", 2, "--no-progress"]
-    env = {**os.environ, "STAGES": "two", "STOP_AT": "5"}
+    env = child_env(STAGES="two", STOP_AT="5")
     done = bp(*run, cwd=tmp_path, env=env)
     assert done.returncode == 1 and "stop here" in done.stderr, done.stderr
     before = rows(journal)
     assert 0 < len(before) < 300
     for stages in ("three", "other"):  # another list of tasks; a task with another attribute
-        done = bp(*run, "--resume", cwd=tmp_path, env={**os.environ, "STAGES": stages})
+        done = bp(*run, "--resume", cwd=tmp_path, env=child_env(STAGES=stages))
         assert done.returncode == 2, done.stderr
         no_traceback(done.stderr)
         assert "stages changed" in done.stderr and "--fresh" in done.stderr
@@ -169,7 +149,7 @@ def test_resume_with_other_stages_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "o.jsonl").read_text().splitlines()
     assert [json.loads(line)["value"] for line in lines] == [n + 11 for n in range(300)]
-    done = bp(*run, "--fresh", cwd=tmp_path, env={**os.environ, "STAGES": "three"})
+    done = bp(*run, "--fresh", cwd=tmp_path, env=child_env(STAGES="three"))
     assert done.returncode == 0, done.stderr
 
 
@@ -228,7 +208,7 @@ def test_callable_source_is_called_once_in_the_thread_that_reads_it(tmp_path: Pa
     write(tmp_path / "sources.py", SOURCES_PY)
     numbers_db(tmp_path, 200)
     run = ["run", "sources.py", "--procs", 2, "--no-progress"]
-    env = {**os.environ, "STOP_AT": "20", "SLEEP": "0.005"}
+    env = child_env(STOP_AT="20", SLEEP="0.005")
     done = bp(*run, cwd=tmp_path, env=env)
     assert done.returncode == 1 and "stop here" in done.stderr, done.stderr
     assert calls(tmp_path) == 1
@@ -245,12 +225,12 @@ def test_callable_source_that_raises_is_a_failed_run(tmp_path: Path, resume: boo
     numbers_db(tmp_path, 40)
     run = ["run", "sources.py", "--procs", 2, "--no-progress"]
     if resume:  # an unfinished journal to resume
-        done = bp(*run, cwd=tmp_path, env={**os.environ, "STOP_AT": "3"})
+        done = bp(*run, cwd=tmp_path, env=child_env(STOP_AT="3"))
         assert done.returncode == 1, done.stderr
     # --fresh: a failed run leaves its journal unfinished, and the next one starts over.
     run.append("--resume" if resume else "--fresh")
     for what, error in (("call", "ValueError: no such table"), ("oserror", "OSError: [Errno 5]")):
-        done = bp(*run, cwd=tmp_path, env={**os.environ, "BREAK": what})
+        done = bp(*run, cwd=tmp_path, env=child_env(BREAK=what))
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("batchpool: run stopped (source):\nTraceback"), done.stderr
         assert error in done.stderr and "from_database" in done.stderr
@@ -259,8 +239,9 @@ def test_callable_source_that_raises_is_a_failed_run(tmp_path: Path, resume: boo
 
 
 CHANGING_PY = """
-import os
 import time
+
+from faults import append_line
 
 from batchpool import Pipeline, Task
 
@@ -269,9 +250,7 @@ class Mark(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("started.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("started.log", str(n))
         time.sleep(0.01)
         return n
 
@@ -324,7 +303,7 @@ def test_changed_source_found_mid_run_keeps_what_ran(tmp_path: Path) -> None:
     recorded = rows(journal)
     assert started, "nothing ran before the change was found"
     assert started <= set(recorded), f"ran but not kept: {sorted(started - set(recorded))}"
-    assert meta(journal)["state"] == "unfinished"
+    assert journal_meta(journal)["state"] == "unfinished"
 
 
 # -- workers that cannot start ----------------------------------------------------------------
@@ -386,6 +365,8 @@ SLOW_PY = """
 import os
 import time
 
+from faults import append_line
+
 from batchpool import Pipeline, Task
 
 
@@ -393,9 +374,7 @@ class Slow(Task):
     retries = 0
 
     def run(self, n):
-        fd = os.open("runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, b"%d\\n" % n)
-        os.close(fd)
+        append_line("runs.log", str(n))
         time.sleep(float(os.environ.get("SLEEP", "0.3")))
         return n
 
@@ -415,22 +394,10 @@ def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     """A hangup (the shell forwards it to the whole job's process group) drains the attempts
     in flight into the journal and exits 129 (128 + SIGHUP); --resume completes the run."""
     write(tmp_path / "slow.py", SLOW_PY)
-    proc = subprocess.Popen(
-        [*CLI, "run", "slow.py", "--procs", "2", "--no-progress"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with start("run", "slow.py", "--procs", 2, "--no-progress", cwd=tmp_path) as proc:
         wait_for(lambda: len(started_jobs(tmp_path)) >= 4 or proc.poll() is not None, 60, "jobs")
         os.killpg(proc.pid, signal.SIGHUP)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert "stopped by SIGHUP" in err and "crashes 0" in err, err
     no_traceback(err)
@@ -439,9 +406,7 @@ def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     assert recorded and set(recorded.values()) == {"ok"}  # drained: the jobs in flight ended ok
     assert len(recorded) < 24
     ran = len(started_jobs(tmp_path))
-    done = bp(
-        "run", "slow.py", "--procs", 2, "--resume", cwd=tmp_path, env={**os.environ, "SLEEP": "0"}
-    )
+    done = bp("run", "slow.py", "--procs", 2, "--resume", cwd=tmp_path, env=child_env(SLEEP="0"))
     assert done.returncode == 0, done.stderr
     assert sorted(started_jobs(tmp_path)[ran:]) == sorted(set(range(24)) - set(recorded))
 
@@ -476,15 +441,7 @@ def test_first_sigint_says_what_it_waits_for_and_not_for_a_slow_sink(
     write(tmp_path / "slowsink.py", SLOW_SINK_PY)
     sink_log = tmp_path / "sink.log"
     args = ["run", "slowsink.py", "--procs", "2", "--no-progress", *(["-q"] if quiet else [])]
-    proc = subprocess.Popen(
-        [*CLI, *args],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with start(*args, cwd=tmp_path) as proc:
         wait_for(
             lambda: (
                 (sink_log.exists() and len(sink_log.read_text().split()) >= 2)
@@ -497,10 +454,6 @@ def test_first_sigint_says_what_it_waits_for_and_not_for_a_slow_sink(
         struck = time.monotonic()
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - struck
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 130, err
     assert took < 5, f"one Ctrl-C took {took:.1f} s: the drain fed the slow sink its backlog"
     said = [line for line in err.splitlines() if "finishing" in line]

@@ -12,25 +12,32 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
-import subprocess
 import sys
-import textwrap
-from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import group_alive, wait_for
+from helpers import (
+    PIPELINES_DIR,
+    child_env,
+    cli,
+    final_rows,
+    finish,
+    group_alive,
+    start_logged,
+    wait_for,
+    write,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-c", "from batchpool.cli import main; main(prog_name='batchpool')"]
-REPO = Path(__file__).resolve().parents[1]
 RUN_DEADLINE = 90.0
+SINK_RUN = ["run", "sinks.py", "--procs", "2", "--no-progress"]
 
 SINK_PY = """
 import os
 import time
+
+from faults import append_line
 
 from batchpool import Pipeline, Task
 
@@ -49,45 +56,11 @@ def sink(result):
     tag = "R" if getattr(result, "replayed", False) else "L"
     n = result.index
     same = result.payload == n and result.value == {"n": n, "bytes": bytes([n % 256])}
-    fd = os.open(os.environ["SINK_LOG"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, f"{tag} {n} {'same' if same else 'DIFFERENT'}\\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.environ["SINK_LOG"], f"{tag} {n} {'same' if same else 'DIFFERENT'}")
 
 
 pipeline = Pipeline(list(range(N)), Tick(), name="sinkonce", sink=sink)
 """
-
-
-def environ(**extra: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SINK_")}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """The CLI in its own session; stderr to a file, so it never blocks on a full pipe."""
-    with open(cwd / "stderr.txt", "wb") as err:
-        return subprocess.Popen(
-            [*CLI, *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
-
-
-def finish(proc: subprocess.Popen, cwd: Path) -> tuple[int, str]:
-    try:
-        code = proc.wait(timeout=RUN_DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"the run did not end within {RUN_DEADLINE:g} s") from None
-    return code, (cwd / "stderr.txt").read_text(errors="replace")
 
 
 def sink_lines(path: Path) -> list[tuple[str, int]]:
@@ -102,20 +75,14 @@ def sink_lines(path: Path) -> list[tuple[str, int]]:
 
 
 def committed(journal: Path) -> set[int]:
-    """Indexes with a final row committed to the journal, read without batchpool (none
-    while the run has not created its table yet)."""
-    with closing(sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
-            return set()
-        return {r[0] for r in conn.execute("SELECT idx FROM jobs WHERE status IS NOT NULL")}
+    """Indexes with a final row committed to the journal (none before it has one)."""
+    return set(final_rows(journal))
 
 
 def killed_mid_run(tmp_path: Path, env: dict[str, str], log: Path, journal: Path) -> None:
     """Start a run, SIGKILL its supervisor once the sink has seen a few hundred results, and
     wait until every process of it is gone."""
-    args = ["run", "sinks.py", "--procs", "2", "--no-progress", "--journal", str(journal)]
-    proc = start(args, tmp_path, env)
-    try:
+    with start_logged(*SINK_RUN, "--journal", journal, cwd=tmp_path, env=env) as proc:
         wait_for(
             lambda: len(sink_lines(log)) >= 300 or proc.poll() is not None,
             RUN_DEADLINE,
@@ -124,18 +91,14 @@ def killed_mid_run(tmp_path: Path, env: dict[str, str], log: Path, journal: Path
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the supervisor alone, mid-run
         proc.wait(timeout=RUN_DEADLINE)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     wait_for(lambda: not group_alive(proc.pid), 15, "the killed run's processes to exit")
 
 
 @pytest.mark.timeout(180)
 def test_sigkill_then_resume_hands_each_result_to_the_sink_once(tmp_path: Path) -> None:
     n, log, journal = 2000, tmp_path / "sink.log", tmp_path / "j.sqlite"
-    (tmp_path / "sinks.py").write_text(textwrap.dedent(SINK_PY))
-    env = environ(SINK_N=n, SINK_LOG=log)
+    write(tmp_path / "sinks.py", SINK_PY)
+    env = child_env(SINK_N=n, SINK_LOG=log)
     killed_mid_run(tmp_path, env, log, journal)
     first = [index for _, index in sink_lines(log)]
     assert len(first) == len(set(first)), "the killed run gave the sink a result twice"
@@ -145,8 +108,8 @@ def test_sigkill_then_resume_hands_each_result_to_the_sink_once(tmp_path: Path) 
     assert not unsaved, f"the sink saw {len(unsaved)} results never committed: {unsaved[:10]}"
 
     before = len(sink_lines(log))
-    args = ["run", "sinks.py", "--procs", "2", "--no-progress", "--journal", str(journal)]
-    code, err = finish(start([*args, "--resume", "--output", "out.jsonl"], tmp_path, env), tmp_path)
+    args = [*SINK_RUN, "--journal", journal, "--resume", "--output", "out.jsonl"]
+    code, err = cli(*args, cwd=tmp_path, env=env, timeout=RUN_DEADLINE)
     assert code == 0, err
     live = [index for tag, index in sink_lines(log) if tag == "L"]
     twice = sorted({i for i in live if live.count(i) > 1}) if len(live) != len(set(live)) else []
@@ -164,14 +127,14 @@ def test_sigkill_then_resume_hands_each_result_to_the_sink_once(tmp_path: Path) 
 def test_mandelbrot_interrupted_then_resumed_writes_its_image(tmp_path: Path) -> None:
     """The example's sink assembles tiles in memory: a resumed run gives it the earlier run's
     tiles back, byte for byte, so the image is written."""
-    sys.path.insert(0, str(REPO / "pipelines"))
+    sys.path.insert(0, str(PIPELINES_DIR))
     try:
         import mandelbrot
     finally:
-        sys.path.remove(str(REPO / "pipelines"))
-    args = ["run", str(REPO / "pipelines" / "mandelbrot.py"), "--procs", "2", "--no-progress"]
+        sys.path.remove(str(PIPELINES_DIR))
+    args = ["run", PIPELINES_DIR / "mandelbrot.py", "--procs", "2", "--no-progress"]
     journal = tmp_path / ".batchpool" / "mandelbrot.sqlite"
-    proc = start(args, tmp_path, environ())
+    proc = start_logged(*args, cwd=tmp_path)
     try:
         wait_for(
             lambda: (journal.exists() and len(committed(journal)) >= 3) or proc.poll() is not None,
@@ -180,13 +143,13 @@ def test_mandelbrot_interrupted_then_resumed_writes_its_image(tmp_path: Path) ->
         )
         os.killpg(proc.pid, signal.SIGINT)
     finally:
-        code, err = finish(proc, tmp_path)
+        code, err = finish(proc, tmp_path, RUN_DEADLINE)
     assert code == 130, err
     assert not (tmp_path / "mandelbrot.pgm").exists()
     earlier = committed(journal)
     assert 3 <= len(earlier) < len(mandelbrot.TILES)
 
-    code, err = finish(start([*args, "--resume"], tmp_path, environ()), tmp_path)
+    code, err = cli(*args, "--resume", cwd=tmp_path, timeout=RUN_DEADLINE)
     assert code == 0, err
     image = (tmp_path / "mandelbrot.pgm").read_bytes()
     header = f"P5\n{mandelbrot.WIDTH} {mandelbrot.HEIGHT}\n255\n".encode()

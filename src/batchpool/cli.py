@@ -20,8 +20,10 @@ import sys
 import sysconfig
 import tempfile
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from tqdm import tqdm
@@ -29,8 +31,15 @@ from tqdm import tqdm
 from . import __version__
 from .backends import BackendUnavailable
 from .formatting import csv_cell, to_json
-from .journal import Journal, JournalError
-from .pipeline import DEFAULT_JOURNAL, Pipeline, RunReport, default_name, output_line
+from .journal import JournalError, JournalReader
+from .pipeline import (
+    DEFAULT_JOURNAL,
+    JournalOption,
+    Pipeline,
+    RunReport,
+    default_name,
+    output_line,
+)
 from .progress import summary
 
 EXIT_FAILED = 1
@@ -61,10 +70,18 @@ def parse_size(text: str) -> int:
     return size
 
 
-class _Size(click.ParamType):
+if TYPE_CHECKING:  # click >= 8.4 types a parameter type by what it converts to
+    _IntType = click.ParamType[int]
+else:
+    _IntType = click.ParamType
+
+
+class _Size(_IntType):
     name = "SIZE"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+    def convert(
+        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
         if isinstance(value, int):
             return value
         try:
@@ -93,7 +110,7 @@ def load_pipeline(spec: str) -> Pipeline:
     return obj
 
 
-def _load_file(file: str) -> tuple[Any, str, tuple[str, str]]:
+def _load_file(file: str) -> tuple[ModuleType, str, tuple[str, str]]:
     path = Path(file)
     if not path.is_file():
         raise LoadError(f"pipeline file not found: {file}")
@@ -156,7 +173,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _load_module(target: str) -> Any:
+def _load_module(target: str) -> ModuleType:
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")
     try:
@@ -200,11 +217,18 @@ class _Command(click.Group):
     """Click's group, with click's own errors (bad options, bad values) printed like the
     command's: one ``batchpool: ...`` line, not click's usage block and ``Error:``."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, False, **extra)
         except _NO_ARGS as exc:  # plain `batchpool`: the help, as click prints it
             click.echo(exc.format_message(), err=True)
             sys.exit(exc.exit_code)
@@ -303,7 +327,7 @@ def run(pipeline: str, **opts: Any) -> None:
             _check_writable(opts[option], f"--{option}")
     _setup_logging(opts["verbose"], opts["quiet"])
     pipe = load_pipeline(pipeline)
-    journal: Any = DEFAULT_JOURNAL
+    journal: JournalOption = DEFAULT_JOURNAL
     if opts["no_journal"]:
         journal = None
     elif opts["journal"]:
@@ -404,12 +428,12 @@ def _next_steps(report: RunReport, spec: str, journal_option: str | None) -> lis
 def results(journal: str, fmt: str, failed: bool) -> None:
     """Export the results a JOURNAL holds (also while its run is unfinished)."""
     try:
-        book = Journal.open_readonly(journal)
+        book = JournalReader(journal)
     except JournalError as exc:
         _fail(str(exc))
     # Text that UTF-8 cannot hold (a lone surrogate in an error message) is escaped, not fatal.
     out = io.TextIOWrapper(
-        click.get_binary_stream("stdout"), encoding="utf-8", errors="backslashreplace", newline=""
+        sys.stdout.buffer, encoding="utf-8", errors="backslashreplace", newline=""
     )
     try:
         with book:
@@ -421,7 +445,7 @@ def results(journal: str, fmt: str, failed: bool) -> None:
         out.detach()
 
 
-def _export(book: Journal, fmt: str, failed: bool, out: io.TextIOBase) -> None:
+def _export(book: JournalReader, fmt: str, failed: bool, out: io.TextIOBase) -> None:
     if fmt == "jsonl":
         for row in book.rows(failed_only=failed):
             out.write(output_line(row))

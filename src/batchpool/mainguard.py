@@ -15,7 +15,7 @@ import ast
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 from .pool import default_start_method
@@ -124,9 +124,9 @@ def _guarded_class(tree: ast.Module, qualname: str, guards: list[tuple[int, int]
     return None
 
 
-def _main_frame(main: Any) -> FrameType | None:
+def _main_frame(main: ModuleType) -> FrameType | None:
     """The frame running the script's top-level code, if this call comes from there."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
             return frame

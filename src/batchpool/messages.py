@@ -2,7 +2,8 @@
 
 Every message is a plain tuple ``(TAG, ...)`` pickled with the highest protocol and framed by
 ``Connection.send_bytes``. Tuples of builtins pickle several times faster than dataclasses, and
-this path runs once per batch of jobs, so the shapes are documented here instead of typed:
+this path runs once per batch of jobs, so the shapes are tuples documented here (the type
+checker sees some of them as aliases below):
 
 supervisor -> worker
     (RUN, job_ids, stages) + payloads      run these jobs, in order; ``payloads`` follows as
@@ -49,6 +50,7 @@ from __future__ import annotations
 import pickle
 import traceback
 from functools import partial
+from typing import Protocol
 
 RUN = 1
 STOP = 2
@@ -73,12 +75,26 @@ dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads
 
 
+ErrorInfo = tuple[str, str, str]  # the error tuple: (type name, message, traceback text)
+# (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
+Results = tuple[int, list[int], list[int], list[float], bytes, str | None]
+# What a worker says once started: (READY, pid) or (START_FAILED, error)
+Hello = tuple[int, int] | tuple[int, ErrorInfo]
+
+
+class ProgressSlots(Protocol):
+    """The shared int64 array of progress slots (a list where nobody else reads them)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+
+
 def progress_slot(slot: int) -> tuple[int, int]:
     """Indexes of (running job id, started monotonic ns) for a worker slot."""
     return 2 * slot, 2 * slot + 1
 
 
-def error_tuple(exc: BaseException, tb: str | None = None) -> tuple[str, str, str]:
+def error_tuple(exc: BaseException, tb: str | None = None) -> ErrorInfo:
     """An exception as plain data; never raises, whatever the exception does in __str__."""
     try:
         message = str(exc)

@@ -247,6 +247,7 @@ class Pool:
         address: str | None = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
+        self._owner = os.getpid()
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
         procs = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
         method = start_method or default_start_method()
@@ -290,6 +291,10 @@ class Pool:
     def _check_open(self) -> None:
         if self._closed:
             raise PoolClosed("the pool is closed")
+        if os.getpid() != self._owner:
+            raise PoolClosed(
+                f"this pool belongs to process {self._owner}; a forked child cannot use it"
+            )
         broken = self._supervisor.broken
         if broken is not None:
             raise PoolBroken(broken_message(broken))
@@ -407,6 +412,8 @@ class Pool:
         self._join()
 
     def _join(self) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked child's copy: its supervisor and workers are the parent's
         if threading.current_thread() is not self._supervisor.thread:
             self._supervisor.done.wait()
 

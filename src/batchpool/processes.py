@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 
@@ -90,11 +91,10 @@ def watch_pid(pid: int) -> int | None:
     where the platform has none. It watches the process itself: a pipe-based sentinel stays
     open while any child of the worker holds an inherited copy (fork, spawn), and closes when
     the forkserver dies although the worker lives."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
+    if sys.platform != "linux" or not hasattr(os, "pidfd_open"):
         return None
     try:
-        return pidfd_open(pid)
+        return os.pidfd_open(pid)
     except OSError:
         return None
 

@@ -13,8 +13,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Callable, MutableMapping
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from tqdm import tqdm
 
@@ -23,13 +23,17 @@ from .results import JobResult, Metrics
 if TYPE_CHECKING:
     from .pipeline import RunReport
 
+    _Tqdm = tqdm[NoReturn]  # the stubs' tqdm is generic in what it iterates: nothing here
+else:
+    _Tqdm = tqdm
+
 log = logging.getLogger("batchpool")
 
 REFRESH_EVERY = 0.5  # seconds between metrics snapshots for the postfix and peak RSS
 TICK = 1.0  # seconds between redraws while no result comes in
 
 
-class _Bar(tqdm):
+class _Bar(_Tqdm):
     """tqdm with its postfix made at draw time, and a bar of fixed width (tqdm's, for an
     unknown width) where the terminal reports 0 columns, instead of a bar squeezed to
     nothing."""
@@ -39,7 +43,7 @@ class _Bar(tqdm):
         super().__init__(*args, **kwargs)
 
     @property
-    def format_dict(self) -> dict[str, Any]:
+    def format_dict(self) -> MutableMapping[str, Any]:
         d = super().format_dict
         d["postfix"] = self._make_postfix()
         if (d.get("ncols") or 0) < 1:  # tqdm makes 0 columns -1 (one for the cursor)
@@ -180,10 +184,11 @@ def _duration(seconds: float | None) -> str:
 
 
 def _size(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return f"{n} B"
 
 
@@ -203,6 +208,14 @@ def summary(report: RunReport) -> str:
         f"retries {m.retried}, timeouts {m.timed_out}, crashes {m.crashed}, "
         f"worker restarts {m.worker_restarts}; peak worker RSS {_size(report.peak_rss)}",
     ]
+    if len(m.stages) > 1:  # what each stage did: where the time and the failures went
+        names = report.stage_names or [f"stage {k + 1}" for k in range(len(m.stages))]
+        for k, (name, stage) in enumerate(zip(names, m.stages, strict=False)):
+            lines.append(
+                f"  stage {k + 1} {name}: {stage.submitted} in, {stage.succeeded} ok, "
+                f"{stage.failed} failed, {stage.retried} retries; attempt time p50 "
+                f"{_duration(stage.attempt_p50)}, p95 {_duration(stage.attempt_p95)}"
+            )
     if report.journal:
         lines.append(f"journal: {report.journal}")
     return "\n".join(lines)

@@ -26,7 +26,6 @@ threads read what step 7 publishes, never a half-made change, and never wait for
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import random
@@ -53,6 +52,7 @@ from .messages import (
     loads,
 )
 from .processes import block_group_signals, describe_exit
+from .registry import LIVE
 from .results import (
     KIND_CRASH,
     KIND_ERROR,
@@ -72,17 +72,6 @@ from .watch import Watch
 log = logging.getLogger("batchpool")
 STEAL_MESSAGE = dumps((STEAL,))
 STOP_MESSAGE = dumps((STOP,))
-LIVE: set[Supervisor] = set()  # running supervisors, strongly held: a dropped Pool's included
-
-
-@atexit.register
-def _terminate_at_exit() -> None:
-    """A pool still open at interpreter exit is terminated: exit never waits on a worker."""
-    for supervisor in list(LIVE):
-        supervisor.post(("terminate",))
-    for supervisor in list(LIVE):
-        supervisor.done.wait(10)
-
 
 MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives up
 STOP_GRACE = 10.0  # seconds a stopped worker gets for teardown() before it is killed

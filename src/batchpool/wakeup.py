@@ -9,7 +9,8 @@ pending, one byte is written to a pipe the loop polls. Two rules keep every comm
   so a flag left set after the byte was consumed cannot hide a later command.
 
 After ``close()`` nothing is accepted: post() says so, and ``leftovers()`` hands back what
-came in between the loop's last look and the close.
+came in between the loop's last look and the close. What a command is, is the loop's business:
+``Commands[C]`` carries commands of type C.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from typing import Generic, TypeVar
+
+C = TypeVar("C")
 
 
-class Commands:
+class Commands(Generic[C]):
     def __init__(self) -> None:
-        self._queue: deque[tuple] = deque()
+        self._queue: deque[C] = deque()
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
         self._pending = False
@@ -31,7 +35,7 @@ class Commands:
     def fileno(self) -> int:
         return self._r
 
-    def post(self, command: tuple) -> bool:
+    def post(self, command: C) -> bool:
         """Queue a command; False once closed (nothing will run it)."""
         with self._lock:
             if self._closed:
@@ -57,7 +61,7 @@ class Commands:
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def pop(self) -> tuple | None:
+    def pop(self) -> C | None:
         return self._queue.popleft() if self._queue else None
 
     def close(self) -> None:
@@ -66,7 +70,7 @@ class Commands:
             os.close(self._r)
             os.close(self._w)
 
-    def leftovers(self) -> list[tuple]:
+    def leftovers(self) -> list[C]:
         """Commands posted but never run (after close)."""
         left = list(self._queue)
         self._queue.clear()

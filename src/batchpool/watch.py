@@ -4,26 +4,38 @@ channel (readable; writable while frames wait) and the sentinel (readable once i
 from __future__ import annotations
 
 import select
-from typing import Any
+from typing import Generic, Protocol, TypeVar
+
+from .backends import WorkerHandle
 
 READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
-class Watch:
+class Watched(Protocol):
+    """A worker as the loop knows it: what poll() reports is handed back as this."""
+
+    @property
+    def proc(self) -> WorkerHandle: ...
+
+
+W = TypeVar("W", bound=Watched)
+
+
+class Watch(Generic[W]):
     def __init__(self, wakeup_fd: int) -> None:
         self._poll = select.poll()
         self._wakeup = wakeup_fd
         self._poll.register(wakeup_fd, READABLE)
-        self._fds: dict[int, tuple[bool, Any]] = {}  # fd -> (is its sentinel, worker)
+        self._fds: dict[int, tuple[bool, W]] = {}  # fd -> (is its sentinel, worker)
         self._writing: set[int] = set()  # channels watched for room to write
 
-    def add(self, worker: Any) -> None:
+    def add(self, worker: W) -> None:
         proc = worker.proc
         for fd, is_sentinel in ((proc.channel.fileno(), False), (proc.sentinel, True)):
             self._fds[fd] = (is_sentinel, worker)
             self._poll.register(fd, READABLE)
 
-    def remove(self, worker: Any) -> None:
+    def remove(self, worker: W) -> None:
         """Before its descriptors close (reap)."""
         self.forget(worker.proc.channel.fileno())
         self.forget(worker.proc.sentinel)
@@ -34,7 +46,7 @@ class Watch:
             self._poll.unregister(fd)
             self._writing.discard(fd)
 
-    def want_write(self, worker: Any, wants: bool) -> None:
+    def want_write(self, worker: W, wants: bool) -> None:
         fd = worker.proc.channel.fileno()
         if wants == (fd in self._writing) or fd not in self._fds:
             return
@@ -45,12 +57,12 @@ class Watch:
             self._writing.discard(fd)
             self._poll.modify(fd, READABLE)
 
-    def wait(self, timeout_ms: int | None) -> tuple[bool, list, list, list]:
+    def wait(self, timeout_ms: int | None) -> tuple[bool, list[W], list[W], list[W]]:
         """(woken, workers with something to read, with room to write, dead)."""
         woken = False
-        readable: list = []
-        writable: list = []
-        dead: list = []
+        readable: list[W] = []
+        writable: list[W] = []
+        dead: list[W] = []
         for fd, mask in self._poll.poll(timeout_ms):
             if fd == self._wakeup:
                 woken = True

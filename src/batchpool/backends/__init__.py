@@ -16,9 +16,10 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.reap() -> int | None    after the sentinel fired: the exit code (negative: signal)
 
 ``backend.start_worker(slot)`` returns a started handle; ``backend.close()`` releases what the
-backend holds; ``backend.chunksize`` (optional, int) fixes the jobs per RUN message where the
+backend holds; ``backend.chunksize`` (None, or an int) fixes the jobs per RUN message where the
 backend cannot report which job of a batch is running (Ray: 1). Messages are those of
-batchpool.messages, whatever carries them.
+batchpool.messages, whatever carries them. ``Backend`` and ``WorkerHandle`` below say the same
+to the type checker.
 
 Backends: "local" (backends/local.py, processes of this machine) and "ray" (backends/ray.py,
 actors of a Ray cluster; needs the ``ray`` extra). ``make_backend`` picks one by name.
@@ -27,7 +28,9 @@ actors of a Ray cluster; needs the ``ray`` extra). ``make_backend`` picks one by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
+
+from ..channel import Channel
 
 BACKENDS = ("local", "ray")
 
@@ -40,6 +43,33 @@ class WorkerSpec:
     preload: tuple[tuple[str, str], ...]  # (module name, file path) to import first
     max_tasks: int | None
     max_memory: int | None
+
+
+class WorkerHandle(Protocol):
+    """The supervisor's handle to one started worker (see the module docstring)."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def channel(self) -> Channel: ...
+    @property
+    def sentinel(self) -> int: ...
+    def send(self, blob: bytes, payloads: bytes | None = None) -> bool: ...
+    def running(self) -> tuple[int, float]: ...
+    def rss(self) -> int | None: ...
+    def kill(self) -> None: ...
+    def reap(self) -> int | None: ...
+
+
+class Backend(Protocol):
+    """Where a pool's workers run (see the module docstring)."""
+
+    @property
+    def chunksize(self) -> int | None: ...
+    def start_worker(self, slot: int) -> WorkerHandle: ...
+    def close(self) -> None: ...
 
 
 class BackendUnavailable(ImportError):
@@ -56,7 +86,7 @@ def check_backend(name: str, address: str | None) -> None:
 
 def make_backend(
     name: str, start_method: str, procs: int, spec: WorkerSpec, address: str | None = None
-) -> Any:
+) -> Backend:
     """The backend called ``name``: "local" (processes started by ``start_method``) or "ray"
     (actors; ``address`` None starts a local Ray instance, "auto" or "ray://..." joins a
     cluster). Raises ValueError for an unknown name, BackendUnavailable without ray."""

@@ -6,12 +6,12 @@ import multiprocessing
 import os
 import socket
 from multiprocessing import resource_tracker
-from multiprocessing.context import BaseContext
-from typing import Any
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 
 from .. import worker
 from ..channel import Channel
-from ..messages import IDLE, progress_slot
+from ..messages import IDLE, ProgressSlots, progress_slot
 from ..processes import (
     block_group_signals,
     kill_tree,
@@ -24,12 +24,24 @@ from . import WorkerSpec
 
 REAP_WAIT = 2.0  # seconds for the exit status of a dead worker (the forkserver reports it)
 
+Context = ForkContext | ForkServerContext | SpawnContext
+
+
+def _context(start_method: str) -> Context:
+    """The start method's own context (the Pool checked the name): only those start
+    processes, not the BaseContext that ``get_context`` is typed to return."""
+    ctx = multiprocessing.get_context(start_method)
+    assert isinstance(ctx, (ForkContext, ForkServerContext, SpawnContext))
+    return ctx
+
 
 class LocalBackend:
     """Starts worker processes; owns the shared array of their progress slots."""
 
+    chunksize = None  # any batch size: a worker's progress slot names the job it runs
+
     def __init__(self, start_method: str, procs: int, spec: WorkerSpec) -> None:
-        self.ctx = multiprocessing.get_context(start_method)
+        self.ctx = _context(start_method)
         self.forkserver = start_method == "forkserver"
         if start_method != "fork":
             # Spawned workers need multiprocessing's resource tracker, and starting it
@@ -41,7 +53,7 @@ class LocalBackend:
         self.spec = spec
         # Two int64 per worker, written by the worker without a lock: nothing a killed
         # worker held can wedge the supervisor.
-        self.progress = self.ctx.RawArray("q", 2 * procs)
+        self.progress: ProgressSlots = self.ctx.RawArray("q", 2 * procs)
 
     def start_worker(self, slot: int) -> LocalWorker:
         block_group_signals()  # again: a resource tracker restarted here unblocked them
@@ -56,7 +68,7 @@ class LocalBackend:
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; the kernel caps it at net.core.[rw]mem_max
 
 
-def _widen(*conns: Any) -> None:
+def _widen(*conns: Connection) -> None:
     """Let a whole batch of payloads fit in the socket: the supervisor's send then returns
     at once instead of waiting for this worker to read, and feeds the next worker."""
     for conn in conns:
@@ -75,7 +87,7 @@ class LocalWorker:
 
     __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
 
-    def __init__(self, ctx: BaseContext, slot: int, progress: Any, spec: WorkerSpec) -> None:
+    def __init__(self, ctx: Context, slot: int, progress: ProgressSlots, spec: WorkerSpec) -> None:
         self.slot = slot
         self.progress = progress
         job_at, _ = progress_slot(slot)
@@ -102,7 +114,9 @@ class LocalWorker:
             child_end.close()
         self.conn = parent_end
         self.channel = Channel(parent_end.fileno())
-        self.pid: int = self.proc.pid  # type: ignore[assignment]
+        pid = self.proc.pid
+        assert pid is not None  # started
+        self.pid = pid
         self.pidfd = watch_pid(self.pid)
         self.sentinel = self.proc.sentinel if self.pidfd is None else self.pidfd
 

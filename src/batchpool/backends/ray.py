@@ -15,7 +15,7 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
-3 (worker.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
+3 (workercore.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
 batchpool killed the actor (a timeout, terminate, a stop past its grace); None when the actor
 died on its own (os._exit, a segfault, the OOM killer, a lost node): Ray does not report the
 process's exit status, so JobError.exitcode is None for crashes on Ray (the Ray error text is
@@ -41,35 +41,39 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from enum import Enum
+from functools import partial
 from multiprocessing.connection import Pipe
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 import ray
 import ray.exceptions
 
-from .. import worker
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+from .. import workercore
 from ..channel import Channel
 from ..messages import (
     IDLE,
-    READY,
     RETURNED,
     RUN,
-    START_FAILED,
     STEAL,
     STOP,
+    Results,
     dumps,
-    error_tuple,
     loads,
 )
-from ..supervisor import _terminate_at_exit
+from ..registry import terminate_all_at_exit
+from ..task import Task
 from . import WorkerSpec
 
 log = logging.getLogger("batchpool")
 
 # Ray shuts itself down at exit, and it registered that when imported, above: register the
 # termination of pools still open again, after it, so it runs first, while Ray still works.
-atexit.register(_terminate_at_exit)
+atexit.register(terminate_all_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
@@ -84,18 +88,15 @@ _SETUP, _RUN, _PING, _STOP = "setup", "run", "ping", "stop"
 
 
 class _Actor:
-    """The remote side: one per worker. Every method catches what the user's code raises, so a
-    call fails only when the actor process dies."""
+    """The remote side: one per worker, driving the worker core (workercore.py) as the local
+    worker process does. Every method catches what the user's code raises, so a call fails
+    only when the actor process dies."""
 
     def __init__(self) -> None:
-        self.tasks: list = []
-        self.done = 0
-        self.retiring: str | None = None
-        self.max_tasks: int | None = None
-        self.max_memory: int | None = None
-        self._memory_info: Any = None
-        self._rss: int | None = None
-        self._rss_at = 0.0
+        self.tasks: list[Task] = []
+        self.runner: workercore.Runner | None = None
+        self.retirement = workercore.Retirement(None, None)
+        self.outbox: list[bytes] = []  # the messages of the call in progress
 
     def describe(self) -> tuple[int, str]:
         return os.getpid(), ray.get_runtime_context().get_node_id()
@@ -106,71 +107,51 @@ class _Actor:
     def setup(
         self,
         tasks_blob: bytes,
-        preload: tuple,
-        sys_path: tuple,
+        preload: tuple[tuple[str, str], ...],
+        sys_path: tuple[str, ...],
         main: tuple[str, str] | None,
         max_tasks: int | None,
         max_memory: int | None,
     ) -> tuple[bytes, int | None, bool]:
-        self.max_tasks = max_tasks
-        self.max_memory = max_memory
-        try:
-            for path in sys_path:
-                if path not in sys.path and os.path.isdir(path):
-                    sys.path.append(path)
-            if main is not None:
-                _import_main(*main)
-            worker._import_files(preload)
-            tasks = loads(tasks_blob)
-            for task in tasks:
-                task.setup()
-        except BaseException as exc:
+        tasks, hello = workercore.start(tasks_blob, preload, partial(_prepare, sys_path, main))
+        if tasks is None:
             sys.stderr.flush()
-            return dumps((START_FAILED, error_tuple(exc))), None, False
+            return dumps(hello), None, False
         self.tasks = tasks
-        return dumps((READY, os.getpid())), self._sample_rss(), True
+        self.retirement = workercore.Retirement(max_tasks, max_memory, report_every=RSS_EVERY)
+        self.runner = workercore.Runner(tasks, self._keep, self.retirement)
+        return dumps(hello), self.retirement.sample(time.monotonic()), True
 
-    def run(self, ids: list, stages: list, blob: bytes) -> tuple[bytes, bool, int | None] | None:
-        if self.retiring:  # calls queued behind a retirement: the supervisor requeued them
-            return None
-        message = worker.run_message(self.tasks, ids, stages, blob, self._retire)
-        return dumps(message), bool(self.retiring), self._rss
+    def run(
+        self, ids: list[int], stages: list[int], blob: bytes
+    ) -> tuple[list[bytes], bool, int | None] | None:
+        """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
+        runner = self.runner
+        if runner is None or self.retirement.reason:  # queued behind a retirement (or a
+            return None  # failed setup): the supervisor requeued these jobs
+        runner.run_batch(runner.unpack(ids, stages, blob))
+        messages, self.outbox = self.outbox, []
+        return messages, self.retirement.reason is not None, self.retirement.rss
 
     def stop(self) -> None:
         """Tear down and exit (by itself: no word from Ray's control plane needed)."""
-        for task in self.tasks:
-            try:
-                task.teardown()
-            except Exception as exc:
-                print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+        workercore.stop(self.tasks)
         sys.stdout.flush()
         sys.stderr.flush()
         ray.actor.exit_actor()
 
-    def _retire(self) -> str | None:
-        """Asked after each job: leave now? As the local worker loop decides it."""
-        self.done += 1
-        if self.max_tasks is not None and self.done >= self.max_tasks:
-            self.retiring = "max_tasks_per_worker"
-        else:
-            rss = self._sample_rss()
-            if self.max_memory is not None and rss is not None and rss > self.max_memory:
-                self.retiring = "max_memory"
-        return self.retiring
+    def _keep(self, message: Results) -> None:
+        self.outbox.append(dumps(message))
 
-    def _sample_rss(self) -> int | None:
-        """This process's RSS, sampled at most every few ms (psutil costs ~10 us)."""
-        now = time.monotonic()
-        if now < self._rss_at:
-            return self._rss
-        self._rss_at = now + (worker.MEMORY_CHECK_EVERY if self.max_memory else RSS_EVERY)
-        try:
-            if self._memory_info is None:
-                self._memory_info = psutil.Process().memory_info
-            self._rss = self._memory_info().rss
-        except Exception:
-            self._rss = None
-        return self._rss
+
+def _prepare(sys_path: tuple[str, ...], main: tuple[str, str] | None) -> None:
+    """Before the tasks unpickle: the driver's sys.path entries that exist here, and its
+    ``__main__`` where the tasks come from it."""
+    for path in sys_path:
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.append(path)
+    if main is not None:
+        _import_main(*main)
 
 
 def _main_module() -> tuple[str, str] | None:
@@ -196,7 +177,7 @@ def _import_main(kind: str, name: str) -> None:
         if kind == "module":
             sys.modules[MAIN_ALIAS] = importlib.import_module(name)
         else:
-            worker._import_files([(MAIN_ALIAS, name)])
+            workercore.import_files([(MAIN_ALIAS, name)])
     sys.modules["__main__"] = sys.modules[MAIN_ALIAS]
 
 
@@ -295,11 +276,11 @@ class _Call:
 
     __slots__ = ("kind", "args", "job", "future", "at")
 
-    def __init__(self, kind: str, args: tuple = (), job: int = IDLE) -> None:
+    def __init__(self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE) -> None:
         self.kind = kind
-        self.args = args
+        self.args = args  # for the actor's method ``kind``
         self.job = job
-        self.future: Any = None  # set once submitted
+        self.future: Future[Any] | None = None  # set once submitted
         self.at = 0.0  # monotonic time it was submitted; 0: still ours (STEAL may take it)
 
     def done(self) -> bool:
@@ -329,16 +310,22 @@ class RayWorker:
         self._ended = False
         self._rss: int | None = None
         self.exitcode: int | None = None
-        self.actor: Any = None
         self.pid = 0
         self._proc: psutil.Process | None = None
         try:
-            self.actor = backend.actor_class.remote()
+            # Ray types remote() as "a handle or the class" (for methods typed by its
+            # @ray.method); on an actor class it returns a handle.
+            self.actor: ActorHandle[_Actor] = backend.actor_class.remote()  # type: ignore[assignment]
+        except BaseException:
+            self._close_ends()
+            raise
+        try:
             self.pid, node = ray.get(self.actor.describe.remote(), timeout=START_TIMEOUT)
             # On this node, the process itself tells when the actor is dead, Ray or no Ray.
             self._proc = psutil.Process(self.pid) if node == backend.node_id else None
         except BaseException as exc:
-            self._discard()
+            self._kill_actor()
+            self._close_ends()
             if isinstance(exc, ray.exceptions.GetTimeoutError):
                 raise RuntimeError(
                     f"Ray did not start a worker within {START_TIMEOUT:g} s (are there free "
@@ -443,7 +430,7 @@ class RayWorker:
                     call.future = future
                 future.add_done_callback(self._wake)
 
-    def _wake(self, _: Any = None) -> None:
+    def _wake(self, _: object = None) -> None:
         with self._cond:
             self._cond.notify_all()
 
@@ -487,6 +474,7 @@ class RayWorker:
                 if killing:
                     return self._await_death(EXIT_KILLED)
                 continue
+            assert call.future is not None  # _next hands out answered calls only
             try:
                 value = call.future.result()
             except Exception as exc:
@@ -506,7 +494,7 @@ class RayWorker:
             self._submit()
             code = self._answer(call, value)
             if code is not _CONTINUE:
-                return code  # type: ignore[return-value]
+                return code
 
     def _next(self) -> tuple[list[bytes], _Call | None, bool]:
         """Wait for something to do: replies to write, the oldest call answered, or a kill."""
@@ -524,12 +512,13 @@ class RayWorker:
                         break
             self._submit()
 
-    def _answer(self, call: _Call, value: Any) -> object:
+    def _answer(self, call: _Call, value: Any) -> int | None | Literal[_Answer.CONTINUE]:
         if call.kind == _RUN:
             if value is None:
                 return _CONTINUE  # refused: it was queued behind a retirement
-            message, retiring, self._rss = value
-            self._write(message)
+            messages, retiring, self._rss = value
+            for message in messages:
+                self._write(message)
             if retiring:
                 with self._cond:
                     self._leaving = True
@@ -543,7 +532,7 @@ class RayWorker:
             if ok:
                 return _CONTINUE
             self._kill_actor()
-            return self._await_death(worker.EXIT_START_FAILED)
+            return self._await_death(workercore.EXIT_START_FAILED)
         if call.kind == _STOP:  # answered after all: make sure it goes
             self._kill_actor()
             return self._await_death(0)
@@ -590,9 +579,7 @@ class RayWorker:
                 return code
             time.sleep(0.01)  # the kill has not landed yet; the loop is deadline-bound
 
-    def _discard(self) -> None:
-        if self.actor is not None:
-            self._kill_actor()
+    def _close_ends(self) -> None:
         for fd in (self.sentinel, self._sentinel_w):
             try:
                 os.close(fd)
@@ -621,13 +608,17 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _failed(exc: BaseException) -> Future:
-    future: Future = Future()
+def _failed(exc: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
     future.set_exception(exc)
     return future
 
 
-_CONTINUE = object()
+class _Answer(Enum):
+    CONTINUE = "continue"
+
+
+_CONTINUE: Final = _Answer.CONTINUE  # what _answer() returns when the actor goes on
 # The error that means the actor is gone for good. Others (ActorUnavailableError, a
 # RayActorError too: it may come back) get the actor killed first.
 _DEAD = getattr(ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError)

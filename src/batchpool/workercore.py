@@ -1,0 +1,279 @@
+"""What every worker does, whatever carries its messages: start, run batches, retire, stop.
+
+The local worker process (worker.py: a pipe, a mailbox thread, shared progress slots) and the
+Ray actor (backends/ray.py: one call per message) both drive this module, so a job fails, is
+charged, and a worker retires the same way on either backend. Nothing here knows pipes,
+threads or Ray: messages leave through a ``send`` callable, jobs arrive as an iterable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from .messages import (
+    ERROR,
+    FATAL,
+    FLUSHING,
+    IDLE,
+    OK,
+    READY,
+    RESULTS,
+    SPLIT,
+    START_FAILED,
+    UNPACKING,
+    UNPICKLABLE,
+    Hello,
+    ProgressSlots,
+    Results,
+    dumps,
+    error_tuple,
+    loads,
+    progress_slot,
+)
+from .task import Task, is_retryable
+
+EXIT_START_FAILED = 3  # a worker's exit code when task unpickling or setup() raised
+MEMORY_CHECK_EVERY = 0.05  # seconds: psutil RSS costs ~10 us, too much after every no-op job
+
+Job = tuple[int, int, Any]  # (job id, stage, payload)
+
+
+def start(
+    tasks_blob: bytes,
+    preload: Sequence[tuple[str, str]],
+    prepare: Callable[[], None] | None = None,
+) -> tuple[list[Task] | None, Hello]:
+    """Import the pipeline files, unpickle the tasks and run their ``setup()``.
+
+    Returns the tasks and the message for the supervisor, READY; or None and START_FAILED
+    with what raised, as plain data (its class need not import in the supervisor).
+    ``prepare`` runs first, under the same catch (the Ray actor extends sys.path there).
+    """
+    try:
+        if prepare is not None:
+            prepare()
+        import_files(preload)
+        tasks: list[Task] = loads(tasks_blob)
+        for task in tasks:
+            task.setup()
+    except BaseException as exc:
+        return None, (START_FAILED, error_tuple(exc))
+    return tasks, (READY, os.getpid())
+
+
+def stop(tasks: Sequence[Task]) -> None:
+    """Run every task's ``teardown()``. A failure is printed, not raised: the worker leaves
+    anyway, and the other tasks' teardown still runs."""
+    for task in tasks:
+        try:
+            task.teardown()
+        except Exception as exc:
+            print(f"batchpool worker {os.getpid()}: teardown failed: {exc!r}", file=sys.stderr)
+
+
+def import_files(preload: Sequence[tuple[str, str]]) -> None:
+    """Import pipeline files by path under the module names the supervisor gave them, so task
+    classes defined there unpickle under spawn, forkserver and on Ray."""
+    for name, path in preload:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+class _Memory(Protocol):
+    @property
+    def rss(self) -> int: ...
+
+
+class Retirement:
+    """When a worker leaves on its own, asked after every job it answers: once it has answered
+    ``max_tasks`` jobs, or once its RSS is above ``max_memory``.
+
+    The supervisor sends a worker no more than ``max_tasks`` jobs, so the count must include
+    every answered job (a refused one too), or the worker would wait for one that never comes.
+    RSS is sampled at most every MEMORY_CHECK_EVERY seconds; with no limit, only every
+    ``report_every`` seconds where a backend reports it (``rss``), else never.
+    """
+
+    __slots__ = ("left", "max_memory", "reason", "rss", "_every", "_sample_at", "_memory_info")
+
+    def __init__(
+        self, max_tasks: int | None, max_memory: int | None, report_every: float | None = None
+    ) -> None:
+        self.left: float = math.inf if max_tasks is None else max_tasks
+        self.max_memory = max_memory
+        self.reason: str | None = None  # why the worker leaves, once it does
+        self.rss: int | None = None  # the latest sample, in bytes
+        self._every = MEMORY_CHECK_EVERY if max_memory is not None else report_every
+        self._sample_at = 0.0 if self._every is not None else math.inf
+        self._memory_info: Callable[[], _Memory] | None = None
+
+    def after_job(self, now: float) -> str | None:
+        """Count one answered job (``now``: time.monotonic()); why the worker leaves, if it
+        does."""
+        self.left -= 1
+        if self.left <= 0:
+            self.reason = "max_tasks_per_worker"
+        elif now >= self._sample_at:
+            rss = self.sample(now)
+            if self.max_memory is not None and rss is not None and rss > self.max_memory:
+                self.reason = "max_memory"
+        return self.reason
+
+    def sample(self, now: float) -> int | None:
+        """This process's RSS now (None where psutil cannot tell)."""
+        self._sample_at = now + (self._every or 0.0)
+        try:
+            if self._memory_info is None:
+                import psutil  # only workers that sample pay for the import
+
+                self._memory_info = psutil.Process().memory_info
+            self.rss = self._memory_info().rss
+        except Exception:
+            self.rss = None
+        return self.rss
+
+
+class Runner:
+    """Runs one worker's jobs batch by batch and reports them through ``send`` as RESULTS
+    messages, with the job semantics of messages.py: exceptions as plain data, retryable
+    decided here against the real exception, a value that does not pickle charged to its own
+    job, a batch whose payloads do not unpickle split.
+
+    ``progress`` and ``slot``: where the job in progress is written for the supervisor's crash
+    and timeout attribution (messages.progress_slot); a backend without shared memory leaves
+    the default, a list nobody reads. ``flush_every``: seconds after which a long batch sends
+    the results it has so far.
+    """
+
+    __slots__ = ("tasks", "send", "retirement", "progress", "job_at", "started_at", "flush_every")
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        send: Callable[[Results], None],
+        retirement: Retirement,
+        progress: ProgressSlots | None = None,
+        slot: int = 0,
+        flush_every: float = math.inf,
+    ) -> None:
+        self.tasks = tasks
+        self.send = send
+        self.retirement = retirement
+        self.progress: ProgressSlots = [IDLE, 0] if progress is None else progress
+        self.job_at, self.started_at = progress_slot(slot)
+        self.flush_every = flush_every
+
+    def unpack(self, ids: list[int], stages: list[int], blob: bytes | bytearray) -> list[Job]:
+        """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
+        then answered UNPICKLABLE (and counts for retirement), a batch is answered SPLIT, and
+        the supervisor reruns its jobs one at a time to find the culprit."""
+        progress, job_at = self.progress, self.job_at
+        # A crash or hang while unpickling a lone payload is charged to its job.
+        progress[self.started_at] = time.monotonic_ns()
+        progress[job_at] = ids[0] if len(ids) == 1 else UNPACKING
+        try:
+            payloads = loads(blob)
+        except BaseException as exc:
+            progress[job_at] = IDLE
+            n = len(ids)
+            if n == 1:
+                retiring = self.retirement.after_job(time.monotonic())
+                self.send((RESULTS, ids, [UNPICKLABLE], [0.0], dumps([error_tuple(exc)]), retiring))
+            else:
+                self.send((RESULTS, ids, [SPLIT] * n, [0.0] * n, dumps([None] * n), None))
+            return []
+        progress[job_at] = IDLE
+        return list(zip(ids, stages, payloads, strict=True))
+
+    def run_batch(self, jobs: Iterable[Job]) -> str | None:
+        """Run ``jobs`` in order until they end or the worker retires, and send their results:
+        at the end, at once after a failure, and every ``flush_every`` seconds. Returns why the
+        worker retires, None while it stays."""
+        retirement = self.retirement
+        if retirement.reason:  # retired already (by a refused job): run nothing more
+            return retirement.reason
+        tasks, progress, flush_every = self.tasks, self.progress, self.flush_every
+        job_at, started_at = self.job_at, self.started_at
+        monotonic, monotonic_ns, run = time.monotonic, time.monotonic_ns, run_one
+        out = _Results()
+        flushed = monotonic()
+        for job_id, stage, payload in jobs:
+            progress[started_at] = monotonic_ns()
+            progress[job_at] = job_id
+            outcome, elapsed, value = run(tasks[stage], payload)
+            out.add(job_id, outcome, elapsed, value)
+            progress[job_at] = IDLE
+            now = monotonic()
+            if retirement.after_job(now):
+                break
+            # A failure is reported at once: its backoff starts now, and a crash of a later
+            # job of the batch cannot lose the record of this attempt.
+            if outcome != OK or now - flushed > flush_every:
+                self._flush(out)
+                out = _Results()
+                flushed = now
+        if out.ids:
+            self._flush(out)
+        return retirement.reason
+
+    def _flush(self, out: _Results) -> None:
+        """Send results; the slot says FLUSHING, so a death or hang in pickling is attributed."""
+        progress = self.progress
+        progress[self.started_at] = time.monotonic_ns()
+        progress[self.job_at] = FLUSHING
+        self.send(out.message(self.retirement.reason))
+        progress[self.job_at] = IDLE
+
+
+def run_one(task: Task, payload: Any) -> tuple[int, float, Any]:
+    """(outcome, seconds, value or error tuple) of one call of ``task.run``."""
+    start = time.perf_counter()
+    try:
+        value = task.run(payload)
+    except BaseException as exc:
+        elapsed = time.perf_counter() - start
+        return (ERROR if is_retryable(task, exc) else FATAL, elapsed, error_tuple(exc))
+    return (OK, time.perf_counter() - start, value)
+
+
+class _Results:
+    """Results of one message, pickled together; an unpicklable value fails its job alone."""
+
+    __slots__ = ("ids", "outcomes", "elapsed", "values")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.outcomes: list[int] = []
+        self.elapsed: list[float] = []
+        self.values: list[Any] = []
+
+    def add(self, job_id: int, outcome: int, elapsed: float, value: Any) -> None:
+        self.ids.append(job_id)
+        self.outcomes.append(outcome)
+        self.elapsed.append(elapsed)
+        self.values.append(value)
+
+    def message(self, retiring: str | None) -> Results:
+        try:
+            blob = dumps(self.values)
+        except BaseException:
+            for i, value in enumerate(self.values):
+                try:
+                    dumps(value)
+                except BaseException as exc:
+                    self.outcomes[i] = UNPICKLABLE
+                    self.values[i] = error_tuple(exc)
+            blob = dumps(self.values)
+        return (RESULTS, self.ids, self.outcomes, self.elapsed, blob, retiring)
