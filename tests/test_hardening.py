@@ -286,10 +286,11 @@ def test_killed_forkserver_runs_no_job_twice(tmp_path: Path, capfd: pytest.Captu
 
 @pytest.mark.timeout(60)
 def test_restarted_forkserver_ignores_group_signals(tmp_path: Path) -> None:
-    with Pool(Square(), procs=1, start_method="forkserver") as pool:
+    # A pipeline's pool (the run owns the group's signals) restarts a dead server immune.
+    with Pool._for_stages([Square()], 1, start_method="forkserver") as pool:
         pool.map([1])
     os.kill(_forkserver_pid(), signal.SIGKILL)
-    with Pool(Square(), procs=1, start_method="forkserver") as pool:
+    with Pool._for_stages([Square()], 1, start_method="forkserver") as pool:
         assert pool.map([3])[0].value == 9  # started the server again, from its thread
         server = _forkserver_pid()
         os.kill(server, signal.SIGTERM)
@@ -501,3 +502,28 @@ def test_a_forked_child_exits_without_waiting_for_its_parents_pools(
     took, status = done.stdout.split()
     assert status == "0", done.stderr  # the child's exit status
     assert float(took) < 5, "the child waited for its parent's pool"
+
+
+SHARED_FORKSERVER = """
+import multiprocessing
+from batchpool import Pool
+from faults import Square
+
+if __name__ == "__main__":
+    with Pool(Square(), procs=1, start_method="forkserver") as pool:  # starts the server
+        assert pool.map([2])[0].value == 4
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(2) as peer:  # terminate() at the end: SIGTERM to its workers
+        assert peer.map(abs, [-1, -2]) == [1, 2]
+    print("ok", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_leaves_the_shared_forkserver_usable_by_multiprocessing(tmp_path: Path) -> None:
+    """A plain Pool starts the forkserver as multiprocessing would: its children are not
+    immune to SIGTERM, so multiprocessing.Pool.terminate() still ends its own workers."""
+    script = tmp_path / "shared_forkserver.py"
+    script.write_text(SHARED_FORKSERVER)
+    done = run([sys.executable, script], timeout=45)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

@@ -228,7 +228,9 @@ class Pool:
         """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine)."""
         pool = cls.__new__(cls)
         overrides = {"retries": retries, "timeout": timeout, "backoff": backoff}
-        pool._open(list(tasks), procs, overrides=overrides, preload=preload, **options)
+        pool._open(
+            list(tasks), procs, overrides=overrides, preload=preload, own_signals=True, **options
+        )
         return pool
 
     def _open(
@@ -245,6 +247,7 @@ class Pool:
         start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
+        own_signals: bool = False,
     ) -> None:
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
@@ -269,7 +272,7 @@ class Pool:
         self.procs: int = procs  # type: ignore[assignment]
         self.start_method = method
         self._policies = policies
-        spec = WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory)
+        spec = WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals)
         workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
             policies,

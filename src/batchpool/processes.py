@@ -133,3 +133,16 @@ def start_forkserver_ignoring_signals() -> None:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_forkserver_plainly() -> None:
+    """Start the forkserver, if it is not running, with no group signal blocked, whatever the
+    calling thread blocks (the supervisor's blocks them): the server is shared with every pool
+    of this process, multiprocessing's own included, and their workers inherit its mask."""
+    from multiprocessing import forkserver
+
+    previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

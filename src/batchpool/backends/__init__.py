@@ -43,6 +43,11 @@ class WorkerSpec:
     preload: tuple[tuple[str, str], ...]  # (module name, file path) to import first
     max_tasks: int | None
     max_memory: int | None
+    # The caller owns SIGINT/SIGTERM/SIGHUP (a pipeline run drains on them): a forkserver it
+    # starts is made immune to them. Off for a plain Pool, because the forkserver is shared
+    # with every pool of the process (multiprocessing's own too) and its children inherit
+    # its signal mask: their terminate() would no longer end them.
+    own_signals: bool = False
 
 
 class WorkerHandle(Protocol):

@@ -17,6 +17,7 @@ from ..processes import (
     kill_tree,
     lifeline,
     start_forkserver_ignoring_signals,
+    start_forkserver_plainly,
     sweep_group,
     watch_pid,
 )
@@ -57,8 +58,10 @@ class LocalBackend:
 
     def start_worker(self, slot: int) -> LocalWorker:
         block_group_signals()  # again: a resource tracker restarted here unblocked them
-        if self.forkserver:  # (re)started, if it died, immune to signals sent to the group
+        if self.forkserver and self.spec.own_signals:  # (re)started immune to group signals
             start_forkserver_ignoring_signals()
+        elif self.forkserver:  # (re)started as multiprocessing would, not with our mask
+            start_forkserver_plainly()
         return LocalWorker(self.ctx, slot, self.progress, self.spec)
 
     def close(self) -> None:
