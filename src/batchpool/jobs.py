@@ -68,12 +68,14 @@ class Block:
         "solo",
     )
 
-    def __init__(self, index: Sequence[int], payload: list, consumer: Any, tag: Any = None) -> None:
+    def __init__(
+        self, index: Sequence[int], payload: Sequence[Any], consumer: Any, tag: Any = None
+    ) -> None:
         self.size = len(payload)  # jobs in the block
         self.ids = _NO_IDS  # consecutive, given at the first dispatch: only sent jobs need any
         self.index = index  # each job's JobResult.index (a range, for a map's chunk)
         self.payload = payload  # as the source gave them
-        self.data = payload  # what the current stage runs on
+        self.data = payload  # what the current stage runs on; emptied once it is done
         self.stage = 0
         self.attempts = 0  # in this stage; every job of a block has made as many
         self.prior = 0  # attempts made in the stages before this one
@@ -168,6 +170,9 @@ class Delivery:
         return chain.from_iterable(zip(repeat(block), results) for block, results in self.runs)
 
 
+Counts = tuple[int, int, int, int, int, int, int, int]
+
+
 class StageCount:
     """One stage's counters (see results.StageMetrics)."""
 
@@ -186,7 +191,7 @@ class StageCount:
         self.submitted = self.started = self.succeeded = self.failed = self.cancelled = 0
         self.retried = self.timed_out = self.crashed = 0
 
-    def counts(self) -> tuple[int, ...]:
+    def counts(self) -> Counts:
         """In results.StageMetrics' field order."""
         return (
             self.submitted,
@@ -207,7 +212,7 @@ class JobBook:
     def __init__(self, policies: list[Policy], rand: Callable[[], float]) -> None:
         self.policies = policies
         self.rand = rand
-        self.queue = Scheduler()
+        self.queue: Scheduler[Block] = Scheduler()
         self.sent = 0  # jobs in workers' hands
         self.next_id = 0  # job ids are unique in a pool, given out at first dispatch
         # final results not yet delivered, with the block they belong to
@@ -277,10 +282,10 @@ class JobBook:
 
     def _cancelled(self, block: Block) -> None:
         self.stages[block.stage].cancelled += block.size
-        block.data = None
+        block.data = ()
 
     # -- outcomes ------------------------------------------------------------------------
-    def complete(self, block: Block, values: list, elapsed: list) -> None:
+    def complete(self, block: Block, values: list[Any], elapsed: list[float]) -> None:
         """Every job of the block succeeded: on to the next stage together, or done."""
         k = block.size
         self.sent -= k
@@ -295,7 +300,7 @@ class JobBook:
             return
         self._final(block, values, None, elapsed)
 
-    def complete_all(self, blocks: list[Block], values: list, elapsed: list) -> None:
+    def complete_all(self, blocks: list[Block], values: list[Any], elapsed: list[float]) -> None:
         """complete() for each block of an answer in which every job succeeded."""
         if len(blocks) == 1:
             self.complete(blocks[0], values, elapsed)
@@ -307,7 +312,7 @@ class JobBook:
             if k == 1 and block.stage == last:  # a Future's job, say: no slices, one result
                 self.sent -= 1
                 self.stages[last].succeeded += 1
-                block.data = None
+                block.data = ()
                 self.done.append((block, [block.result(values[pos], None, elapsed[pos])]))
             else:
                 self.complete(block, values[pos : pos + k], elapsed[pos : pos + k])
@@ -343,7 +348,14 @@ class JobBook:
         log.info("job %s: failed for good (%s: %s)", job.index[0], error.type, error.message)
         self._final(job, [None], error, [elapsed])
 
-    def settle(self, blocks: list, outcomes: list, elapsed: list, values: list, now: float) -> int:
+    def settle(
+        self,
+        blocks: list[Block | None],
+        outcomes: list[int],
+        elapsed: list[float],
+        values: list[Any],
+        now: float,
+    ) -> int:
         """The outcomes of one answered batch (``blocks`` in order; None for a job already
         charged elsewhere); returns how many jobs were split off to run alone."""
         split = 0
@@ -357,7 +369,9 @@ class JobBook:
             pos = end
         return split
 
-    def _settle(self, block: Block, outcomes: list, elapsed: list, values: list, now: float) -> int:
+    def _settle(
+        self, block: Block, outcomes: list[int], elapsed: list[float], values: list[Any], now: float
+    ) -> int:
         """One block's outcomes: the runs that succeeded complete together, every other job
         on its own."""
         split = 0
@@ -400,7 +414,7 @@ class JobBook:
             stage = self.stages[block.stage]
             stage.started += block.size
             stage.failed += block.size
-            block.data = None
+            block.data = ()
             self.done.append((block, block.failures(error)))
 
     def abandon(self) -> list[Block]:
@@ -412,9 +426,9 @@ class JobBook:
         return blocks
 
     def _final(
-        self, block: Block, values: Sequence, error: JobError | None, elapsed: Sequence
+        self, block: Block, values: Sequence[Any], error: JobError | None, elapsed: Sequence[float]
     ) -> None:
-        block.data = None
+        block.data = ()
         self.done.append((block, block.results(values, error, elapsed)))
 
     @property

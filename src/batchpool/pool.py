@@ -60,7 +60,7 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
     return value
 
 
-class JobFuture(Future):
+class JobFuture(Future[JobResult]):
     """A submit()ted job. As in concurrent.futures, it is RUNNING once sent to a worker, and
     ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
     runs (Metrics.cancelled)."""
@@ -75,7 +75,7 @@ class JobFuture(Future):
             if self._state != _base.PENDING:
                 return True  # cancelled already
             self._notify_cancelled()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
         self._supervisor.post(("cancel", self._job))  # off the queue now, counted
         return True
 
@@ -95,7 +95,7 @@ class JobFuture(Future):
             if self._state not in (_base.PENDING, _base.RUNNING):
                 return
             self._notify_cancelled()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
 
     def _notify_cancelled(self) -> None:
         # With the condition held. Waiters of concurrent.futures.wait()/as_completed() are
@@ -315,7 +315,7 @@ class Pool:
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
-    def submit(self, payload: Any) -> Future:
+    def submit(self, payload: Any) -> Future[JobResult]:
         """Queue one job; the Future resolves to its JobResult (failures included)."""
         self._check_open()
         future = JobFuture()

@@ -31,9 +31,10 @@ import math
 import random
 import threading
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
-from .jobs import Block, Delivery, JobBook, count
+from .jobs import Block, Counts, Delivery, JobBook, count
 from .ledger import WorkerView, attribute, find
 from .messages import (
     EXITING,
@@ -58,6 +59,7 @@ from .results import (
     KIND_ERROR,
     KIND_TIMEOUT,
     JobError,
+    JobResult,
     Metrics,
     StageMetrics,
     WorkerStats,
@@ -70,6 +72,10 @@ from .wakeup import Commands
 from .watch import Watch
 
 log = logging.getLogger("batchpool")
+Command = tuple[Any, ...]  # ("submit", blocks), ("cancel", block), ("close",), ("drain",), ...
+# what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
+# restarts, peak RSS
+View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int]
 STEAL_MESSAGE = dumps((STEAL,))
 STOP_MESSAGE = dumps((STOP,))
 
@@ -98,8 +104,8 @@ class Supervisor:
         self.book = JobBook(policies, random.random)
         self.sizer = BatchSizer(len(policies), chunksize)
         self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
-        self.commands = Commands()
-        self.watch = Watch(self.commands.fileno())
+        self.commands: Commands[Command] = Commands()
+        self.watch: Watch[WorkerView] = Watch(self.commands.fileno())
         self.workers: dict[int, WorkerView] = {}  # slot -> worker
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
         self.closing = False
@@ -112,7 +118,7 @@ class Supervisor:
         self.cancelled: list[tuple[Block, JobError | None]] = []
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
-        self._view: tuple = ()
+        self._view: View
         self._publish()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
@@ -122,7 +128,7 @@ class Supervisor:
         LIVE.add(self)
         self.thread.start()
 
-    def post(self, command: tuple) -> bool:
+    def post(self, command: Command) -> bool:
         """Queue a command for the loop; False once the loop has ended."""
         return self.commands.post(command)
 
@@ -192,7 +198,13 @@ class Supervisor:
             return None
         return max(0, math.ceil((min(ats) - time.monotonic()) * 1000))
 
-    def _step(self, woken: bool, readable: list, writable: list, dead: list) -> bool:
+    def _step(
+        self,
+        woken: bool,
+        readable: list[WorkerView],
+        writable: list[WorkerView],
+        dead: list[WorkerView],
+    ) -> bool:
         """One pass of the loop; True when the supervisor is finished."""
         now = time.monotonic()
         if woken:
@@ -267,7 +279,7 @@ class Supervisor:
                 continue
             self._on_message(w, message, now)
 
-    def _on_message(self, w: WorkerView, message: tuple, now: float) -> None:
+    def _on_message(self, w: WorkerView, message: tuple[Any, ...], now: float) -> None:
         tag = message[0]
         if tag == RESULTS:
             _, ids, outcomes, elapsed, blob, retiring = message
@@ -288,7 +300,13 @@ class Supervisor:
             self.peak_rss = max(self.peak_rss, message[1])
 
     def _on_results(
-        self, w: WorkerView, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
+        self,
+        w: WorkerView,
+        ids: list[int],
+        outcomes: list[int],
+        elapsed: list[float],
+        blob: bytes,
+        now: float,
     ) -> None:
         blocks = w.answered(ids)
         if not blocks:
@@ -301,7 +319,7 @@ class Supervisor:
             return
         stage = blocks[0].stage if blocks[0] is not None else 0
         if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
-            self.book.complete_all(blocks, values, elapsed)
+            self.book.complete_all(cast("list[Block]", blocks), values, elapsed)
         else:
             w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
         total = sum(elapsed)
@@ -371,21 +389,22 @@ class Supervisor:
         self.book.queue.release(now)
         for key, _ in self.timers.pop_due(now):
             if key == "rss":
-                for w in self.workers.values():
-                    self._sample_rss(w)
+                for each in self.workers.values():
+                    self._sample_rss(each)
                 self.timers.schedule(now + RSS_EVERY, "rss")
                 continue
-            w = self.workers.get(key[1])
+            kind, slot = cast("tuple[str, int]", key)
+            w = self.workers.get(slot)
             if w is None:
                 continue
-            if key[0] == "watch":
+            if kind == "watch":
                 self._watch_attempt(w, now)
-            elif key[0] == "start" and not w.ready:
+            elif kind == "start" and not w.ready:
                 message = f"setup() did not finish within {self.start_timeout:g} s; killed"
                 log.warning("worker %s: %s", w.pid, message)
                 w.start_error = JobError(KIND_ERROR, "StartTimeout", message)
                 w.proc.kill()
-            elif key[0] == "stop":
+            elif kind == "stop":
                 log.warning(
                     "worker %s did not exit within %g s of its stop (a hung teardown() or "
                     "a task's thread?); killed",
@@ -605,7 +624,7 @@ class Supervisor:
         """The loop itself failed: break the pool, kill its workers and fail every job it
         knows of, so that nothing waits on a loop that is gone."""
         message = f"the pool's supervisor failed: {exc!r}"
-        self.broken = JobError(KIND_ERROR, "SupervisorError", message)
+        self.broken = broken = JobError(KIND_ERROR, "SupervisorError", message)
         self.terminating = True
         jobs = self._kill_all()
         jobs.extend(self.book.queue.drain())
@@ -614,7 +633,7 @@ class Supervisor:
             self._deliver()  # results made before the failure
         except BaseException:
             log.exception("delivering results failed")
-        self._fail_jobs(jobs)
+        self._fail_jobs(jobs, broken)
 
     def _settle_leftovers(self) -> None:
         """Jobs submitted while the loop was ending: failed if the pool broke, else
@@ -624,17 +643,17 @@ class Supervisor:
             return
         self.book.stages[0].submitted += count(blocks)
         if self.broken is not None:
-            self._fail_jobs(blocks)
+            self._fail_jobs(blocks, self.broken)
         else:
             self.book.cancel_held(blocks, sent=False)
             self.cancelled.extend((block, None) for block in blocks)
             self._deliver()
 
-    def _fail_jobs(self, blocks: list[Block]) -> None:
+    def _fail_jobs(self, blocks: list[Block], error: JobError) -> None:
         for block in blocks:
             try:
                 self.book.stages[block.stage].failed += block.size
-                block.consumer.deliver(Delivery([(block, block.failures(self.broken))]))
+                block.consumer.deliver(Delivery([(block, block.failures(error))]))
             except BaseException:
                 log.exception("could not fail %r", block)
 
@@ -649,7 +668,7 @@ class Supervisor:
                     block.consumer.cancel(block, error)
             except BaseException:
                 log.exception("cancelling %r failed", block)
-        by_consumer: dict[Any, list] = {}
+        by_consumer: dict[Any, list[tuple[Block, list[JobResult]]]] = {}
         for run in done:
             runs = by_consumer.get(run[0].consumer)
             if runs is None:
@@ -663,11 +682,11 @@ class Supervisor:
                 log.exception("delivering results failed")
 
 
-def _data(blocks: list[Block]) -> list:
-    """What the jobs of one message run on, as one list."""
+def _data(blocks: list[Block]) -> Sequence[Any]:
+    """What the jobs of one message run on, as one sequence."""
     if len(blocks) == 1:
         return blocks[0].data
-    data: list = []
+    data: list[Any] = []
     for block in blocks:
         data += block.data
     return data
