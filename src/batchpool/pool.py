@@ -380,12 +380,18 @@ class Pool:
                     outstanding += len(batch)
             if not outstanding:
                 return
-            for result in itertools.chain.from_iterable(run for _, run in collector.take()):
+            for indexes, run in collector.take():
                 if not ordered:
-                    outstanding -= 1
-                    yield result
+                    outstanding -= len(run)
+                    yield from run
                     continue
-                held[result.index] = result
+                if isinstance(indexes, range) and indexes.start == next_out:
+                    outstanding -= len(run)
+                    yield from run  # the very results due next: no detour through held
+                    next_out = indexes.stop
+                else:
+                    for result in run:
+                        held[result.index] = result
                 while next_out in held:
                     outstanding -= 1
                     yield held.pop(next_out)
