@@ -81,6 +81,21 @@ def main() -> None:
             statistics.median(r[key] for r in runs) for key in ("rate", "parent_us", "workers_us")
         )
         print(f"{name:24s} {rate:10,.0f} {parent:14.2f} {workers:15.2f}")
+    print(_ceiling(statistics.median(r["parent_us"] for r in rows["batchpool.map"])))
+
+
+def _ceiling(parent_us: float) -> str:
+    """One supervisor thread does every job's parent-side work: at ``parent_us`` of its CPU per
+    job it sustains at most 1 / parent_us jobs/s, whatever the core count, so it keeps up with
+    as many cores as that rate fills with jobs of a given length."""
+    if parent_us <= 0:
+        return "ceiling: not measured (too few jobs for the CPU clock)"
+    rate = 1e6 / parent_us
+    cores = ", ".join(f"{rate * seconds:,.0f} cores of {label} jobs" for label, seconds in CORES)
+    return f"ceiling: one supervisor sustains {rate:,.0f} no-op jobs/s; it keeps up with {cores}"
+
+
+CORES = (("100 us", 100e-6), ("1 ms", 1e-3))
 
 
 if __name__ == "__main__":

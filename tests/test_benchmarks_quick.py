@@ -8,6 +8,7 @@ One repeat keeps it inside the timeout on a busy 2-core machine; the shape does 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,21 @@ def test_overhead_split_runs(tmp_path: Path) -> None:
         timeout=55,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    *table, ceiling = proc.stdout.splitlines()[2:]
+    rows = {line.split()[0]: line.split()[1:] for line in table}
     assert set(rows) == {"batchpool.map", "mp.map", "mp.imap_unordered(c=1)"}
     for rate, parent_us, workers_us in rows.values():
         # CPU times tick at 10 ms: a few thousand jobs may read 0 for the workers
         assert float(rate.replace(",", "")) > 0 and float(parent_us) >= 0 <= float(workers_us)
+    assert ceiling.startswith("ceiling: "), proc.stdout
+    parent_us = float(rows["batchpool.map"][1])
+    if parent_us > 0:  # the ceiling is 1 / the parent's CPU per job, and the cores follow
+        found = re.fullmatch(
+            r"ceiling: one supervisor sustains ([\d,]+) no-op jobs/s; it keeps up with "
+            r"([\d,]+) cores of 100 us jobs, ([\d,]+) cores of 1 ms jobs",
+            ceiling,
+        )
+        assert found, ceiling
+        rate, cores_100us, cores_1ms = (int(g.replace(",", "")) for g in found.groups())
+        assert rate == pytest.approx(1e6 / parent_us, rel=0.01 / parent_us)  # the table rounds
+        assert abs(cores_100us - rate * 100e-6) <= 1 and abs(cores_1ms - rate * 1e-3) <= 1

@@ -108,7 +108,7 @@ class Channel:
             raise EOFError("the worker's end of the pipe closed")
         return frames
 
-    def _parse(self, frames: list) -> None:
+    def _parse(self, frames: list[bytes | bytearray]) -> None:
         buf = self._buf
         pos = 0
         end = len(buf)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, repeat
+from operator import attrgetter
 from typing import Any
 
 from .messages import ERROR, OK, SPLIT, UNPICKLABLE, error_tuple
@@ -45,12 +46,15 @@ from .task import Policy
 
 log = logging.getLogger("batchpool")
 _new = object.__new__
+_NO_IDS = range(0)
+_size = attrgetter("size")
 
 
 class Block:
     """Jobs that travel together (see the module's docstring); often just one."""
 
     __slots__ = (
+        "size",
         "ids",
         "index",
         "payload",
@@ -64,11 +68,14 @@ class Block:
         "solo",
     )
 
-    def __init__(self, index: Sequence[int], payload: list, consumer: Any, tag: Any = None) -> None:
-        self.ids: list[int] = []  # given at the first dispatch: only jobs sent need one
+    def __init__(
+        self, index: Sequence[int], payload: Sequence[Any], consumer: Any, tag: Any = None
+    ) -> None:
+        self.size = len(payload)  # jobs in the block
+        self.ids = _NO_IDS  # consecutive, given at the first dispatch: only sent jobs need any
         self.index = index  # each job's JobResult.index (a range, for a map's chunk)
         self.payload = payload  # as the source gave them
-        self.data = payload  # what the current stage runs on
+        self.data = payload  # what the current stage runs on; emptied once it is done
         self.stage = 0
         self.attempts = 0  # in this stage; every job of a block has made as many
         self.prior = 0  # attempts made in the stages before this one
@@ -77,15 +84,13 @@ class Block:
         self.worker: int | None = None  # pid of the worker of the latest attempt
         self.solo = False  # a one-job block that must travel alone (see messages.SPLIT)
 
-    def __len__(self) -> int:
-        return len(self.payload)
-
     def __repr__(self) -> str:
-        return f"<Block of {len(self)} at index {self.index[0]}, stage {self.stage}>"
+        return f"<Block of {self.size} at index {self.index[0]}, stage {self.stage}>"
 
     def part(self, lo: int, hi: int) -> Block:
         """Jobs ``lo`` to ``hi - 1`` as a block of their own; this one is left as it is."""
         block = _new(Block)
+        block.size = hi - lo
         block.ids = self.ids[lo:hi]
         block.index = self.index[lo:hi]
         block.payload = self.payload[lo:hi]
@@ -102,6 +107,7 @@ class Block:
     def cut(self, k: int) -> Block:
         """Take the first ``k`` jobs out of this block, as a block of their own."""
         head = self.part(0, k)
+        self.size -= k
         self.ids = self.ids[k:]
         self.index = self.index[k:]
         shared = self.data is self.payload
@@ -111,15 +117,17 @@ class Block:
 
     def singles(self) -> list[Block]:
         """One block per job."""
-        if len(self) == 1:
+        if self.size == 1:
             return [self]
-        return [self.part(i, i + 1) for i in range(len(self))]
+        return [self.part(i, i + 1) for i in range(self.size)]
 
     def results(
-        self, values: Iterable[Any], error: JobError | None, elapsed: Iterable[float]
+        self, values: Sequence[Any], error: JobError | None, elapsed: Sequence[float]
     ) -> list[JobResult]:
         """The final JobResults of every job of the block, in one pass."""
-        attempts = repeat(self.prior + self.attempts)
+        if self.size == 1:  # a job of its own (a Future's, a failure): no iterators to set up
+            return [self.result(values[0], error, elapsed[0])]
+        attempts = self.prior + self.attempts
         return list(
             map(
                 new_result,
@@ -127,11 +135,22 @@ class Block:
                 self.payload,
                 values,
                 repeat(error),
-                attempts,
+                repeat(attempts),
                 elapsed,
                 repeat(self.worker),
             )
         )
+
+    def result(self, value: Any, error: JobError | None, elapsed: float) -> JobResult:
+        """The final JobResult of a one-job block."""
+        attempts = self.prior + self.attempts
+        return new_result(
+            self.index[0], self.payload[0], value, error, attempts, elapsed, self.worker
+        )
+
+    def failures(self, error: JobError) -> list[JobResult]:
+        """The final JobResults of jobs that fail with ``error`` without running."""
+        return self.results([None] * self.size, error, [0.0] * self.size)
 
 
 Job = Block  # one job is a block of one; the name its consumers annotate with
@@ -149,6 +168,9 @@ class Delivery:
 
     def __iter__(self) -> Iterator[tuple[Block, JobResult]]:
         return chain.from_iterable(zip(repeat(block), results) for block, results in self.runs)
+
+
+Counts = tuple[int, int, int, int, int, int, int, int]
 
 
 class StageCount:
@@ -169,7 +191,7 @@ class StageCount:
         self.submitted = self.started = self.succeeded = self.failed = self.cancelled = 0
         self.retried = self.timed_out = self.crashed = 0
 
-    def counts(self) -> tuple[int, ...]:
+    def counts(self) -> Counts:
         """In results.StageMetrics' field order."""
         return (
             self.submitted,
@@ -190,7 +212,7 @@ class JobBook:
     def __init__(self, policies: list[Policy], rand: Callable[[], float]) -> None:
         self.policies = policies
         self.rand = rand
-        self.queue = Scheduler()
+        self.queue: Scheduler[Block] = Scheduler()
         self.sent = 0  # jobs in workers' hands
         self.next_id = 0  # job ids are unique in a pool, given out at first dispatch
         # final results not yet delivered, with the block they belong to
@@ -199,35 +221,40 @@ class JobBook:
 
     # -- entry ---------------------------------------------------------------------------
     def add(self, blocks: list[Block]) -> None:
-        self.stages[0].submitted += sum(len(block) for block in blocks)
-        self.queue.add(blocks)
+        self.stages[0].submitted += count(blocks)
+        self.queue.add(coalesce(blocks))
 
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int) -> list[Block]:
         """Up to n jobs for one message to worker ``pid``. A job whose Future was cancelled
         is dropped here instead; the others' futures become RUNNING."""
         started = []
+        jobs = later = 0  # later: of them, jobs of stages after the first
         for block in self.queue.take(n):
             tag = block.tag
             if tag is not None and not tag.claim():  # a pool.JobFuture, cancelled
                 self._cancelled(block)
                 continue
-            k = len(block)
+            k = block.size
             if not block.ids:
-                block.ids = list(range(self.next_id, self.next_id + k))
+                block.ids = range(self.next_id, self.next_id + k)
                 self.next_id += k
             block.attempts += 1
             block.worker = pid
-            self.stages[block.stage].started += k
-            self.sent += k
+            jobs += k
+            if block.stage:
+                self.stages[block.stage].started += k
+                later += k
             started.append(block)
+        self.sent += jobs
+        self.stages[0].started += jobs - later
         return started
 
     def requeue(self, blocks: list[Block], solo: bool = False) -> None:
         """Jobs a worker held but never started (or must run alone): back to the front, no
         attempt charged."""
         for block in blocks:
-            k = len(block)
+            k = block.size
             block.attempts -= 1
             self.stages[block.stage].started -= k
             self.sent -= k
@@ -251,16 +278,16 @@ class JobBook:
         for block in blocks:
             self._cancelled(block)
             if sent:
-                self.sent -= len(block)
+                self.sent -= block.size
 
     def _cancelled(self, block: Block) -> None:
-        self.stages[block.stage].cancelled += len(block)
-        block.data = None
+        self.stages[block.stage].cancelled += block.size
+        block.data = ()
 
     # -- outcomes ------------------------------------------------------------------------
-    def complete(self, block: Block, values: list, elapsed: list) -> None:
+    def complete(self, block: Block, values: list[Any], elapsed: list[float]) -> None:
         """Every job of the block succeeded: on to the next stage together, or done."""
-        k = len(block)
+        k = block.size
         self.sent -= k
         self.stages[block.stage].succeeded += k
         if block.stage + 1 < len(self.policies):
@@ -272,6 +299,24 @@ class JobBook:
             self.queue.push_front([block])  # finish old jobs first: keeps ordered streams moving
             return
         self._final(block, values, None, elapsed)
+
+    def complete_all(self, blocks: list[Block], values: list[Any], elapsed: list[float]) -> None:
+        """complete() for each block of an answer in which every job succeeded."""
+        if len(blocks) == 1:
+            self.complete(blocks[0], values, elapsed)
+            return
+        last = len(self.policies) - 1
+        pos = 0
+        for block in blocks:
+            k = block.size
+            if k == 1 and block.stage == last:  # a Future's job, say: no slices, one result
+                self.sent -= 1
+                self.stages[last].succeeded += 1
+                block.data = ()
+                self.done.append((block, [block.result(values[pos], None, elapsed[pos])]))
+            else:
+                self.complete(block, values[pos : pos + k], elapsed[pos : pos + k])
+            pos += k
 
     def attempt_failed(
         self, job: Block, error: JobError, *, retryable: bool, elapsed: float, now: float
@@ -301,9 +346,16 @@ class JobBook:
             return
         count.failed += 1
         log.info("job %s: failed for good (%s: %s)", job.index[0], error.type, error.message)
-        self._final(job, (None,), error, (elapsed,))
+        self._final(job, [None], error, [elapsed])
 
-    def settle(self, blocks: list, outcomes: list, elapsed: list, values: list, now: float) -> int:
+    def settle(
+        self,
+        blocks: list[Block | None],
+        outcomes: list[int],
+        elapsed: list[float],
+        values: list[Any],
+        now: float,
+    ) -> int:
         """The outcomes of one answered batch (``blocks`` in order; None for a job already
         charged elsewhere); returns how many jobs were split off to run alone."""
         split = 0
@@ -312,12 +364,14 @@ class JobBook:
             if block is None:
                 pos += 1
                 continue
-            end = pos + len(block)
+            end = pos + block.size
             split += self._settle(block, outcomes[pos:end], elapsed[pos:end], values[pos:end], now)
             pos = end
         return split
 
-    def _settle(self, block: Block, outcomes: list, elapsed: list, values: list, now: float) -> int:
+    def _settle(
+        self, block: Block, outcomes: list[int], elapsed: list[float], values: list[Any], now: float
+    ) -> int:
         """One block's outcomes: the runs that succeeded complete together, every other job
         on its own."""
         split = 0
@@ -346,7 +400,7 @@ class JobBook:
     def unloadable(self, blocks: list[Block], exc: BaseException, now: float) -> None:
         """Their values pickled in the worker but do not load here: alone, the job fails
         (never retried); in a batch, each runs alone to find which, no attempt charged."""
-        if sum(len(block) for block in blocks) == 1:
+        if count(blocks) == 1:
             error = error_from(KIND_SERIALIZATION, exc)
             self.attempt_failed(blocks[0], error, retryable=False, elapsed=0.0, now=now)
         else:
@@ -357,10 +411,11 @@ class JobBook:
         for block in self.queue.drain():
             # The attempt it was queued for ends here, failed: counted like one that ran.
             block.attempts += 1
-            count = self.stages[block.stage]
-            count.started += len(block)
-            count.failed += len(block)
-            self._final(block, repeat(None), error, repeat(0.0))
+            stage = self.stages[block.stage]
+            stage.started += block.size
+            stage.failed += block.size
+            block.data = ()
+            self.done.append((block, block.failures(error)))
 
     def abandon(self) -> list[Block]:
         """Every unfinished job not in a worker's hands, counted as cancelled: for a drain or
@@ -371,9 +426,9 @@ class JobBook:
         return blocks
 
     def _final(
-        self, block: Block, values: Iterable, error: JobError | None, elapsed: Iterable
+        self, block: Block, values: Sequence[Any], error: JobError | None, elapsed: Sequence[float]
     ) -> None:
-        block.data = None
+        block.data = ()
         self.done.append((block, block.results(values, error, elapsed)))
 
     @property
@@ -383,6 +438,40 @@ class JobBook:
     @property
     def queued(self) -> int:
         return len(self.queue) + self.queue.waiting
+
+
+def coalesce(blocks: list[Block]) -> list[Block]:
+    """Each run of one-job blocks that share a consumer and have no Future, as one block: a
+    caller that makes its jobs one at a time (a pipeline reading its source) still has them
+    travel, complete and come back in blocks."""
+    out: list[Block] = []
+    run: list[Block] = []
+    for block in blocks:
+        loose = block.size == 1 and block.tag is None
+        if loose and (not run or block.consumer is run[0].consumer):
+            run.append(block)
+            continue
+        if run:
+            out.append(_joined(run))
+            run = []
+        if loose:
+            run.append(block)
+        else:
+            out.append(block)
+    if run:
+        out.append(_joined(run))
+    return out
+
+
+def _joined(run: list[Block]) -> Block:
+    if len(run) == 1:
+        return run[0]
+    return Block([b.index[0] for b in run], [b.payload[0] for b in run], run[0].consumer)
+
+
+def count(blocks: Iterable[Block]) -> int:
+    """Jobs in ``blocks``."""
+    return sum(map(_size, blocks))
 
 
 def error_from(kind: str, exc: BaseException) -> JobError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .jobs import Block, count
 from .messages import FLUSHING, IDLE, UNPACKING
 from .results import JobError
 
@@ -47,7 +48,7 @@ class WorkerView:
         self.slot: int = proc.slot
         self.pid: int = proc.pid
         self.ready = False
-        self.held: deque = deque()  # blocks sent and not answered, in the order it runs them
+        self.held: deque[Block] = deque()  # sent and not answered, in the order it runs them
         self.holding = 0  # jobs in them
         self.stealing = False  # a STEAL is on its way; no new jobs until a result comes
         self.assigned = 0  # jobs sent and not handed back (max_tasks_per_worker)
@@ -56,7 +57,7 @@ class WorkerView:
         self.rss = 0
         self.retiring = False
         self.stopping = False
-        self.killed_for: tuple[Any, JobError] | None = None  # a timeout kill: (job, error)
+        self.killed_for: tuple[Block | None, JobError] | None = None  # a timeout kill
         self.start_error: JobError | None = None  # what START_FAILED reported
         self.polled_write = False  # its channel is watched for room to write
 
@@ -65,32 +66,36 @@ class WorkerView:
         """It may be sent jobs."""
         return self.ready and not self.retiring and not self.stopping and self.killed_for is None
 
-    def sent(self, blocks: list) -> None:
-        k = sum(len(block) for block in blocks)
+    def sent(self, blocks: list[Block]) -> None:
+        k = count(blocks)
         self.held.extend(blocks)
         self.holding += k
         self.assigned += k
 
-    def answered(self, ids: list[int]) -> list:
+    def answered(self, ids: list[int]) -> list[Block | None]:
         """Take the answered jobs off the ledger, as blocks in the order of ``ids``; None
-        stands for an id it no longer holds (a job charged to a timeout kill already)."""
+        stands for an id it no longer holds (a job charged to a timeout kill already).
+
+        A worker answers the jobs it holds in the order it was sent them, and a block's ids
+        are consecutive: an answer that starts and ends where the front of the ledger does
+        is that front, whatever its length, and takes no step per job."""
         held = self.held
         n = len(ids)
-        blocks: list = []
+        blocks: list[Block | None] = []
         pos = 0
-        while pos < n and held:  # the answer is the front of the ledger: no search per id
+        while pos < n and held:
             block = held[0]
-            k = min(len(block), n - pos)
-            if ids[pos : pos + k] != block.ids[:k]:
+            k = min(block.size, n - pos)
+            if ids[pos] != block.ids[0] or ids[pos + k - 1] != block.ids[k - 1]:
                 break
-            blocks.append(held.popleft() if k == len(block) else block.cut(k))
+            blocks.append(held.popleft() if k == block.size else block.cut(k))
             pos += k
         self.holding -= pos
         for job_id in ids[pos:]:  # only after a kill or a steal took jobs out of order
             blocks.append(self._take_out(job_id))
         return blocks
 
-    def _take_out(self, job_id: int) -> Any:
+    def _take_out(self, job_id: int) -> Block | None:
         found = find(self.held, job_id)
         if found is None:
             return None
@@ -99,25 +104,25 @@ class WorkerView:
         self.holding -= 1
         return job
 
-    def isolate(self, block: Any, pos: int) -> Any:
+    def isolate(self, block: Block, pos: int) -> Block:
         """Give the job at ``pos`` of a held block a block of its own, in its place in the
         ledger; return it."""
-        if len(block) == 1:
+        if block.size == 1:
             return block
         held = self.held
         at = held.index(block)
         job = block.part(pos, pos + 1)
-        pieces = [block.part(0, pos), job, block.part(pos + 1, len(block))]
+        pieces = [block.part(0, pos), job, block.part(pos + 1, block.size)]
         del held[at]
         for piece in reversed(pieces):
-            if len(piece):
+            if piece.size:
                 held.insert(at, piece)
         return job
 
-    def returned(self, ids: set[int]) -> list:
+    def returned(self, ids: set[int]) -> list[Block]:
         """The jobs a STEAL handed back: off the ledger, and off the worker's quota."""
-        back: list = []
-        kept: deque = deque()
+        back: list[Block] = []
+        kept: deque[Block] = deque()
         for block in self.held:
             marks = [job_id in ids for job_id in block.ids]
             if not any(marks):
@@ -130,7 +135,7 @@ class WorkerView:
                     if i == len(marks) or marks[i] != marks[lo]:
                         (back if marks[lo] else kept).append(block.part(lo, i))
                         lo = i
-        k = sum(len(block) for block in back)
+        k = count(back)
         self.held = kept
         self.holding -= k
         self.assigned -= k
@@ -138,14 +143,14 @@ class WorkerView:
             self.stealing = False  # it gave back everything: no result will come to clear it
         return back
 
-    def take_all(self) -> list:
+    def take_all(self) -> list[Block]:
         blocks = list(self.held)
         self.held.clear()
         self.holding = 0
         return blocks
 
 
-def attribute(held: deque, job_id: int) -> tuple[tuple[Any, int] | None, bool]:
+def attribute(held: deque[Block], job_id: int) -> tuple[tuple[Block, int] | None, bool]:
     """Who a worker died (or hung) for: ``((block, position), False)`` for the job to charge,
     or ``(None, True)`` when several held jobs are candidates and each must run alone to find
     out (no attempt charged), or ``(None, False)`` when it held nothing.
@@ -159,12 +164,12 @@ def attribute(held: deque, job_id: int) -> tuple[tuple[Any, int] | None, bool]:
     if not held:
         return None, False
     head = held[0]
-    if head.solo or (job_id == FLUSHING and len(held) == 1 and len(head) == 1):
+    if head.solo or (job_id == FLUSHING and len(held) == 1 and head.size == 1):
         return (head, 0), False
     return None, True
 
 
-def find(held: deque, job_id: int) -> tuple[Any, int] | None:
+def find(held: deque[Block], job_id: int) -> tuple[Block, int] | None:
     """The held block with this job, and the job's position in it."""
     for block in held:
         if job_id in block.ids:

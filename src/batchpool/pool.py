@@ -60,7 +60,7 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
     return value
 
 
-class JobFuture(Future):
+class JobFuture(Future[JobResult]):
     """A submit()ted job. As in concurrent.futures, it is RUNNING once sent to a worker, and
     ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
     runs (Metrics.cancelled)."""
@@ -75,7 +75,7 @@ class JobFuture(Future):
             if self._state != _base.PENDING:
                 return True  # cancelled already
             self._notify_cancelled()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
         self._supervisor.post(("cancel", self._job))  # off the queue now, counted
         return True
 
@@ -95,7 +95,7 @@ class JobFuture(Future):
             if self._state not in (_base.PENDING, _base.RUNNING):
                 return
             self._notify_cancelled()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
 
     def _notify_cancelled(self) -> None:
         # With the condition held. Waiters of concurrent.futures.wait()/as_completed() are
@@ -110,7 +110,7 @@ class _Futures:
     """Consumer for submit(): resolves one Future per job."""
 
     def deliver(self, items: Delivery) -> None:
-        for job, result in items:
+        for job, (result,) in items.runs:  # a Future's job has a block of its own
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
@@ -123,7 +123,7 @@ class _Futures:
         if error is None:
             future._terminated()
         else:
-            self.deliver(Delivery([(job, job.results([None], error, [0.0]))]))
+            self.deliver(Delivery([(job, job.failures(error))]))
 
 
 class _Collector:
@@ -303,7 +303,7 @@ class Pool:
             raise PoolBroken(broken_message(broken))
 
     def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
-        return Block([index], [payload], consumer, tag)
+        return Block(range(index, index + 1), [payload], consumer, tag)
 
     def _post_jobs(self, entries: list[Block]) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
@@ -315,7 +315,7 @@ class Pool:
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
-    def submit(self, payload: Any) -> Future:
+    def submit(self, payload: Any) -> Future[JobResult]:
         """Queue one job; the Future resolves to its JobResult (failures included)."""
         self._check_open()
         future = JobFuture()
@@ -380,12 +380,18 @@ class Pool:
                     outstanding += len(batch)
             if not outstanding:
                 return
-            for result in itertools.chain.from_iterable(run for _, run in collector.take()):
+            for indexes, run in collector.take():
                 if not ordered:
-                    outstanding -= 1
-                    yield result
+                    outstanding -= len(run)
+                    yield from run
                     continue
-                held[result.index] = result
+                if isinstance(indexes, range) and indexes.start == next_out:
+                    outstanding -= len(run)
+                    yield from run  # the very results due next: no detour through held
+                    next_out = indexes.stop
+                else:
+                    for result in run:
+                        held[result.index] = result
                 while next_out in held:
                     outstanding -= 1
                     yield held.pop(next_out)

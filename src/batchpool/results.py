@@ -61,7 +61,7 @@ class _Unfrozen:
     dataclass's own ``__init__`` pays a function call per field, and the supervisor builds one
     result per job."""
 
-    __slots__ = JobResult.__slots__  # type: ignore[attr-defined]
+    __slots__ = JobResult.__slots__
 
     def __init__(
         self,

@@ -16,25 +16,30 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Protocol
+from operator import attrgetter
+from typing import Any, Generic, Protocol, TypeVar
 
 from .timers import Timers
+
+_size = attrgetter("size")
 
 
 class Queued(Protocol):
     """What the scheduler needs of a block of jobs (jobs.Block)."""
 
-    ids: list[int]
+    size: int  # jobs in it
+    ids: range
     solo: bool
 
-    def __len__(self) -> int: ...
-
-    def cut(self, k: int) -> Queued: ...
+    def cut(self, k: int) -> Any: ...  # the first k jobs, as a block of the same type
 
 
-class Scheduler:
+Q = TypeVar("Q", bound=Queued)
+
+
+class Scheduler(Generic[Q]):
     def __init__(self) -> None:
-        self._ready: deque[Queued] = deque()
+        self._ready: deque[Q] = deque()
         self._jobs = 0  # in the ready blocks
         self._waiting = Timers()  # first job id -> block, due at its retry time
         self._waiting_jobs = 0
@@ -45,7 +50,7 @@ class Scheduler:
         """Jobs ready to run now."""
         return self._jobs
 
-    def __iter__(self) -> Iterator[Queued]:
+    def __iter__(self) -> Iterator[Q]:
         """The ready blocks, in order."""
         return iter(self._ready)
 
@@ -54,7 +59,7 @@ class Scheduler:
         """Jobs waiting for a retry."""
         return self._waiting_jobs
 
-    def head(self) -> Queued | None:
+    def head(self) -> Q | None:
         """The block that ``take`` would hand out (the first part of) first."""
         return self._ready[0] if self._ready else None
 
@@ -63,38 +68,38 @@ class Scheduler:
         return self._waiting.next_at()
 
     # -- in ------------------------------------------------------------------------------------
-    def add(self, blocks: list) -> None:
+    def add(self, blocks: list[Q]) -> None:
         """New blocks (never solo), behind every block ready now."""
         self._ready.extend(blocks)
-        self._jobs += sum(len(block) for block in blocks)
+        self._jobs += sum(map(_size, blocks))
 
-    def push_front(self, blocks: list) -> None:
+    def push_front(self, blocks: list[Q]) -> None:
         """Work already under way, ahead of everything, in the given order."""
         self._ready.extendleft(reversed(blocks))
-        self._jobs += sum(len(block) for block in blocks)
+        self._jobs += sum(map(_size, blocks))
         self._count_solo(blocks, 1)
 
-    def defer(self, block: Queued, at: float) -> None:
+    def defer(self, block: Q, at: float) -> None:
         """Ready again at ``at`` (a retry's backoff); it occupies nothing meanwhile."""
         self._waiting.schedule(at, block.ids[0], block)
-        self._waiting_jobs += len(block)
+        self._waiting_jobs += block.size
         self._count_solo([block], 1)
 
     def release(self, now: float) -> None:
         """Waiting blocks that are due: to the front, earliest first."""
         due = [block for _, block in self._waiting.pop_due(now)]
         if due:
-            k = sum(len(block) for block in due)
+            k = sum(map(_size, due))
             self._waiting_jobs -= k
             self._jobs += k
             self._ready.extendleft(reversed(due))
 
     # -- out -----------------------------------------------------------------------------------
-    def take(self, n: int) -> list:
+    def take(self, n: int) -> list[Q]:
         """Blocks of up to ``n`` jobs in all for one message, from the front, the last one cut
         to fit; a solo block goes alone and a batch stops before one."""
         ready = self._ready
-        taken: list = []
+        taken: list[Q] = []
         left = n
         while left > 0 and ready:
             block = ready[0]
@@ -104,7 +109,7 @@ class Scheduler:
                     self._solo -= 1
                     left -= 1
                 break
-            k = len(block)
+            k = block.size
             if k <= left:
                 taken.append(ready.popleft())
                 left -= k
@@ -114,17 +119,17 @@ class Scheduler:
         self._jobs -= n - left
         return taken
 
-    def remove(self, block: Queued) -> bool:
+    def remove(self, block: Q) -> bool:
         """Take a ready block out of the queue (a cancellation); False if it is not there."""
         try:
             self._ready.remove(block)
         except ValueError:
             return False
-        self._jobs -= len(block)
+        self._jobs -= block.size
         self._count_solo([block], -1)
         return True
 
-    def drain(self) -> list:
+    def drain(self) -> list[Q]:
         """Every block, ready or waiting, out of the scheduler."""
         blocks = list(self._ready)
         self._ready.clear()
@@ -132,6 +137,6 @@ class Scheduler:
         self._jobs = self._waiting_jobs = self._solo = 0
         return blocks
 
-    def _count_solo(self, blocks: list, sign: int) -> None:
+    def _count_solo(self, blocks: list[Q], sign: int) -> None:
         if self._solo or sign > 0:
             self._solo += sign * sum(1 for block in blocks if block.solo)

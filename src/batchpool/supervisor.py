@@ -26,15 +26,15 @@ threads read what step 7 publishes, never a half-made change, and never wait for
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
 import threading
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
-from .jobs import Block, Delivery, JobBook
+from .jobs import Block, Counts, Delivery, JobBook, count
 from .ledger import WorkerView, attribute, find
 from .messages import (
     EXITING,
@@ -59,6 +59,7 @@ from .results import (
     KIND_ERROR,
     KIND_TIMEOUT,
     JobError,
+    JobResult,
     Metrics,
     StageMetrics,
     WorkerStats,
@@ -71,6 +72,10 @@ from .wakeup import Commands
 from .watch import Watch
 
 log = logging.getLogger("batchpool")
+Command = tuple[Any, ...]  # ("submit", blocks), ("cancel", block), ("close",), ("drain",), ...
+# what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
+# restarts, peak RSS
+View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int]
 STEAL_MESSAGE = dumps((STEAL,))
 STOP_MESSAGE = dumps((STOP,))
 
@@ -99,8 +104,8 @@ class Supervisor:
         self.book = JobBook(policies, random.random)
         self.sizer = BatchSizer(len(policies), chunksize)
         self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
-        self.commands = Commands()
-        self.watch = Watch(self.commands.fileno())
+        self.commands: Commands[Command] = Commands()
+        self.watch: Watch[WorkerView] = Watch(self.commands.fileno())
         self.workers: dict[int, WorkerView] = {}  # slot -> worker
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
         self.closing = False
@@ -113,7 +118,7 @@ class Supervisor:
         self.cancelled: list[tuple[Block, JobError | None]] = []
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
-        self._view: tuple = ()
+        self._view: View
         self._publish()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
@@ -123,7 +128,7 @@ class Supervisor:
         LIVE.add(self)
         self.thread.start()
 
-    def post(self, command: tuple) -> bool:
+    def post(self, command: Command) -> bool:
         """Queue a command for the loop; False once the loop has ended."""
         return self.commands.post(command)
 
@@ -193,7 +198,13 @@ class Supervisor:
             return None
         return max(0, math.ceil((min(ats) - time.monotonic()) * 1000))
 
-    def _step(self, woken: bool, readable: list, writable: list, dead: list) -> bool:
+    def _step(
+        self,
+        woken: bool,
+        readable: list[WorkerView],
+        writable: list[WorkerView],
+        dead: list[WorkerView],
+    ) -> bool:
         """One pass of the loop; True when the supervisor is finished."""
         now = time.monotonic()
         if woken:
@@ -221,11 +232,16 @@ class Supervisor:
         return self._maybe_stop(now)
 
     def _run_commands(self) -> None:
+        new: list[Block] = []  # the blocks of consecutive submits, added at once
         while (command := self.commands.pop()) is not None:
             kind = command[0]
             if kind == "submit":
-                self.book.add(command[1])
-            elif kind == "cancel":
+                new += command[1]
+                continue
+            if new:
+                self.book.add(new)
+                new = []
+            if kind == "cancel":
                 self.book.cancel(command[1])
             elif kind == "close":
                 self.closing = True
@@ -234,6 +250,8 @@ class Supervisor:
             elif kind == "terminate":
                 self._terminate()
                 return
+        if new:
+            self.book.add(new)
 
     def _publish(self) -> None:
         book = self.book
@@ -261,7 +279,7 @@ class Supervisor:
                 continue
             self._on_message(w, message, now)
 
-    def _on_message(self, w: WorkerView, message: tuple, now: float) -> None:
+    def _on_message(self, w: WorkerView, message: tuple[Any, ...], now: float) -> None:
         tag = message[0]
         if tag == RESULTS:
             _, ids, outcomes, elapsed, blob, retiring = message
@@ -282,7 +300,13 @@ class Supervisor:
             self.peak_rss = max(self.peak_rss, message[1])
 
     def _on_results(
-        self, w: WorkerView, ids: list, outcomes: list, elapsed: list, blob: bytes, now: float
+        self,
+        w: WorkerView,
+        ids: list[int],
+        outcomes: list[int],
+        elapsed: list[float],
+        blob: bytes,
+        now: float,
     ) -> None:
         blocks = w.answered(ids)
         if not blocks:
@@ -295,14 +319,7 @@ class Supervisor:
             return
         stage = blocks[0].stage if blocks[0] is not None else 0
         if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
-            if len(blocks) == 1:
-                self.book.complete(blocks[0], values, elapsed)
-            else:
-                pos = 0
-                for block in blocks:
-                    end = pos + len(block)
-                    self.book.complete(block, values[pos:end], elapsed[pos:end])
-                    pos = end
+            self.book.complete_all(cast("list[Block]", blocks), values, elapsed)
         else:
             w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
         total = sum(elapsed)
@@ -372,21 +389,22 @@ class Supervisor:
         self.book.queue.release(now)
         for key, _ in self.timers.pop_due(now):
             if key == "rss":
-                for w in self.workers.values():
-                    self._sample_rss(w)
+                for each in self.workers.values():
+                    self._sample_rss(each)
                 self.timers.schedule(now + RSS_EVERY, "rss")
                 continue
-            w = self.workers.get(key[1])
+            kind, slot = cast("tuple[str, int]", key)
+            w = self.workers.get(slot)
             if w is None:
                 continue
-            if key[0] == "watch":
+            if kind == "watch":
                 self._watch_attempt(w, now)
-            elif key[0] == "start" and not w.ready:
+            elif kind == "start" and not w.ready:
                 message = f"setup() did not finish within {self.start_timeout:g} s; killed"
                 log.warning("worker %s: %s", w.pid, message)
                 w.start_error = JobError(KIND_ERROR, "StartTimeout", message)
                 w.proc.kill()
-            elif key[0] == "stop":
+            elif kind == "stop":
                 log.warning(
                     "worker %s did not exit within %g s of its stop (a hung teardown() or "
                     "a task's thread?); killed",
@@ -507,7 +525,7 @@ class Supervisor:
             if not blocks:
                 return
             blob = dumps(_data(blocks))
-        jobs = sum(len(block) for block in blocks)
+        jobs = count(blocks)
         keep = self.sizer.oversized(jobs, len(blob))
         if keep is not None:  # payloads grew past the estimate: a moderate message now
             blocks = self._keep(blocks, keep)
@@ -516,10 +534,13 @@ class Supervisor:
         self.sizer.sized(blocks[0].stage, len(blob), jobs)
         if len(blocks) == 1:
             block = blocks[0]
-            header = dumps((RUN, block.ids, [block.stage] * jobs))
+            header = dumps((RUN, list(block.ids), [block.stage] * jobs))
         else:
-            ids = list(itertools.chain.from_iterable(b.ids for b in blocks))
-            stages = list(itertools.chain.from_iterable([b.stage] * len(b) for b in blocks))
+            ids: list[int] = []  # consecutive within each block
+            stages: list[int] = []
+            for block in blocks:
+                ids += block.ids
+                stages += [block.stage] * block.size
             header = dumps((RUN, ids, stages))
         if not w.proc.send(header, blob):
             self.book.requeue(blocks)  # it died; its sentinel will tell
@@ -532,9 +553,9 @@ class Supervisor:
         """The first ``keep`` jobs of ``blocks``; the rest go back to the queue."""
         kept: list[Block] = []
         for i, block in enumerate(blocks):
-            if keep >= len(block):
+            if keep >= block.size:
                 kept.append(block)
-                keep -= len(block)
+                keep -= block.size
                 continue
             if keep:
                 kept.append(block.cut(keep))
@@ -558,8 +579,8 @@ class Supervisor:
                 lo = i + 1
             if lo == 0:
                 good.append(block)
-            elif lo < len(block):
-                good.append(block.part(lo, len(block)))
+            elif lo < block.size:
+                good.append(block.part(lo, block.size))
         return good
 
     # -- ending --------------------------------------------------------------------------------
@@ -603,7 +624,7 @@ class Supervisor:
         """The loop itself failed: break the pool, kill its workers and fail every job it
         knows of, so that nothing waits on a loop that is gone."""
         message = f"the pool's supervisor failed: {exc!r}"
-        self.broken = JobError(KIND_ERROR, "SupervisorError", message)
+        self.broken = broken = JobError(KIND_ERROR, "SupervisorError", message)
         self.terminating = True
         jobs = self._kill_all()
         jobs.extend(self.book.queue.drain())
@@ -612,7 +633,7 @@ class Supervisor:
             self._deliver()  # results made before the failure
         except BaseException:
             log.exception("delivering results failed")
-        self._fail_jobs(jobs)
+        self._fail_jobs(jobs, broken)
 
     def _settle_leftovers(self) -> None:
         """Jobs submitted while the loop was ending: failed if the pool broke, else
@@ -620,20 +641,19 @@ class Supervisor:
         blocks = [b for cmd in self.commands.leftovers() if cmd[0] == "submit" for b in cmd[1]]
         if not blocks:
             return
-        self.book.stages[0].submitted += sum(len(block) for block in blocks)
+        self.book.stages[0].submitted += count(blocks)
         if self.broken is not None:
-            self._fail_jobs(blocks)
+            self._fail_jobs(blocks, self.broken)
         else:
             self.book.cancel_held(blocks, sent=False)
             self.cancelled.extend((block, None) for block in blocks)
             self._deliver()
 
-    def _fail_jobs(self, blocks: list[Block]) -> None:
+    def _fail_jobs(self, blocks: list[Block], error: JobError) -> None:
         for block in blocks:
             try:
-                self.book.stages[block.stage].failed += len(block)
-                results = block.results(itertools.repeat(None), self.broken, itertools.repeat(0.0))
-                block.consumer.deliver(Delivery([(block, results)]))
+                self.book.stages[block.stage].failed += block.size
+                block.consumer.deliver(Delivery([(block, block.failures(error))]))
             except BaseException:
                 log.exception("could not fail %r", block)
 
@@ -644,10 +664,11 @@ class Supervisor:
         cancelled, self.cancelled = self.cancelled, []
         for block, error in cancelled:
             try:
-                block.consumer.cancel(block, error)
+                for _ in range(block.size):  # once per job: a consumer may count them
+                    block.consumer.cancel(block, error)
             except BaseException:
                 log.exception("cancelling %r failed", block)
-        by_consumer: dict[Any, list] = {}
+        by_consumer: dict[Any, list[tuple[Block, list[JobResult]]]] = {}
         for run in done:
             runs = by_consumer.get(run[0].consumer)
             if runs is None:
@@ -661,11 +682,14 @@ class Supervisor:
                 log.exception("delivering results failed")
 
 
-def _data(blocks: list[Block]) -> list:
-    """What the jobs of one message run on, as one list."""
+def _data(blocks: list[Block]) -> Sequence[Any]:
+    """What the jobs of one message run on, as one sequence."""
     if len(blocks) == 1:
         return blocks[0].data
-    return list(itertools.chain.from_iterable(block.data for block in blocks))
+    data: list[Any] = []
+    for block in blocks:
+        data += block.data
+    return data
 
 
 def _index_of(block: Block | None, job_id: int) -> Any:
