@@ -2,15 +2,16 @@
 
 A message should carry about TARGET_BATCH_SECONDS of work, so that per-message costs stay well
 under 1% (a pass of the supervisor's loop, which sends a message and reads an answer, costs it
-about 0.3 ms of CPU on a busy 2-core machine) while results still stream (a worker sends what it
-has every FLUSH_EVERY, 20 ms); never more than MAX_BATCH jobs; and payloads of about
+about 0.25 ms of CPU on a busy 2-core VM: its syscalls dominate) while results still stream (a
+worker sends what it has every worker.FLUSH_EVERY, 100 ms, so a refill follows each answer);
+never more than MAX_BATCH jobs; and payloads of about
 MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better than one giant
 one that leaves the other workers idle while it travels.
 """
 
 from __future__ import annotations
 
-TARGET_BATCH_SECONDS = 0.05  # work per message
+TARGET_BATCH_SECONDS = 0.1  # work per message
 MAX_BATCH = 512  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger

@@ -27,7 +27,7 @@ from .task import Task
 from .workercore import EXIT_START_FAILED, Job, Retirement, Runner, start, stop
 
 EXIT_ORPHANED = 4  # the supervisor's process died
-FLUSH_EVERY = 0.02  # seconds: a long batch still streams results (progress, ordered imap)
+FLUSH_EVERY = 0.1  # seconds: a long batch still streams results (progress, ordered imap)
 
 
 def main(
