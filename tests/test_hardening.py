@@ -44,7 +44,7 @@ from helpers import (
 
 import batchpool
 from batchpool import Pool, PoolBroken, PoolClosed
-from batchpool.supervisor import STOP_GRACE
+from batchpool.workforce import STOP_GRACE
 
 # -- 1. a job holding the GIL in C cannot stall the supervisor ----------------------------------
 

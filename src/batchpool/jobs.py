@@ -79,7 +79,7 @@ class Block:
         self.stage = 0
         self.attempts = 0  # in this stage; every job of a block has made as many
         self.prior = 0  # attempts made in the stages before this one
-        self.consumer = consumer  # gets the final JobResults (see supervisor.deliver)
+        self.consumer = consumer  # gets the final JobResults (see outbox.Outbox.deliver)
         self.tag = tag  # a one-job block's handle for its consumer (a Future, say)
         self.worker: int | None = None  # pid of the worker of the latest attempt
         self.solo = False  # a one-job block that must travel alone (see messages.SPLIT)
@@ -157,7 +157,7 @@ Job = Block  # one job is a block of one; the name its consumers annotate with
 
 
 class Delivery:
-    """Final results for one consumer (see supervisor._deliver). Iterated: (block, result)
+    """Final results for one consumer (see outbox.Outbox.deliver). Iterated: (block, result)
     pairs, each made in the place of the one before. ``runs``: the same results as they were
     built, (block, results) per block, for a consumer that takes them whole."""
 

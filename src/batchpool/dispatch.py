@@ -1,0 +1,163 @@
+"""Which worker gets which jobs next: batches off the scheduler's queue, sized by
+sizing.BatchSizer, pickled and sent; and jobs taken back from workers that hold more than they
+are running.
+
+One pass (``dispatch``) fills the least-loaded workers first and prefetches one batch ahead;
+when the queue runs dry while a worker idles, jobs waiting behind running ones are stolen back
+(STEAL). What the queue hands out, and in which order, is the scheduler's; this module decides
+how much each worker takes and puts it on the wire. Taking jobs back from a worker's mailbox
+(``take_back_prefetched``, ``_steal``) is the lever for any policy that must reclaim them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .jobs import Block, JobBook, count
+from .ledger import WorkerView
+from .messages import RUN, STEAL, dumps
+from .sizing import BatchSizer
+
+STEAL_MESSAGE = dumps((STEAL,))
+
+
+class Dispatcher:
+    def __init__(self, book: JobBook, sizer: BatchSizer, max_tasks: int | None) -> None:
+        self.book = book
+        self.sizer = sizer
+        self.max_tasks = max_tasks
+
+    def dispatch(self, candidates: Iterable[WorkerView], now: float) -> list[WorkerView]:
+        """Send queued jobs to the workers that may take them; the workers sent to."""
+        workers = [w for w in candidates if w.open]
+        if not workers:
+            return []
+        queue = self.book.queue
+        sizer = self.sizer
+        sent: list[WorkerView] = []
+        workers.sort(key=lambda w: w.holding)
+        for w in workers:
+            head = queue.head()
+            if head is None:
+                break
+            if w.stealing:
+                continue
+            size = sizer.jobs_per_message(head.stage)
+            # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
+            # between batches; a batch stuck behind a long job is taken back by _steal.
+            if w.holding > size:
+                continue
+            n = min(size, -(-len(queue) // len(workers)))
+            probe = _pickled_size(head.data[0]) if sizer.should_probe(head.stage, n) else None
+            n = sizer.fit_bytes(head.stage, n, probe)
+            if self.max_tasks is not None:
+                n = min(n, self.max_tasks - w.assigned)
+            if n > 0 and self._send(w, n, now):
+                sent.append(w)
+        if not len(queue):
+            _steal(workers)
+        return sent
+
+    def take_back_prefetched(self, workers: Iterable[WorkerView]) -> None:
+        """A drain waits for running attempts only: jobs waiting in a worker's mailbox come
+        back (and are dropped with the queue)."""
+        for w in workers:
+            if w.holding > 1 and not w.stealing and w.killed_for is None:
+                w.stealing = True
+                w.proc.send(STEAL_MESSAGE)
+
+    def _send(self, w: WorkerView, n: int, now: float) -> bool:
+        """Send ``w`` the next ``n`` jobs, or fewer; False when nothing went."""
+        blocks = self.book.take(n, w.pid)
+        if not blocks:
+            return False  # their futures were cancelled
+        try:
+            blob = dumps(_data(blocks))
+        except BaseException:  # a payload's __reduce__ may raise anything, SystemExit too
+            blocks = self._drop_unpicklable(blocks, now)
+            if not blocks:
+                return False
+            blob = dumps(_data(blocks))
+        jobs = count(blocks)
+        keep = self.sizer.oversized(jobs, len(blob))
+        if keep is not None:  # payloads grew past the estimate: a moderate message now
+            blocks = self._keep(blocks, keep)
+            jobs = keep
+            blob = dumps(_data(blocks))
+        self.sizer.sized(blocks[0].stage, len(blob), jobs)
+        if len(blocks) == 1:
+            block = blocks[0]
+            header = dumps((RUN, list(block.ids), [block.stage] * jobs))
+        else:
+            ids: list[int] = []  # consecutive within each block
+            stages: list[int] = []
+            for block in blocks:
+                ids += block.ids
+                stages += [block.stage] * block.size
+            header = dumps((RUN, ids, stages))
+        if not w.proc.send(header, blob):
+            self.book.requeue(blocks)  # it died; its sentinel will tell
+            return False
+        w.sent(blocks)
+        return True
+
+    def _keep(self, blocks: list[Block], keep: int) -> list[Block]:
+        """The first ``keep`` jobs of ``blocks``; the rest go back to the queue."""
+        kept: list[Block] = []
+        for i, block in enumerate(blocks):
+            if keep >= block.size:
+                kept.append(block)
+                keep -= block.size
+                continue
+            if keep:
+                kept.append(block.cut(keep))
+            self.book.requeue(blocks[i:])
+            break
+        return kept
+
+    def _drop_unpicklable(self, blocks: list[Block], now: float) -> list[Block]:
+        """Fail the jobs whose payload cannot be pickled (one attempt, never retried)."""
+        good = []
+        for block in blocks:
+            lo = 0
+            for i, data in enumerate(block.data):
+                try:
+                    dumps(data)
+                    continue
+                except BaseException as exc:
+                    if lo < i:
+                        good.append(block.part(lo, i))
+                    self.book.unloadable([block.part(i, i + 1)], exc, now)
+                lo = i + 1
+            if lo == 0:
+                good.append(block)
+            elif lo < block.size:
+                good.append(block.part(lo, block.size))
+        return good
+
+
+def _steal(workers: list[WorkerView]) -> None:
+    """An idle worker and nothing queued: take back jobs waiting behind running ones."""
+    if any(not w.holding for w in workers):
+        for w in workers:
+            if w.holding > 1 and not w.stealing:
+                w.stealing = True
+                w.proc.send(STEAL_MESSAGE)
+
+
+def _data(blocks: list[Block]) -> Sequence[Any]:
+    """What the jobs of one message run on, as one sequence."""
+    if len(blocks) == 1:
+        return blocks[0].data
+    data: list[Any] = []
+    for block in blocks:
+        data += block.data
+    return data
+
+
+def _pickled_size(data: Any) -> int:
+    try:
+        return len(dumps(data))
+    except BaseException:
+        return 0  # _send reports it as the job's serialization error
