@@ -119,6 +119,11 @@ class Retirement:
         self._sample_at = 0.0 if self._every is not None else math.inf
         self._memory_info: Callable[[], _Memory] | None = None
 
+    @property
+    def counts_jobs(self) -> bool:
+        """Whether after_job() can ever retire the worker or sample its memory."""
+        return self.left != math.inf or self._sample_at != math.inf
+
     def after_job(self, now: float) -> str | None:
         """Count one answered job (``now``: time.monotonic()); why the worker leaves, if it
         does."""
@@ -206,24 +211,40 @@ class Runner:
             return retirement.reason
         tasks, progress, flush_every = self.tasks, self.progress, self.flush_every
         job_at, started_at = self.job_at, self.started_at
-        monotonic, monotonic_ns, run = time.monotonic, time.monotonic_ns, run_one
+        counted = retirement.counts_jobs  # else after_job() is a no-op: skip it per job
+        clock = time.monotonic_ns
         out = _Results()
-        flushed = monotonic()
+        add_id, add_outcome, add_elapsed, add_value = out.appenders()
+        flushed = clock()
+        flush_ns = flush_every * 1e9
         for job_id, stage, payload in jobs:
-            progress[started_at] = monotonic_ns()
+            # One clock for the slot and the attempt's time: the per-job cost is the floor of a
+            # no-op job's price.
+            progress[started_at] = start = clock()
             progress[job_at] = job_id
-            outcome, elapsed, value = run(tasks[stage], payload)
-            out.add(job_id, outcome, elapsed, value)
+            try:
+                value = tasks[stage].run(payload)
+            except BaseException as exc:
+                end = clock()
+                outcome = ERROR if is_retryable(tasks[stage], exc) else FATAL
+                value = error_tuple(exc)
+            else:
+                end = clock()
+                outcome = OK
             progress[job_at] = IDLE
-            now = monotonic()
-            if retirement.after_job(now):
+            add_id(job_id)
+            add_outcome(outcome)
+            add_elapsed((end - start) / 1e9)
+            add_value(value)
+            if counted and retirement.after_job(end / 1e9):
                 break
             # A failure is reported at once: its backoff starts now, and a crash of a later
             # job of the batch cannot lose the record of this attempt.
-            if outcome != OK or now - flushed > flush_every:
+            if outcome != OK or end - flushed > flush_ns:
                 self._flush(out)
                 out = _Results()
-                flushed = now
+                add_id, add_outcome, add_elapsed, add_value = out.appenders()
+                flushed = end
         if out.ids:
             self._flush(out)
         return retirement.reason
@@ -237,17 +258,6 @@ class Runner:
         progress[self.job_at] = IDLE
 
 
-def run_one(task: Task, payload: Any) -> tuple[int, float, Any]:
-    """(outcome, seconds, value or error tuple) of one call of ``task.run``."""
-    start = time.perf_counter()
-    try:
-        value = task.run(payload)
-    except BaseException as exc:
-        elapsed = time.perf_counter() - start
-        return (ERROR if is_retryable(task, exc) else FATAL, elapsed, error_tuple(exc))
-    return (OK, time.perf_counter() - start, value)
-
-
 class _Results:
     """Results of one message, pickled together; an unpicklable value fails its job alone."""
 
@@ -259,11 +269,13 @@ class _Results:
         self.elapsed: list[float] = []
         self.values: list[Any] = []
 
-    def add(self, job_id: int, outcome: int, elapsed: float, value: Any) -> None:
-        self.ids.append(job_id)
-        self.outcomes.append(outcome)
-        self.elapsed.append(elapsed)
-        self.values.append(value)
+    def appenders(
+        self,
+    ) -> tuple[
+        Callable[[int], None], Callable[[int], None], Callable[[float], None], Callable[[Any], None]
+    ]:
+        """One append per column, bound once per message rather than looked up per job."""
+        return self.ids.append, self.outcomes.append, self.elapsed.append, self.values.append
 
     def message(self, retiring: str | None) -> Results:
         try:
