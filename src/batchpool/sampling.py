@@ -29,8 +29,9 @@ class Reservoir:
         if keep <= 0:
             return
         chosen = values if keep >= len(values) else rand.sample(values, keep)
+        slots, size, draw = self.values, self.size, rand.random
         for value in chosen:
-            self.values[rand.randrange(self.size)] = value
+            slots[int(draw() * size)] = value  # randrange() costs 4x this, per kept value
 
     def quantile(self, q: float) -> float | None:
         if not self.values:
