@@ -18,7 +18,7 @@ from .messages import dumps
 from .results import JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
 from .supervisor import Supervisor
-from .task import UNSET, Policy, Task, resolve_policy
+from .task import UNSET, Policy, Task, check_priority, resolve_policy
 
 # imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
 # to bound memory
@@ -191,14 +191,15 @@ class Pool:
         retries: int | None = UNSET,
         timeout: float | None = UNSET,
         backoff: float | None = UNSET,
+        rate_limit: str | float | None = None,
         start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
     ) -> None:
-        """``retries``/``timeout``/``backoff`` override the task's (``timeout=None`` removes
-        its timeout); ``start_timeout``: seconds a worker gets to start and run ``setup()``
-        before it is killed and counted as a failed start (default: 60, or the task's
-        timeout if longer)."""
+        """``retries``/``timeout``/``backoff``/``rate_limit`` override the task's
+        (``timeout=None`` removes its timeout); ``start_timeout``: seconds a worker gets to
+        start and run ``setup()`` before it is killed and counted as a failed start (default:
+        60, or the task's timeout if longer)."""
         self._open(
             [task],
             procs,
@@ -206,7 +207,12 @@ class Pool:
             chunksize=chunksize,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory=max_memory,
-            overrides={"retries": retries, "timeout": timeout, "backoff": backoff},
+            overrides={
+                "retries": retries,
+                "timeout": timeout,
+                "backoff": backoff,
+                "rate_limit": rate_limit,
+            },
             preload=(),
             start_timeout=start_timeout,
             backend=backend,
@@ -223,11 +229,18 @@ class Pool:
         retries: int | None = UNSET,
         timeout: float | None = UNSET,
         backoff: float | None = UNSET,
+        rate_limit: str | float | None = None,
         **options: Any,
     ) -> Pool:
-        """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine)."""
+        """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine);
+        ``rate_limit`` overrides every stage's, each stage keeping a limit of its own."""
         pool = cls.__new__(cls)
-        overrides = {"retries": retries, "timeout": timeout, "backoff": backoff}
+        overrides = {
+            "retries": retries,
+            "timeout": timeout,
+            "backoff": backoff,
+            "rate_limit": rate_limit,
+        }
         pool._open(
             list(tasks), procs, overrides=overrides, preload=preload, own_signals=True, **options
         )
@@ -302,8 +315,16 @@ class Pool:
         if broken is not None:
             raise PoolBroken(broken_message(broken))
 
-    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
-        return Block(range(index, index + 1), [payload], consumer, tag)
+    def _make_job(
+        self, index: int, payload: Any, consumer: Any, tag: Any = None, priority: int | None = None
+    ) -> Block:
+        """A one-job block; ``priority`` None: the first stage's task's."""
+        level = self._policies[0].priority if priority is None else priority
+        return Block(range(index, index + 1), [payload], consumer, tag, level)
+
+    def _priority(self, priority: int | None) -> int:
+        """The jobs' priority: the one asked for (checked), else the task's."""
+        return self._policies[0].priority if priority is None else check_priority(priority)
 
     def _post_jobs(self, entries: list[Block]) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
@@ -315,25 +336,30 @@ class Pool:
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
-    def submit(self, payload: Any) -> Future[JobResult]:
-        """Queue one job; the Future resolves to its JobResult (failures included)."""
+    def submit(self, payload: Any, *, priority: int | None = None) -> Future[JobResult]:
+        """Queue one job; the Future resolves to its JobResult (failures included).
+        ``priority``: higher runs first (default: the task's ``priority``)."""
+        level = self._priority(priority)
         self._check_open()
         future = JobFuture()
-        job = self._make_job(next(self._submits), payload, self._futures, future)
+        job = self._make_job(next(self._submits), payload, self._futures, future, level)
         future._job = job
         future._supervisor = self._supervisor
         self._post_jobs([job])
         return future
 
-    def map(self, payloads: Iterable[Any]) -> list[JobResult]:
-        """Run every payload; results in input order."""
+    def map(self, payloads: Iterable[Any], *, priority: int | None = None) -> list[JobResult]:
+        """Run every payload; results in input order. ``priority``: as for submit()."""
+        level = self._priority(priority)
         self._check_open()
         items = list(payloads)
         results: list[JobResult | None] = [None] * len(items)
         collector = _Collector(self._supervisor)
         for start in range(0, len(items), SUBMIT_CHUNK):
             stop = min(start + SUBMIT_CHUNK, len(items))
-            self._post_jobs([Block(range(start, stop), items[start:stop], collector)])
+            self._post_jobs(
+                [Block(range(start, stop), items[start:stop], collector, priority=level)]
+            )
         remaining = len(items)
         while remaining:
             for indexes, run in collector.take(remaining):
@@ -345,10 +371,14 @@ class Pool:
                 remaining -= len(run)
         return results  # type: ignore[return-value]
 
-    def imap(self, payloads: Iterable[Any], ordered: bool = True) -> Iterator[JobResult]:
-        """Stream results while reading ``payloads`` lazily, a bounded window ahead."""
+    def imap(
+        self, payloads: Iterable[Any], ordered: bool = True, *, priority: int | None = None
+    ) -> Iterator[JobResult]:
+        """Stream results while reading ``payloads`` lazily, a bounded window ahead.
+        ``priority``: as for submit()."""
+        level = self._priority(priority)
         self._check_open()
-        return self._imap(iter(payloads), ordered)
+        return self._imap(iter(payloads), ordered, level)
 
     def _window(self) -> int:
         """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
@@ -359,7 +389,7 @@ class Pool:
             window = min(window, WINDOW_BYTES // per_job)
         return max(window, 2 * self.procs)
 
-    def _imap(self, source: Iterator[Any], ordered: bool) -> Iterator[JobResult]:
+    def _imap(self, source: Iterator[Any], ordered: bool, priority: int) -> Iterator[JobResult]:
         collector = _Collector(self._supervisor)
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
         next_index = 0  # of the source
@@ -373,9 +403,8 @@ class Pool:
                 batch = list(itertools.islice(source, want))
                 exhausted = len(batch) < want
                 if batch:
-                    self._post_jobs(
-                        [Block(range(next_index, next_index + len(batch)), batch, collector)]
-                    )
+                    chunk = range(next_index, next_index + len(batch))
+                    self._post_jobs([Block(chunk, batch, collector, priority=priority)])
                     next_index += len(batch)
                     outstanding += len(batch)
             if not outstanding:

@@ -33,6 +33,15 @@ class Timers:
     def cancel(self, key: Hashable) -> None:
         self._live.pop(key, None)
 
+    def pop(self, key: Hashable) -> Any:
+        """Cancel ``key``; its payload, or None if it was not scheduled."""
+        live = self._live.pop(key, None)
+        return None if live is None else live[1]
+
+    def items(self) -> list[tuple[Hashable, Any]]:
+        """``(key, payload)`` of every live timer."""
+        return [(key, live[1]) for key, live in self._live.items()]
+
     def next_at(self) -> float | None:
         """When the earliest live timer is due, or None."""
         heap = self._heap
