@@ -233,7 +233,7 @@ class JobBook:
         self.queue.add(coalesce(blocks))
 
     # -- dispatch ------------------------------------------------------------------------
-    def take(self, n: int, pid: int, now: float = 0.0, idle: bool = True) -> list[Block]:
+    def take(self, n: int, pid: int, now: float, idle: bool) -> list[Block]:
         """Up to n jobs for one message to worker ``pid`` (``idle``: it runs nothing), as the
         scheduler picks them at ``now``. A job whose Future was cancelled is dropped here
         instead; the others' futures become RUNNING."""

@@ -132,7 +132,7 @@ class Scheduler(Generic[Q]):
         self._waiting_jobs = 0
         self._solo = 0  # solo blocks held, ready or waiting (rare: skip the scans without)
         self._now = -math.inf  # the latest time a caller gave
-        self.floor: int | None = None  # the lowest priority ever queued
+        self.floor: float = math.inf  # the lowest priority ever queued
 
     # -- what is there -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,7 +157,7 @@ class Scheduler(Generic[Q]):
         """Ready jobs of stages without a rate limit."""
         return self._free.jobs
 
-    def head(self, now: float = 0.0, idle: bool = True) -> Q | None:
+    def head(self, now: float, idle: bool = True) -> Q | None:
         """The block that ``take(n, now, idle)`` would hand out (the first part of) first."""
         lane = self._choose(now, idle)
         if lane is None:
@@ -209,7 +209,7 @@ class Scheduler(Generic[Q]):
             self._lines(block).appendleft(block)
 
     # -- out -----------------------------------------------------------------------------------
-    def take(self, n: int, now: float = 0.0, idle: bool = True) -> list[Q]:
+    def take(self, n: int, now: float, idle: bool = True) -> list[Q]:
         """Blocks of up to ``n`` jobs in all for one message to a worker (``idle``: running
         nothing), best first, the last one cut to fit; a solo block goes alone and a batch
         stops before one; a rate-limited job goes alone."""
@@ -287,7 +287,7 @@ class Scheduler(Generic[Q]):
         return self._free
 
     def _seen(self, priority: int) -> None:
-        if self.floor is None or priority < self.floor:
+        if priority < self.floor:
             self.floor = priority
 
     def _choose(self, now: float, idle: bool) -> tuple[Lines[Q], Admission | None] | None:
