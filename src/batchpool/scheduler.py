@@ -132,7 +132,9 @@ class Scheduler(Generic[Q]):
         self._waiting_jobs = 0
         self._solo = 0  # solo blocks held, ready or waiting (rare: skip the scans without)
         self._now = -math.inf  # the latest time a caller gave
-        self.floor: float = math.inf  # the lowest priority ever queued
+        # The lowest priority ever queued: while no job ranks above it, no worker can hold
+        # one of a lower priority than the next, and dispatch skips that check.
+        self.floor: float = math.inf
 
     # -- what is there -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -164,11 +166,6 @@ class Scheduler(Generic[Q]):
             return None
         line = lane[0].front()
         return None if line is None else line[0]
-
-    def top(self, now: float) -> int | None:
-        """The highest priority of the jobs that may go now (to an idle worker)."""
-        head = self.head(now)
-        return None if head is None else head.priority
 
     def next_due(self) -> float | None:
         """When the next waiting block becomes ready, or the next rate-limited job is
