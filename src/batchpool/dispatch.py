@@ -41,15 +41,18 @@ class Dispatcher:
         sent: list[WorkerView] = []
         workers.sort(key=lambda w: w.holding)
         for w in workers:
-            head = queue.head(now, not w.holding)
-            if head is None:
-                break  # nothing, or a rate-limited job that waits for an idle worker
+            best = queue.head(now)  # what goes next to an idle worker
+            if best is None:
+                break
             if w.stealing:
                 continue
-            if head.priority > queue.floor and w.holding > 1 and _behind_lower(w, head.priority):
+            if best.priority > queue.floor and w.holding > 1 and _behind_lower(w, best.priority):
                 w.stealing = True  # its prefetched jobs come back; the better one goes next
                 w.proc.send(STEAL_MESSAGE)
                 continue
+            head = queue.head(now, idle=False) if w.holding else best
+            if head is None:
+                continue  # a rate-limited job waits for an idle worker; this one is busy
             size = sizer.jobs_per_message(head.stage)
             # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
             # between batches; a batch stuck behind a long job is taken back by _steal.
