@@ -161,6 +161,9 @@ class Scheduler(Generic[Q]):
 
     def head(self, now: float, idle: bool = True) -> Q | None:
         """The block that ``take(n, now, idle)`` would hand out (the first part of) first."""
+        if not self._limited:  # the common case, once per worker and pass
+            line = self._free.front()
+            return line[0] if line else None
         lane = self._choose(now, idle)
         if lane is None:
             return None
