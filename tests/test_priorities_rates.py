@@ -125,18 +125,17 @@ def test_a_priority_that_is_no_integer_is_refused_when_called(tmp_path: Path, ba
 
 
 def check_bound(times: list[float], rate: float) -> None:
-    """In any window of T seconds at most rate * T + 1 starts, for T of 0.5, 1 and 2 s. The
-    supervisor admits starts exactly 1 / rate apart (tests/test_scheduler.py proves that for
-    every window); inside run() each lands later by its message's delivery, which a loaded
-    2-core machine can stretch by tens of ms, so windows of a single interval are not judged
-    here (benchmarks/control.py measures the closest gap)."""
-    for window in (0.5, 1.0, 2.0):
+    """In any window of T seconds at most rate * T + 1 starts, for T from one interval to 2 s.
+    The workers take their starts an interval apart at the stage's gate (tests/test_rates.py);
+    the instant run() records trails that by a few microseconds, or by a preemption on a busy
+    machine, so two starts a hair closer than an interval are not judged here."""
+    for window in (1 / rate, 0.5, 1.0, 2.0):
         assert most_in_window(times, window) <= rate * window + 1 + 1e-9, (window, times)
 
 
 def span(times: list[float]) -> float:
     """Seconds from the first start to the last: n starts at a rate take (n - 1) / rate; the
-    bounds asserted leave one interval for delivery jitter."""
+    bounds asserted leave an interval for the instants run() records."""
     return times[-1] - times[0]
 
 

@@ -1,14 +1,23 @@
 """Rate limits (batchpool.rates): what a setting means, and the admission's bound -- in any
 window of T seconds at most rate * T + 1 admissions -- over random sequences of ``now``, with
-the admissions as frequent as the rate lets them be. Pure logic: no processes."""
+the admissions as frequent as the rate lets them be (pure logic); then the workers' gate, with
+real files, locks and time: starts an interval apart whoever takes them, and a holder killed
+with the lock does not wedge the others."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchpool.rates import Admission, parse_rate
+from batchpool.rates import Admission, GateFiles, open_gates, parse_rate
 
 EPS = 1e-9
 
@@ -76,3 +85,71 @@ def test_the_first_goes_at_once_and_the_next_one_interval_later(rate: float, t: 
     gate.admit(t)
     assert not gate.ready(t + 0.999 / rate)
     assert gate.ready(t + 1 / rate)
+
+
+# -- the workers' gate: real files, real locks, real time ------------------------------------------
+
+
+def test_starts_taken_at_a_gate_are_an_interval_apart_whoever_takes_them() -> None:
+    """Three threads, each with the gate open on its own descriptor as each worker has it,
+    take 4 starts each as fast as they can: every two starts are at least an interval apart."""
+    interval = 0.05
+    files = GateFiles([None, 1 / interval])
+    try:
+        times: list[float] = []
+        lock = threading.Lock()
+
+        def worker() -> None:
+            gate = open_gates(files.specs)[1]
+            try:
+                for _ in range(4):
+                    gate.wait()
+                    now = time.monotonic()
+                    with lock:
+                        times.append(now)
+            finally:
+                os.close(gate.fd)
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        times.sort()
+        assert len(times) == 12
+        assert min(b - a for a, b in zip(times, times[1:], strict=False)) >= interval - 1e-6
+    finally:
+        files.remove()
+    assert not Path(files.specs[0][1]).exists()
+    assert open_gates(files.specs) == {}  # removed with its pool: admission alone
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_killed_holding_the_gate_does_not_block_the_others() -> None:
+    files = GateFiles([2.0])
+    ((_, path, _),) = files.specs
+    script = (
+        "import fcntl, os, time\n"
+        f"fd = os.open({path!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    try:
+        with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as holder:
+            assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+            holder.kill()
+        gate = open_gates(files.specs)[0]
+        try:
+            gate.wait()  # the kernel dropped the dead holder's lock
+            gate.wait()  # and the next start comes an interval (0.5 s) later, not never
+        finally:
+            os.close(gate.fd)
+    finally:
+        files.remove()
+
+
+def test_no_rate_limit_makes_no_gate() -> None:
+    files = GateFiles([None, None])
+    assert files.specs == ()
+    files.remove()

@@ -285,7 +285,10 @@ class Pool:
         self.procs: int = procs  # type: ignore[assignment]
         self.start_method = method
         self._policies = policies
-        spec = WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals)
+        rates = tuple(p.rate for p in policies)
+        spec = WorkerSpec(
+            tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals, rates
+        )
         workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
             policies,
