@@ -7,6 +7,7 @@ only timing asserted is the lower bound a rate implies)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,21 @@ def test_pool_rate_limit_overrides_every_stage(tmp_path: Path) -> None:
         times = [s.at for s in starts(log, tag)]
         check_bound(times, 5)
         assert span(times) >= 0.8
+
+
+def test_the_gates_files_go_with_the_pool(tmp_path: Path) -> None:
+    def gate_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("batchpool-rates-*"))
+
+    before = gate_dirs()
+    with Pool(Stamp(tmp_path / "starts"), 2, rate_limit=50) as pool:
+        assert [r.value for r in pool.map(range(3))] == [0, 1, 2]
+        made = gate_dirs() - before
+        assert len(made) == 1
+    assert not any(d.exists() for d in made)
+    with Pool(Stamp(tmp_path / "starts"), 1) as pool:  # no limit, no gate
+        pool.map(range(2))
+        assert gate_dirs() - before == set()
 
 
 @pytest.mark.parametrize("bad", ["fast", "-1/s", 0, "10/x", -2.0, "0/m", True])
