@@ -1,0 +1,90 @@
+"""Cancellation and deadlines (SPEC 3): the scheduler takes out exactly the jobs cancelled (pure
+properties first), then real pools: future.cancel() while queued or waiting for a retry,
+cancel_pending() mid-run, map()/imap() with a deadline, and ``batchpool run --deadline``."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchpool.jobs import Block
+from batchpool.scheduler import Scheduler
+
+# -- the scheduler: cancellation removes exactly the jobs named ---------------------------------
+
+SETUPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 4)),
+        st.tuples(st.just("take"), st.integers(1, 5)),
+        st.tuples(st.just("defer"), st.integers(0, 4), st.floats(0, 10)),
+        st.tuples(st.just("release"), st.floats(0, 3)),
+    ),
+    max_size=40,
+)
+
+
+def _scheduler_in_some_state(ops: list[tuple]) -> tuple[Scheduler, list[Block]]:
+    """A scheduler after ``ops`` (one-job blocks: nothing is cut), and the blocks it holds,
+    ready or waiting for a retry."""
+    s: Scheduler[Block] = Scheduler()
+    names = itertools.count()
+    held: list[Block] = []
+    waiting: list[Block] = []
+    now = 0.0
+    for op in ops:
+        if op[0] == "add":
+            s.add([Block([j], [j], None) for j in itertools.islice(names, op[1])])
+        elif op[0] == "take":
+            for b in s.take(op[1]):
+                b.ids = range(b.payload[0], b.payload[0] + 1)  # as JobBook.take gives ids
+                held.append(b)
+        elif op[0] == "defer" and held:
+            b = held.pop(min(op[1], len(held) - 1))
+            s.defer(b, now + op[2])
+            if all(b is not w for w in waiting):
+                waiting.append(b)
+        elif op[0] == "release":
+            now += op[1]
+            s.release(now)
+    ready = list(s)
+    inside = ready + [b for b in waiting if all(b is not r for r in ready + held)]
+    assert sum(b.size for b in inside) == len(s) + s.waiting
+    return s, inside
+
+
+def _jobs(blocks: list[Block]) -> list[int]:
+    return sorted(j for b in blocks for j in b.payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SETUPS, st.integers(0, 50))
+def test_remove_takes_out_exactly_that_block_ready_or_waiting(ops: list[tuple], pick: int) -> None:
+    s, inside = _scheduler_in_some_state(ops)
+    before = len(s) + s.waiting
+    if not inside:
+        return
+    target = inside[pick % len(inside)]
+    assert s.remove(target)
+    assert not s.remove(target), "removed twice"
+    assert len(s) + s.waiting == before - target.size
+    s.release(1e9)
+    rest = s.drain()
+    assert all(b is not target for b in rest)
+    assert _jobs(rest) == _jobs([b for b in inside if b is not target])
+
+
+@settings(max_examples=300, deadline=None)
+@given(SETUPS, st.integers(2, 4), st.integers(0, 3))
+def test_remove_where_takes_out_exactly_the_blocks_named(
+    ops: list[tuple], modulus: int, residue: int
+) -> None:
+    s, inside = _scheduler_in_some_state(ops)
+    wanted = lambda b: b.payload[0] % modulus == residue  # noqa: E731
+    removed = s.remove_where(wanted)
+    assert _jobs(removed) == _jobs([b for b in inside if wanted(b)])
+    assert len(s) + s.waiting == sum(b.size for b in inside if not wanted(b))
+    assert s.remove_where(wanted) == []
+    s.release(1e9)
+    assert _jobs(s.drain()) == _jobs([b for b in inside if not wanted(b)])
