@@ -5,10 +5,16 @@ cancel_pending() mid-run, map()/imap() with a deadline, and ``batchpool run --de
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import CancelledError
+from pathlib import Path
 
+import pytest
+from faults import FailTimes, SleepMarked, attempts_of
+from helpers import check_invariants, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchpool import Pool
 from batchpool.jobs import Block
 from batchpool.scheduler import Scheduler
 
@@ -88,3 +94,40 @@ def test_remove_where_takes_out_exactly_the_blocks_named(
     assert s.remove_where(wanted) == []
     s.release(1e9)
     assert _jobs(s.drain()) == _jobs([b for b in inside if not wanted(b)])
+
+
+# -- future.cancel() -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_queued_future_cancelled_never_runs(tmp_path: Path) -> None:
+    with Pool(SleepMarked(tmp_path, 1.0), procs=1) as pool:
+        running = pool.submit("slow")
+        queued = [pool.submit(f"q{i}") for i in range(4)]
+        wait_for(lambda: attempts_of(tmp_path, "slow"), 10, "the slow job to start")
+        assert running.running() and not running.cancel()
+        assert [f.cancel() for f in queued[2:]] == [True, True]
+        with pytest.raises(CancelledError):
+            queued[3].result(timeout=1)
+        assert [f.result(timeout=10).ok for f in [running, *queued[:2]]] == [True] * 3
+    assert not attempts_of(tmp_path, "q2") and not attempts_of(tmp_path, "q3")
+    m = pool.metrics()
+    assert (m.submitted, m.succeeded, m.cancelled) == (5, 3, 2)
+    check_invariants(m)
+
+
+@pytest.mark.timeout(30)
+def test_a_future_waiting_for_its_retry_is_pending_and_can_be_cancelled(tmp_path: Path) -> None:
+    # The retry would come after 60 s: the pool closes at once instead, and the job never
+    # runs again.
+    with Pool(FailTimes(1, tmp_path, retries=3, backoff=60.0), procs=1) as pool:
+        future = pool.submit("x")
+        wait_for(lambda: pool.metrics().retried == 1, 10, "the first attempt to fail")
+        assert not future.running() and not future.done()
+        assert future.cancel() and future.cancelled()
+        wait_for(lambda: pool.metrics().cancelled == 1, 10, "the cancel to be counted")
+        assert pool.metrics().queued == 0
+    assert len(attempts_of(tmp_path, "x")) == 1
+    m = pool.metrics()
+    assert (m.submitted, m.started, m.retried, m.cancelled) == (1, 1, 1, 1)
+    check_invariants(m)

@@ -15,7 +15,7 @@ from .backends import WorkerSpec, check_backend, make_backend
 from .errors import PoolBroken, PoolClosed
 from .jobs import Block, Delivery
 from .messages import dumps
-from .results import JobError, JobResult, Metrics
+from .results import KIND_CANCELLED, JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
 from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, resolve_policy
@@ -61,12 +61,15 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
 
 
 class JobFuture(Future[JobResult]):
-    """A submit()ted job. As in concurrent.futures, it is RUNNING once sent to a worker, and
-    ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
-    runs (Metrics.cancelled)."""
+    """A submit()ted job. As in concurrent.futures, ``cancel()`` succeeds exactly when the
+    future is neither RUNNING nor done. It is RUNNING while a worker holds the job, and PENDING
+    whenever the job waits in the pool: queued, handed back unstarted, or between attempts (a
+    retry's backoff): so it can be cancelled while queued or waiting for a retry, and a
+    cancelled job never runs again (Metrics.cancelled)."""
 
     _job: Block
     _supervisor: Supervisor
+    cancel_error = None  # the tag protocol (jobs.py): a Future resolves itself when cancelled
 
     def cancel(self) -> bool:
         with self._condition:
@@ -86,10 +89,18 @@ class JobFuture(Future[JobResult]):
             if self._state == _base.PENDING:
                 self._state = _base.RUNNING  # no notify: result() waits once, for the end
                 return True
-            return self._state == _base.RUNNING  # a retry, or a job handed back
+            return self._state == _base.RUNNING
 
-    def _terminated(self) -> None:
-        """terminate(): cancelled even while RUNNING, as the SPEC promises; the public
+    def release(self) -> None:
+        """The job is back in the pool's queue, not running (a retry waits for its backoff, or
+        a worker handed it back unstarted): PENDING again, so cancel() can succeed."""
+        with self._condition:
+            if self._state == _base.RUNNING:
+                self._state = _base.PENDING
+
+    def _cancel_anyway(self) -> None:
+        """Cancelled by the pool: terminate() (even while RUNNING, as the SPEC promises),
+        cancel_pending() (a job handed back unstarted may still read RUNNING). The public
         protocol has no such transition, so these few steps use Future's own fields."""
         with self._condition:
             if self._state not in (_base.PENDING, _base.RUNNING):
@@ -111,6 +122,9 @@ class _Futures:
 
     def deliver(self, items: Delivery) -> None:
         for job, (result,) in items.runs:  # a Future's job has a block of its own
+            if result.error is not None and result.error.kind == KIND_CANCELLED:
+                job.tag._cancel_anyway()  # cancel_pending()
+                continue
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
@@ -121,7 +135,7 @@ class _Futures:
         "cancelled" result (``error`` given: that failure instead)."""
         future: JobFuture = job.tag
         if error is None:
-            future._terminated()
+            future._cancel_anyway()
         else:
             self.deliver(Delivery([(job, job.failures(error))]))
 
