@@ -9,12 +9,22 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
-from faults import FailTimes, SleepMarked, attempts_of
-from helpers import check_invariants, wait_for
+from faults import FailTimes, SleepMarked, Square, attempts_of
+from helpers import (
+    bp,
+    check_invariants,
+    child_env,
+    final_rows,
+    one_line,
+    output_rows,
+    read_lines,
+    wait_for,
+    write,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchpool import Pool
+from batchpool import Pipeline, Pool
 from batchpool.jobs import Block
 from batchpool.scheduler import Scheduler
 
@@ -131,3 +141,78 @@ def test_a_future_waiting_for_its_retry_is_pending_and_can_be_cancelled(tmp_path
     m = pool.metrics()
     assert (m.submitted, m.started, m.retried, m.cancelled) == (1, 1, 1, 1)
     check_invariants(m)
+
+
+# -- batchpool run --deadline ----------------------------------------------------------------------
+
+# Two stages; each appends "STAGE INDEX" to $DL_RUNS and sleeps $DL_SLEEP seconds.
+TWO_STAGES_PY = """
+import os
+import time
+
+from faults import append_line
+
+from batchpool import Pipeline, Task
+
+N = int(os.environ["DL_N"])
+
+
+class Stage(Task):
+    retries = 0
+
+    def __init__(self, name):
+        self.name = name
+
+    def run(self, item):
+        n, value = item
+        append_line(os.environ["DL_RUNS"], f"{self.name} {n}")
+        time.sleep(float(os.environ["DL_SLEEP"]))
+        return n, value + 1
+
+
+pipeline = Pipeline([(n, n) for n in range(N)], Stage("a"), Stage("b"), name="two")
+"""
+
+
+def _ran(runs: Path, stage: str, lines: list[str]) -> set[int]:
+    return {int(line.split()[1]) for line in lines if line.split()[0] == stage}
+
+
+@pytest.mark.timeout(60)
+def test_cli_deadline_drains_exits_124_and_resume_completes_exactly_once(tmp_path: Path) -> None:
+    n, runs = 16, tmp_path / "runs"
+    pipeline = write(tmp_path / "two.py", TWO_STAGES_PY)
+    journal = tmp_path / ".batchpool" / "two.sqlite"
+    env = child_env(DL_N=n, DL_SLEEP=0.3, DL_RUNS=runs)  # 16 jobs x 2 stages x 0.3 s: 4.8 s
+    run = ["run", pipeline, "--procs", 2, "--no-progress"]
+    r = bp(*run, "--deadline", "1.5s", cwd=tmp_path, env=env)
+    assert r.returncode == 124, r.stderr
+    assert "stopped by deadline" in r.stderr and "Traceback" not in r.stderr
+    assert f"continue with: batchpool run {pipeline} --resume" in r.stderr
+    recorded = set(final_rows(journal))
+    first = read_lines(runs)
+    assert 0 < len(recorded) < n
+    # Drained, not cut: every job that ran its last stage is in the journal.
+    assert _ran(runs, "b", first) == recorded
+    r = bp(*run, "--resume", "--output", "out.jsonl", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = output_rows(tmp_path / "out.jsonl", n)
+    assert all(x["ok"] and x["value"] == [x["index"], x["index"] + 2] for x in rows)
+    again = _ran(runs, "b", read_lines(runs)[len(first) :])
+    assert not again & recorded and again | recorded == set(range(n))
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "1.5 hours"])
+def test_cli_refuses_a_bad_deadline_with_one_line_exit_2(tmp_path: Path, value: str) -> None:
+    pipeline = write(tmp_path / "two.py", TWO_STAGES_PY)
+    runs = tmp_path / "runs"
+    r = bp("run", pipeline, "--deadline", value, cwd=tmp_path, env=child_env(DL_N=2, DL_RUNS=runs))
+    assert r.returncode == 2, r.stderr
+    assert "--deadline" in one_line(r.stderr)
+    assert not runs.exists() and not (tmp_path / ".batchpool").exists()
+
+
+def test_pipeline_run_refuses_a_bad_deadline_before_anything_starts(tmp_path: Path) -> None:
+    for bad in (0, -1.0, True, "30m", float("nan")):
+        with pytest.raises(ValueError, match="deadline must be a number of seconds > 0"):
+            Pipeline([1], Square()).run(journal=None, progress=False, deadline=bad)
