@@ -5,12 +5,15 @@ cancel_pending() mid-run, map()/imap() with a deadline, and ``batchpool run --de
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
-from faults import FailTimes, SleepMarked, Square, attempts_of
+from faults import FailTimes, Sleep, SleepMarked, Square, attempts_of
 from helpers import (
+    all_gone,
     bp,
     check_invariants,
     child_env,
@@ -143,9 +146,128 @@ def test_a_future_waiting_for_its_retry_is_pending_and_can_be_cancelled(tmp_path
     check_invariants(m)
 
 
+# -- cancel_pending() ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_cancel_pending_mid_run_cancels_all_not_started_and_counts_add_up(tmp_path: Path) -> None:
+    with Pool(SleepMarked(tmp_path, 1.5), procs=2) as pool:
+        mapped: list = []
+        thread = threading.Thread(target=lambda: mapped.extend(pool.map(["m0", "m1", "m2"])))
+        futures = [pool.submit(p) for p in ["slow1", "slow2", *(f"q{i}" for i in range(8))]]
+        thread.start()
+        wait_for(
+            lambda: attempts_of(tmp_path, "slow1") and attempts_of(tmp_path, "slow2"),
+            10,
+            "both slow jobs to run",
+        )
+        started = {
+            p for p in ["m0", "m1", "m2", *(f"q{i}" for i in range(8))] if attempts_of(tmp_path, p)
+        }
+        assert not started  # both workers are busy: the rest waits, queued or prefetched
+        assert pool.cancel_pending() == 11
+        assert all(f.cancelled() for f in futures[2:])
+        thread.join(10)
+        assert [f.result(timeout=10).ok for f in futures[:2]] == [True, True]
+    assert [(r.error.kind, r.error.type, r.attempts) for r in mapped] == [
+        ("cancelled", "Cancelled", 0)
+    ] * 3
+    assert not any(attempts_of(tmp_path, f"q{i}") for i in range(8))
+    m = pool.metrics()
+    assert (m.submitted, m.succeeded, m.failed, m.cancelled) == (13, 2, 0, 11)
+    check_invariants(m)
+
+
+@pytest.mark.timeout(30)
+def test_cancel_pending_takes_a_job_waiting_for_its_retry(tmp_path: Path) -> None:
+    with Pool(FailTimes(1, tmp_path, retries=3, backoff=60.0), procs=1) as pool:
+        future = pool.submit("x")
+        wait_for(lambda: pool.metrics().retried == 1, 10, "the first attempt to fail")
+        assert pool.cancel_pending() == 1
+        assert future.cancelled()
+        assert pool.cancel_pending() == 0
+    assert len(attempts_of(tmp_path, "x")) == 1
+    check_invariants(pool.metrics())
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+SLOW_LAST = ["a", "b", "c", "d", "e", "slow1", "slow2"]  # slow*: 5 s on the first attempt
+
+
+def _check_partial(tmp_path: Path, results: list, payloads: list[str]) -> set[int]:
+    """The slow jobs "cancelled", the rest ok, each with the attempts it made; the pids of the
+    workers that ran the cut attempts."""
+    assert [r.payload for r in results] == payloads
+    for r in results:
+        assert r.attempts == len(attempts_of(tmp_path, r.payload)), r
+        if r.payload.startswith("slow"):
+            assert (r.error.kind, r.error.type) == ("cancelled", "Cancelled"), r
+            assert "deadline" in r.error.message
+        else:
+            assert r.ok and r.value == r.payload, r
+    return {r.worker for r in results if r.payload.startswith("slow") and r.attempts}
+
+
+@pytest.mark.timeout(30)
+def test_map_deadline_returns_partial_results_and_replaces_the_stopped_workers(
+    tmp_path: Path,
+) -> None:
+    # One job per message: a result is sent as its job ends. (In a batch, a result not sent
+    # yet when its worker is stopped is lost with it: that job comes back "cancelled".)
+    with Pool(SleepMarked(tmp_path, 5.0), procs=2, chunksize=1) as pool:
+        assert all(r.ok for r in pool.map(["warm1", "warm2"]))
+        began = time.monotonic()
+        results = pool.map(SLOW_LAST, deadline=1.5)
+        took = time.monotonic() - began
+        assert 1.5 <= took < 4, took
+        killed = _check_partial(tmp_path, results, SLOW_LAST)
+        assert killed, "no running attempt was stopped"
+        wait_for(lambda: all_gone(killed), 10, "the stopped workers to be gone")
+        assert [r.value for r in pool.map(["after1", "after2"])] == ["after1", "after2"]
+        wait_for(lambda: len(pool.pids()) == 2, 10, "two workers again")
+        assert not set(pool.pids()) & killed
+        m = pool.metrics()
+    assert m.cancelled == 2 and m.worker_restarts >= len(killed)
+    check_invariants(m, cut_short=True)
+
+
+@pytest.mark.timeout(30)
+def test_imap_deadline_is_kept_while_the_caller_does_not_read(tmp_path: Path) -> None:
+    with Pool(SleepMarked(tmp_path, 5.0), procs=2, chunksize=1) as pool:
+        began = time.monotonic()
+        stream = pool.imap(SLOW_LAST, deadline=1.0)
+        first = next(stream)
+        # The caller reads nothing more: the supervisor cancels at the deadline all the same.
+        wait_for(lambda: pool.metrics().cancelled == 2, 4, "the deadline to cancel the slow jobs")
+        assert time.monotonic() - began >= 1.0
+        results = [first, *stream]
+        _check_partial(tmp_path, results, SLOW_LAST)
+        assert [r.value for r in pool.imap(["after"], ordered=False)] == ["after"]
+
+
+@pytest.mark.timeout(30)
+def test_imap_deadline_stops_reading_an_endless_source() -> None:
+    with Pool(Sleep(0.01), procs=2) as pool:
+        results = list(pool.imap(itertools.count(), ordered=False, deadline=1.0))
+    assert results and all(r.ok or r.error.kind == "cancelled" for r in results)
+    assert sorted(r.index for r in results) == list(range(len(results)))
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "1s", float("inf"), float("nan")])
+def test_a_deadline_must_be_seconds_above_zero(bad: object) -> None:
+    with Pool(Square(), procs=1) as pool:
+        with pytest.raises(ValueError, match="deadline must be a number of seconds > 0"):
+            pool.map([1], deadline=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="deadline must be a number of seconds > 0"):
+            pool.imap([1], deadline=bad)  # type: ignore[arg-type]
+        assert pool.map([3], deadline=30)[0].value == 9
+
+
 # -- batchpool run --deadline ----------------------------------------------------------------------
 
-# Two stages; each appends "STAGE INDEX" to $DL_RUNS and sleeps $DL_SLEEP seconds.
+# Two stages, "a" and "b"; each appends "STAGE INDEX" to $DL_RUNS, then sleeps $DL_SLEEP_<STAGE>
+# seconds.
 TWO_STAGES_PY = """
 import os
 import time
@@ -166,7 +288,7 @@ class Stage(Task):
     def run(self, item):
         n, value = item
         append_line(os.environ["DL_RUNS"], f"{self.name} {n}")
-        time.sleep(float(os.environ["DL_SLEEP"]))
+        time.sleep(float(os.environ.get(f"DL_SLEEP_{self.name.upper()}", "0")))
         return n, value + 1
 
 
@@ -183,17 +305,20 @@ def test_cli_deadline_drains_exits_124_and_resume_completes_exactly_once(tmp_pat
     n, runs = 16, tmp_path / "runs"
     pipeline = write(tmp_path / "two.py", TWO_STAGES_PY)
     journal = tmp_path / ".batchpool" / "two.sqlite"
-    env = child_env(DL_N=n, DL_SLEEP=0.3, DL_RUNS=runs)  # 16 jobs x 2 stages x 0.3 s: 4.8 s
+    # 16 jobs of 0.55 s on 2 workers: 4.4 s of work; at the deadline the workers are most
+    # likely inside a stage "b" attempt, which the drain lets finish.
+    env = child_env(DL_N=n, DL_SLEEP_A=0.05, DL_SLEEP_B=0.5, DL_RUNS=runs)
     run = ["run", pipeline, "--procs", 2, "--no-progress"]
-    r = bp(*run, "--deadline", "1.5s", cwd=tmp_path, env=env)
+    r = bp(*run, "--deadline", "2.5s", cwd=tmp_path, env=env)
     assert r.returncode == 124, r.stderr
     assert "stopped by deadline" in r.stderr and "Traceback" not in r.stderr
     assert f"continue with: batchpool run {pipeline} --resume" in r.stderr
     recorded = set(final_rows(journal))
     first = read_lines(runs)
     assert 0 < len(recorded) < n
-    # Drained, not cut: every job that ran its last stage is in the journal.
+    # Drained, not cut: every job that started its last stage is in the journal.
     assert _ran(runs, "b", first) == recorded
+    env = child_env(DL_N=n, DL_RUNS=runs)
     r = bp(*run, "--resume", "--output", "out.jsonl", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     rows = output_rows(tmp_path / "out.jsonl", n)

@@ -27,7 +27,7 @@ that refuses has its jobs dropped at dispatch, counted as cancelled: a Future re
 (its ``cancel_error`` is None); a Deadline's jobs end as "cancelled" results with its error.
 Cancelling takes jobs out wherever they are not started: the queue and the retries
 (``cancel_queued``), a worker's mailbox (``cancel_unstarted``), and, for a deadline, the
-attempt running (``cancel_running``).
+attempts that started (``cancel_started``).
 """
 
 from __future__ import annotations
@@ -303,11 +303,12 @@ class JobBook:
             self.sent -= k
         self.cancel_final(blocks, error)
 
-    def cancel_running(self, block: Block, error: JobError) -> None:
-        """An attempt cut short (a deadline killed its worker): the job is cancelled, the
-        attempt counts."""
-        self.sent -= block.size
-        self.cancel_final([block], error)
+    def cancel_started(self, blocks: list[Block], error: JobError) -> None:
+        """Jobs a worker held that had started, cancelled (a deadline: the attempt is cut
+        short, or ran and its result is lost with the worker): their attempts count."""
+        for block in blocks:
+            self.sent -= block.size
+        self.cancel_final(blocks, error)
 
     def cancel_submitted(self, blocks: list[Block], error: JobError) -> None:
         """Jobs that come in cancelled (a call's deadline passed while it submitted them)."""

@@ -6,12 +6,15 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError, _base
+from concurrent.futures import Future, InvalidStateError, _base, wait
 from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
+from .cancelling import Deadline
+from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
 from .jobs import Block, Delivery
 from .messages import dumps
@@ -26,6 +29,7 @@ WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
+ANSWER_POLL = 0.5  # seconds between looks at a supervisor that may have ended, while waiting
 
 
 def default_start_method() -> str:
@@ -37,13 +41,14 @@ def default_start_method() -> str:
 def _start_limit(start_timeout: float | None, policies: list[Policy]) -> float:
     if start_timeout is None:
         return max([START_TIMEOUT] + [p.timeout for p in policies if p.timeout])
-    if (
-        isinstance(start_timeout, bool)
-        or not isinstance(start_timeout, (int, float))
-        or not 0 < start_timeout < float("inf")
-    ):
-        raise ValueError(f"start_timeout must be a number of seconds > 0, got {start_timeout!r}")
-    return float(start_timeout)
+    return seconds_setting("start_timeout", start_timeout)
+
+
+def _deadline(deadline: float | None) -> Deadline | None:
+    """The tag of a call's blocks; its clock starts now."""
+    if deadline is None:
+        return None
+    return Deadline(seconds_setting("deadline", deadline), time.monotonic())
 
 
 def broken_message(error: JobError) -> str:
@@ -319,13 +324,14 @@ class Pool:
     def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
         return Block(range(index, index + 1), [payload], consumer, tag)
 
-    def _post_jobs(self, entries: list[Block]) -> None:
+    def _post_jobs(self, entries: list[Block], deadline: Deadline | None = None) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
         callers checked for a broken pool on entry), so a map() never half-raises."""
+        command = ("submit", entries) if deadline is None else ("submit_until", entries, deadline)
         with self._submit_lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            if not self._supervisor.post(("submit", entries)):
+            if not self._supervisor.post(command):
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
@@ -339,30 +345,48 @@ class Pool:
         self._post_jobs([job])
         return future
 
-    def map(self, payloads: Iterable[Any]) -> list[JobResult]:
-        """Run every payload; results in input order."""
+    def map(self, payloads: Iterable[Any], *, deadline: float | None = None) -> list[JobResult]:
+        """Run every payload; results in input order.
+
+        ``deadline``: seconds from this call. Then jobs not started are cancelled and running
+        attempts are stopped (their workers killed and replaced): every job that has not
+        finished comes back as a "cancelled" result, the finished ones as they are."""
+        tag = _deadline(deadline)
         self._check_open()
         items = list(payloads)
         results: list[JobResult | None] = [None] * len(items)
         collector = _Collector(self._supervisor)
-        for start in range(0, len(items), SUBMIT_CHUNK):
-            stop = min(start + SUBMIT_CHUNK, len(items))
-            self._post_jobs([Block(range(start, stop), items[start:stop], collector)])
-        remaining = len(items)
-        while remaining:
-            for indexes, run in collector.take(remaining):
-                if isinstance(indexes, range):  # a map's block, or a part of one
-                    results[indexes.start : indexes.stop] = run
-                else:
-                    for result in run:
-                        results[result.index] = result
-                remaining -= len(run)
+        try:
+            for start in range(0, len(items), SUBMIT_CHUNK):
+                stop = min(start + SUBMIT_CHUNK, len(items))
+                block = Block(range(start, stop), items[start:stop], collector, tag)
+                self._post_jobs([block], tag)
+            remaining = len(items)
+            while remaining:
+                for indexes, run in collector.take(remaining):
+                    if isinstance(indexes, range):  # a map's block, or a part of one
+                        results[indexes.start : indexes.stop] = run
+                    else:
+                        for result in run:
+                            results[result.index] = result
+                    remaining -= len(run)
+        finally:
+            if tag is not None:
+                self._supervisor.post(("deadline_off", tag))
         return results  # type: ignore[return-value]
 
-    def imap(self, payloads: Iterable[Any], ordered: bool = True) -> Iterator[JobResult]:
-        """Stream results while reading ``payloads`` lazily, a bounded window ahead."""
+    def imap(
+        self, payloads: Iterable[Any], ordered: bool = True, *, deadline: float | None = None
+    ) -> Iterator[JobResult]:
+        """Stream results while reading ``payloads`` lazily, a bounded window ahead.
+
+        ``deadline``: seconds from this call, as for map(); at the deadline the reading of
+        ``payloads`` stops too (items not read by then are not jobs: no result stands for
+        them), and the stream ends with the results of the jobs submitted."""
+        tag = _deadline(deadline)
         self._check_open()
-        return self._imap(iter(payloads), ordered)
+        stream = self._imap(iter(payloads), ordered, tag)
+        return stream if tag is None else self._until(stream, tag)
 
     def _window(self) -> int:
         """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
@@ -373,7 +397,16 @@ class Pool:
             window = min(window, WINDOW_BYTES // per_job)
         return max(window, 2 * self.procs)
 
-    def _imap(self, source: Iterator[Any], ordered: bool) -> Iterator[JobResult]:
+    def _until(self, stream: Iterator[JobResult], tag: Deadline) -> Iterator[JobResult]:
+        """An imap() stream with a deadline; its timer goes when the stream does."""
+        try:
+            yield from stream
+        finally:
+            self._supervisor.post(("deadline_off", tag))
+
+    def _imap(
+        self, source: Iterator[Any], ordered: bool, tag: Deadline | None
+    ) -> Iterator[JobResult]:
         collector = _Collector(self._supervisor)
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
         next_index = 0  # of the source
@@ -383,13 +416,15 @@ class Pool:
         while True:
             window = self._window()
             while not exhausted and outstanding < window:
+                if tag is not None and tag.passed(time.monotonic()):
+                    exhausted = True  # no more reading: items not read are no jobs
+                    break
                 want = min(SUBMIT_CHUNK, window - outstanding)
                 batch = list(itertools.islice(source, want))
                 exhausted = len(batch) < want
                 if batch:
-                    self._post_jobs(
-                        [Block(range(next_index, next_index + len(batch)), batch, collector)]
-                    )
+                    span = range(next_index, next_index + len(batch))
+                    self._post_jobs([Block(span, batch, collector, tag)], tag)
                     next_index += len(batch)
                     outstanding += len(batch)
             if not outstanding:
@@ -410,6 +445,27 @@ class Pool:
                     outstanding -= 1
                     yield held.pop(next_out)
                     next_out += 1
+
+    # -- cancelling ----------------------------------------------------------------------
+    def cancel_pending(self) -> int:
+        """Cancel every job not started yet: queued, waiting for a retry, or prefetched by a
+        worker (taken back first); running attempts finish. Returns how many it cancelled.
+        Their futures are cancelled; map() and imap() return them as results with
+        ``error.kind == "cancelled"``.
+
+        Called from a future's callback (the pool's own thread), it cannot wait for workers to
+        hand back what they prefetched: those jobs are cancelled too, but the count is of the
+        jobs cancelled at once."""
+        supervisor = self._supervisor
+        reply: Future[int] = Future()
+        if threading.current_thread() is supervisor.thread:
+            return supervisor.cancels.cancel_pending(reply).count
+        if os.getpid() != self._owner or not supervisor.post(("cancel_pending", reply)):
+            return 0  # a forked child's copy, or a pool that has stopped: nothing pending
+        while not wait([reply], timeout=ANSWER_POLL).done:
+            if supervisor.done.is_set() and not reply.done():
+                return 0  # the loop ended without a word (it answers every caller it saw)
+        return reply.result()
 
     # -- inspecting ----------------------------------------------------------------------
     def metrics(self) -> Metrics:
