@@ -190,6 +190,27 @@ def test_cancel_pending_takes_a_job_waiting_for_its_retry(tmp_path: Path) -> Non
     check_invariants(pool.metrics())
 
 
+@pytest.mark.timeout(30)
+def test_cancel_pending_from_a_done_callback_fails_fast(tmp_path: Path) -> None:
+    """The callback runs on the pool's own thread: cancel_pending() cannot wait there for
+    workers to hand back what they prefetched; it cancels them all the same."""
+    runs = tmp_path / "runs"
+    counts: list[int] = []
+    with Pool(Square(runs=runs, fail=frozenset({2}), delay=0.1), procs=1) as pool:
+        futures = [pool.submit(i) for i in range(12)]
+        futures[2].add_done_callback(lambda _: counts.append(pool.cancel_pending()))
+        wait_for(lambda: all(f.done() for f in futures), 20, "every future to be done")
+        cancelled = [i for i, f in enumerate(futures) if f.cancelled()]
+        assert len(counts) == 1 and 1 <= counts[0] <= len(cancelled) and len(cancelled) >= 8
+        assert futures[2].result().error.type == "PermanentError"
+        assert all(f.result().ok for i, f in enumerate(futures) if i != 2 and i not in cancelled)
+    assert not {int(n) for n in read_lines(runs)} & set(cancelled)
+    assert pool.cancel_pending() == 0  # closed: nothing pending
+    m = pool.metrics()
+    assert m.cancelled == len(cancelled) and m.failed == 1
+    check_invariants(m)
+
+
 # -- deadlines ------------------------------------------------------------------------------------
 
 SLOW_LAST = ["a", "b", "c", "d", "e", "slow1", "slow2"]  # slow*: 5 s on the first attempt

@@ -8,9 +8,9 @@ reached here, by the supervisor's thread:
   cancelled instead of requeued. A worker answers its STEALs in order, so a recall is done with
   a worker once it answered every STEAL sent up to the recall's own (or once it died); until
   then the worker gets no new jobs, so all it holds was there when the recall began.
-- running (a deadline only): the worker is killed and replaced. Once it is reaped (the results
-  it sent before count), the expired call's jobs it held end as "cancelled" results; the others
-  go back to the queue, free (its ``killed_for`` charges no job).
+- running (a deadline only): the worker is killed and replaced. The expired call's jobs it held
+  end as "cancelled" results at once (their results that it sends before it dies are ignored);
+  the others go back to the queue, free, once it is reaped (its ``killed_for`` charges no job).
 
 A ``Deadline`` is the tag of the blocks of one call (see jobs.py): it refuses them at dispatch
 once it has expired, so none of its jobs starts after its deadline, whatever path brought it
@@ -219,30 +219,31 @@ class Cancels:
             w.recalls.append([None, recall])
 
     def _reach(self, w: WorkerView, recall: Recall, *, ask: bool) -> None:
-        """A stopping recall (a deadline) and the jobs of ``w``'s it wants: those that ran
-        (ahead of the running one; their results not sent yet) are cancelled now, the attempt
-        running stops with its worker, those not started are asked back (``ask``) unless the
-        worker is stopped anyway."""
+        """A stopping recall (a deadline) and the jobs of ``w``'s it wants. If ``w`` runs one
+        of them (or ``ask`` is off, or it is dying), it is killed and they all end now: its
+        death need not be waited for, and results of theirs that it sends meanwhile are
+        ignored. Otherwise those that ran (ahead of the running job in its ledger; their
+        results not sent yet) end now and those not started are asked back."""
         wanted = recall.wanted
         if not any(map(wanted, w.held)):
             return
         at = _running_at(w, w.proc.running()[0])
-        rest = list(w.held)
-        if at is not None:
-            for block in rest[:at]:
-                if wanted(block):
-                    w.remove(block)
-                    self.book.cancel_started([block], recall.error)
-                    recall.count += block.size
-            rest = rest[at:]
-        if not any(map(wanted, rest)):
-            return
-        if ask and w.killed_for is None and not wanted(rest[0]):
-            self._ask(w, recall)
-            return
-        recall.waiting += 1
-        w.recalls.append([None, recall])  # its death answers
-        if w.killed_for is None:
+        held = list(w.held)
+        rest = held if at is None else held[at:]
+        stop = not ask or w.killed_for is not None or wanted(rest[0])
+        for i, block in enumerate(held):
+            if not wanted(block) or not (stop or (at is not None and i < at)):
+                continue
+            w.remove(block)
+            if at is not None and i <= at:
+                self.book.cancel_started([block], recall.error)
+            else:
+                self.book.cancel_unstarted([block], recall.error)
+            recall.count += block.size
+        if not stop:
+            if any(map(wanted, rest)):
+                self._ask(w, recall)
+        elif w.killed_for is None:
             w.killed_for = (None, recall.error)  # charges no job: see watchdog.charge
             log.info("worker %s killed: %s", w.pid, recall.error.message)
             w.proc.kill()
