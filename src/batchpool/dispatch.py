@@ -16,10 +16,8 @@ from typing import Any
 
 from .jobs import Block, JobBook, count
 from .ledger import WorkerView
-from .messages import RUN, STEAL, dumps
+from .messages import RUN, dumps
 from .sizing import BatchSizer
-
-STEAL_MESSAGE = dumps((STEAL,))
 
 
 class Dispatcher:
@@ -64,8 +62,7 @@ class Dispatcher:
         back (and are dropped with the queue)."""
         for w in workers:
             if w.holding > 1 and not w.stealing and w.killed_for is None:
-                w.stealing = True
-                w.proc.send(STEAL_MESSAGE)
+                w.steal()
 
     def _send(self, w: WorkerView, n: int, now: float) -> bool:
         """Send ``w`` the next ``n`` jobs, or fewer; False when nothing went."""
@@ -142,8 +139,7 @@ def _steal(workers: list[WorkerView]) -> None:
     if any(not w.holding for w in workers):
         for w in workers:
             if w.holding > 1 and not w.stealing:
-                w.stealing = True
-                w.proc.send(STEAL_MESSAGE)
+                w.steal()
 
 
 def _data(blocks: list[Block]) -> Sequence[Any]:

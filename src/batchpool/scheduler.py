@@ -15,7 +15,7 @@ Pure logic: no processes, no clock of its own (callers pass ``now``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from operator import attrgetter
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -120,14 +120,38 @@ class Scheduler(Generic[Q]):
         return taken
 
     def remove(self, block: Q) -> bool:
-        """Take a ready block out of the queue (a cancellation); False if it is not there."""
+        """Take a block out, ready or waiting for a retry (a cancellation); False if it is in
+        neither."""
         try:
             self._ready.remove(block)
         except ValueError:
-            return False
-        self._jobs -= block.size
+            if not block.ids or self._waiting.payload(block.ids[0]) is not block:
+                return False
+            self._waiting.cancel(block.ids[0])
+            self._waiting_jobs -= block.size
+        else:
+            self._jobs -= block.size
         self._count_solo([block], -1)
         return True
+
+    def remove_where(self, wanted: Callable[[Q], bool]) -> list[Q]:
+        """Take out every block, ready or waiting, that ``wanted`` names (a deadline, or
+        cancel_pending()); ready ones first, in their order."""
+        removed: list[Q] = []
+        kept: deque[Q] = deque()
+        for block in self._ready:
+            (removed if wanted(block) else kept).append(block)
+        if removed:
+            self._ready = kept
+            self._jobs -= sum(map(_size, removed))
+        for key, block in self._waiting.items():
+            if wanted(block):
+                self._waiting.cancel(key)
+                self._waiting_jobs -= block.size
+                removed.append(block)
+        if removed:
+            self._count_solo(removed, -1)
+        return removed
 
     def drain(self) -> list[Q]:
         """Every block, ready or waiting, out of the scheduler."""
