@@ -1,6 +1,6 @@
 """The control features (SPEC section 3), measured: one section per measure, each short (a few
-seconds) and printing its own table. Times are taken inside run() (time.monotonic(), which
-every process of the machine shares), not at the caller, so they show what the workers did.
+seconds) and printing its own table. Times of starts are taken inside run() (time.monotonic(),
+which every process of the machine shares), not at the caller, so they show what the workers did.
 
     python benchmarks/control.py [--only SECTION[,SECTION]] [--procs P]
 
@@ -14,6 +14,12 @@ Sections (add yours to SECTIONS at the bottom):
 - noop      what priorities cost the no-op path: parent CPU per job of map() with the task's
             priority and with priority=5, interleaved; the before/after against main is
             `python benchmarks/overhead.py` on each tree (README, "Priorities and rate limits")
+- deadline  from a map()'s deadline to its return, with N attempts running (each would take
+            60 s, so each is stopped: its worker killed and replaced) and 1,000 jobs queued
+            behind them; cancel_pending() with 10,000 jobs queued: call to return; and what a
+            deadline costs the no-op path: parent CPU per job of map() and map(deadline=600),
+            interleaved (the before/after against main is `python benchmarks/overhead.py` on
+            each tree)
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import CallTask, noop  # noqa: E402
 
 import batchpool  # noqa: E402
-from batchpool import Pool  # noqa: E402
+from batchpool import Pool, Task  # noqa: E402
 
+REPEAT = 3
 RATE_SECONDS = 3.0  # each rate runs this long: 30 intervals even at 10/s
 QUEUED = 10_000  # jobs ahead of the prioritized one
 NAP = 0.00025  # seconds a queued job sleeps
-REPEAT = 3
+DEADLINE = 0.5  # seconds: long enough for the N attempts to be running
+BEHIND = 1_000  # jobs queued behind the running ones when the deadline passes
+PENDING = 10_000  # jobs queued when cancel_pending() is called
 
 
 def started_at(_: object) -> float:
@@ -140,10 +149,96 @@ def noop_cost(procs: int) -> None:
         print(f"{name:18s} {statistics.median(us):6.2f} us/job")
 
 
+class Nap(Task):
+    """Sleeps ``payload`` seconds."""
+
+    def run(self, payload: float) -> float:
+        time.sleep(payload)
+        return payload
+
+
+# -- deadline: from a map()'s deadline to its return ------------------------------------------
+
+
+def deadline_to_return(running: int) -> float:
+    """Seconds from the deadline of map() to its return, ``running`` attempts stopped. One job
+    per message, so that each worker runs one of the long jobs."""
+    with Pool(Nap(), running, chunksize=1) as pool:
+        _all_ready(pool, running)
+        called = time.monotonic()
+        results = pool.map([60.0] * running + [0.001] * BEHIND, deadline=DEADLINE)
+        returned = time.monotonic()
+        stopped = sum(1 for r in results[:running] if r.attempts and not r.ok)
+        assert stopped == running, f"{stopped} of {running} running attempts stopped"
+    return returned - called - DEADLINE
+
+
+def cancel_pending_time(procs: int) -> tuple[float, int]:
+    """Seconds cancel_pending() takes with PENDING jobs queued (and prefetched) behind
+    ``procs`` running ones, and how many it cancelled."""
+    with Pool(Nap(), procs) as pool:
+        _all_ready(pool, procs)
+        base = pool.metrics().started
+        backlog = threading.Thread(target=pool.map, args=([1.0] * procs + [0.0] * PENDING,))
+        backlog.start()
+        while pool.metrics().started < base + 1:
+            time.sleep(0.001)  # benchmark only: waits for a long job to be running
+        began = time.monotonic()
+        cancelled = pool.cancel_pending()
+        took = time.monotonic() - began
+        backlog.join()
+    return took, cancelled
+
+
+def deadline_noop_cost(procs: int) -> None:
+    n = 200_000
+    payloads = list(range(n))
+    runs: dict[str, list[float]] = {"map()": [], "map(deadline=600)": []}
+    with Pool(CallTask(noop), procs, retries=3, timeout=60) as pool:
+        pool.map(range(4 * procs))
+        calls: dict[str, Callable[[], object]] = {
+            "map()": lambda: pool.map(payloads),
+            "map(deadline=600)": lambda: pool.map(payloads, deadline=600),
+        }
+        for _ in range(5):
+            for name, call in calls.items():
+                cpu = time.process_time()
+                call()
+                runs[name].append((time.process_time() - cpu) / n * 1e6)
+    print(f"no-op path: parent CPU per job, {n:,} jobs, {procs} workers, median of 5")
+    for name, us in runs.items():
+        print(f"{name:18s} {statistics.median(us):6.2f} us/job")
+
+
+def _all_ready(pool: Pool, procs: int) -> None:
+    """Until every worker has answered jobs: all are up and take work."""
+    while sum(1 for w in pool.metrics().per_worker if w.jobs) < procs:
+        pool.map([0.01] * (4 * procs))
+
+
+def deadline_latency(procs: int) -> None:
+    print(f"deadline of map() to its return: N attempts stopped, {BEHIND:,} jobs queued behind")
+    print(f"{'running':>8s} {'deadline to return (median of 3, min-max)':>44s}")
+    for running in sorted({1, procs, 2 * procs}):
+        times = [deadline_to_return(running) for _ in range(REPEAT)]
+        print(
+            f"{running:8d} {statistics.median(times) * 1e3:25.1f} ms "
+            f"({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
+        )
+    deadline_noop_cost(procs)
+    runs = [cancel_pending_time(procs) for _ in range(REPEAT)]
+    took = statistics.median(t for t, _ in runs)
+    print(
+        f"cancel_pending() with {PENDING + procs:,} jobs submitted, 1 or more running: "
+        f"{took * 1e3:.1f} ms (median of 3); cancelled {', '.join(str(n) for _, n in runs)}"
+    )
+
+
 SECTIONS: dict[str, Callable[[int], None]] = {
     "rate": rate_accuracy,
     "priority": priority_latency,
     "noop": noop_cost,
+    "deadline": deadline_latency,
 }
 
 

@@ -232,8 +232,9 @@ def test_metrics_from_another_thread_while_running() -> None:
         # one consistent snapshot: every attempt started is finished, retried, or in flight
         assert m.started == m.succeeded + m.failed + m.retried + m.in_flight, m
         if previous is not None:
+            # started may fall: jobs a worker hands back unstarted (STEAL) leave it again
             assert m.succeeded >= previous.succeeded
-            assert m.started >= previous.started
+            assert m.started + m.queued >= previous.started + previous.queued
             assert m.elapsed >= previous.elapsed
         previous = m
     assert final.submitted == final.succeeded == final.started == 100

@@ -271,6 +271,43 @@ def test_terminate_kills_the_actors(tmp_path: Path) -> None:
     check_gone(pids)
 
 
+def test_cancel_pending_and_future_cancel_on_actors(tmp_path: Path) -> None:
+    with ray_pool(SleepMarked(tmp_path, 2.0)) as pool:
+        running = [pool.submit(f"slow{i}") for i in range(PROCS)]
+        queued = [pool.submit(f"q{i}") for i in range(6)]
+        busy = lambda: len(list(tmp_path.glob("slow*.attempt.*"))) >= PROCS  # noqa: E731
+        wait_for(busy, 60, "both actors busy")
+        assert queued[-1].cancel()  # queued: each actor holds one job besides the running one
+        # A job already handed to an actor's own queue (Ray's) cannot be taken back: it runs.
+        n = pool.cancel_pending()
+        cancelled = [f for f in queued[:-1] if f.cancelled()]
+        assert len(cancelled) == n >= 1
+        rest = [f for f in running + queued[:-1] if not f.cancelled()]
+        assert all(f.result(timeout=60).ok for f in rest)
+    ran = {p.name.split(".")[0] for p in tmp_path.glob("q*.attempt.*")}
+    assert ran == {f.result().payload for f in rest if f not in running}
+    m = pool.metrics()
+    assert (m.submitted, m.succeeded, m.cancelled) == (8, 8 - n - 1, n + 1)
+    check_invariants(m)
+
+
+def test_map_deadline_on_actors_stops_the_running_ones(tmp_path: Path) -> None:
+    with ray_pool(SleepMarked(tmp_path, 30.0)) as pool:
+        assert [r.value for r in pool.map(["warm1", "warm2"])] == ["warm1", "warm2"]
+        began = time.monotonic()
+        results = pool.map(["a", "b", "slow1", "slow2", "c"], deadline=2.0)
+        took = time.monotonic() - began
+        assert 2.0 <= took < 15, took
+        kinds = {r.payload: (r.error.kind if r.error else "ok") for r in results}
+        assert kinds["slow1"] == kinds["slow2"] == "cancelled"
+        assert kinds["a"] == kinds["b"] == "ok"
+        stopped = {r.worker for r in results if r.payload.startswith("slow") and r.attempts}
+        assert stopped, "no running attempt was stopped"
+        check_gone(stopped)
+        assert [r.value for r in pool.map(["after"])] == ["after"]
+    check_invariants(pool.metrics(), cut_short=True)
+
+
 def test_pipeline_stages_on_ray() -> None:
     pipeline = Pipeline(range(20), Square(), Square(), name="ray-stages")
     report = pipeline.run(PROCS, journal=None, progress=False, backend="ray")

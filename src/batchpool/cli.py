@@ -1,7 +1,8 @@
 """The ``batchpool`` command: run a pipeline file, export a journal's results.
 
 Exit codes: 0 all jobs ok; 1 some failed (or the run stopped on an error after doing work);
-2 usage, loading or journal errors; 130 after Ctrl-C; 143 after SIGTERM; 129 after SIGHUP.
+2 usage, loading or journal errors; 124 when --deadline stopped the run (as timeout(1) exits);
+130 after Ctrl-C; 143 after SIGTERM; 129 after SIGHUP.
 Every message of the command starts with ``batchpool:``, click's own usage errors included.
 """
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .backends import BackendUnavailable
+from .durations import parse_duration
 from .formatting import csv_cell, to_json
 from .journal import JournalError, JournalReader
 from .pipeline import (
@@ -42,10 +44,12 @@ from .pipeline import (
 )
 from .progress import summary
 from .rates import parse_rate
+from .stopping import DEADLINE
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGNAL = {sig.name: 128 + sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+EXIT_DEADLINE = 124
 SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MIN_MEMORY = 1024**2  # no Python worker runs in less: a smaller limit is a typo for MB
 
@@ -88,6 +92,20 @@ class _Size(_IntType):
             return value
         try:
             return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Duration(_FloatType):
+    name = "DURATION"
+
+    def convert(
+        self, value: str | float, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -322,6 +340,12 @@ def main() -> None:
     "--output", type=click.Path(dir_okay=False), help="Write one JSON line per job, by index."
 )
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
+@click.option(
+    "--deadline",
+    type=_Duration(),
+    help="Stop intake after this long (90, 1.5s, 30m, 2h), finish the running jobs, exit 124; "
+    "--resume continues.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option(
     "-v",
@@ -380,6 +404,7 @@ def run(pipeline: str, **opts: Any) -> None:
             retry_failed=opts["retry_failed"],
             progress=not (opts["no_progress"] or opts["quiet"]),
             output=opts["output"],
+            deadline=opts["deadline"],
             **pool_options,
         )
     except JournalError as exc:
@@ -397,6 +422,8 @@ def run(pipeline: str, **opts: Any) -> None:
     code = EXIT_FAILED if report.failed or report.error else 0
     if report.stopped_by in EXIT_SIGNAL:
         code = EXIT_SIGNAL[report.stopped_by]
+    elif report.stopped_by == DEADLINE:
+        code = EXIT_DEADLINE
     elif report.stopped_by == "journal":  # disk full, journal deleted: a journal error
         code = EXIT_USAGE
     if opts["report"]:

@@ -19,10 +19,8 @@ from typing import Any
 
 from .jobs import Block, JobBook, count
 from .ledger import WorkerView
-from .messages import RUN, STEAL, dumps
+from .messages import RUN, dumps
 from .sizing import BatchSizer
-
-STEAL_MESSAGE = dumps((STEAL,))
 
 
 class Dispatcher:
@@ -47,8 +45,7 @@ class Dispatcher:
             if w.stealing:
                 continue
             if best.priority > queue.floor and w.holding > 1 and _behind_lower(w, best.priority):
-                w.stealing = True  # its prefetched jobs come back; the better one goes next
-                w.proc.send(STEAL_MESSAGE)
+                w.steal()  # its prefetched jobs come back; the better one goes next
                 continue
             head = queue.head(now, idle=False) if w.holding else best
             if head is None:
@@ -74,8 +71,7 @@ class Dispatcher:
         back (and are dropped with the queue)."""
         for w in workers:
             if w.holding > 1 and not w.stealing and w.killed_for is None:
-                w.stealing = True
-                w.proc.send(STEAL_MESSAGE)
+                w.steal()
 
     def _send(self, w: WorkerView, n: int, now: float) -> bool:
         """Send ``w`` the next ``n`` jobs, or fewer; False when nothing went."""
@@ -152,8 +148,7 @@ def _steal(workers: list[WorkerView]) -> None:
     if any(not w.holding for w in workers):
         for w in workers:
             if w.holding > 1 and not w.stealing:
-                w.stealing = True
-                w.proc.send(STEAL_MESSAGE)
+                w.steal()
 
 
 def _behind_lower(w: WorkerView, priority: int) -> bool:

@@ -18,8 +18,16 @@ timers, or delivered.
 A multi-stage block re-enters QUEUED for its next stage with the previous stage's values as its
 ``data``; ``payload`` stays the source payloads that the final JobResults report, and their
 ``attempts`` add up every stage's. Counters are kept per stage (StageCount); Metrics sums them
-into per-job counts. A job with a Future (``tag``) moves it to RUNNING when first dispatched; a
-future cancelled before that drops its job at dispatch (or at once, through ``cancel``).
+into per-job counts.
+
+A block's ``tag`` (a pool.JobFuture, or a cancelling.Deadline shared by the blocks of one call)
+is asked at each dispatch whether its jobs may still start (``claim``), and told when they are
+back in the queue (``release``: a retry waits, or a worker handed them back unstarted). A tag
+that refuses has its jobs dropped at dispatch, counted as cancelled: a Future resolved itself
+(its ``cancel_error`` is None); a Deadline's jobs end as "cancelled" results with its error.
+Cancelling takes jobs out wherever they are not started: the queue and the retries
+(``cancel_queued``), a worker's mailbox (``cancel_unstarted``), and, for a deadline, the
+attempts that started (``cancel_started``).
 """
 
 from __future__ import annotations
@@ -235,14 +243,17 @@ class JobBook:
     # -- dispatch ------------------------------------------------------------------------
     def take(self, n: int, pid: int, now: float, idle: bool) -> list[Block]:
         """Up to n jobs for one message to worker ``pid`` (``idle``: it runs nothing), as the
-        scheduler picks them at ``now``. A job whose Future was cancelled is dropped here
-        instead; the others' futures become RUNNING."""
+        scheduler picks them at ``now``. Jobs whose tag refuses (a Future cancelled, a deadline
+        passed) are dropped here instead; the others' futures become RUNNING."""
         started = []
         jobs = later = 0  # later: of them, jobs of stages after the first
         for block in self.queue.take(n, now, idle):
             tag = block.tag
-            if tag is not None and not tag.claim():  # a pool.JobFuture, cancelled
-                self._cancelled(block)
+            if tag is not None and not tag.claim():
+                if tag.cancel_error is None:  # a Future, resolved by its owner
+                    self._cancelled(block)
+                else:
+                    self.cancel_final([block], tag.cancel_error)
                 continue
             k = block.size
             if not block.ids:
@@ -267,6 +278,8 @@ class JobBook:
             block.attempts -= 1
             self.stages[block.stage].started -= k
             self.sent -= k
+            if block.tag is not None:
+                block.tag.release()
         if solo:
             blocks = [single for block in blocks for single in block.singles()]
             for single in blocks:
@@ -274,12 +287,48 @@ class JobBook:
         self.queue.push_front(blocks)
 
     def cancel(self, block: Block) -> bool:
-        """Drop a queued block whose Future was cancelled; False if it is not queued (taken
-        already, or dropped at dispatch)."""
+        """Drop a block whose Future was cancelled, queued or waiting for a retry; False if it
+        is in neither (taken already, or dropped at dispatch)."""
         if not self.queue.remove(block):
             return False
         self._cancelled(block)
         return True
+
+    def cancel_queued(self, wanted: Callable[[Block], bool], error: JobError) -> int:
+        """Cancel the jobs ``wanted`` names that are queued or wait for a retry, each with a
+        final result carrying ``error``; how many."""
+        blocks = self.queue.remove_where(wanted)
+        self.cancel_final(blocks, error)
+        return count(blocks)
+
+    def cancel_unstarted(self, blocks: list[Block], error: JobError) -> None:
+        """Jobs a worker held and never started, cancelled: the attempt they were sent for is
+        given back first."""
+        for block in blocks:
+            k = block.size
+            block.attempts -= 1
+            self.stages[block.stage].started -= k
+            self.sent -= k
+        self.cancel_final(blocks, error)
+
+    def cancel_started(self, blocks: list[Block], error: JobError) -> None:
+        """Jobs a worker held that had started, cancelled (a deadline: the attempt is cut
+        short, or ran and its result is lost with the worker): their attempts count."""
+        for block in blocks:
+            self.sent -= block.size
+        self.cancel_final(blocks, error)
+
+    def cancel_submitted(self, blocks: list[Block], error: JobError) -> None:
+        """Jobs that come in cancelled (a call's deadline passed while it submitted them)."""
+        self.stages[0].submitted += count(blocks)
+        self.cancel_final(blocks, error)
+
+    def cancel_final(self, blocks: list[Block], error: JobError) -> None:
+        """Jobs in no queue and no worker's hands, cancelled: final results with ``error``."""
+        for block in blocks:
+            k = block.size
+            self.stages[block.stage].cancelled += k
+            self._final(block, [None] * k, error, [0.0] * k)
 
     def cancel_held(self, blocks: list[Block], *, sent: bool = True) -> None:
         """Count as cancelled jobs that no queue holds: taken by killed workers (``sent``),
@@ -345,6 +394,8 @@ class JobBook:
                 job.attempts, policy.backoff, policy.max_backoff, policy.jitter, self.rand
             )
             self.queue.defer(job, now + delay)
+            if job.tag is not None:
+                job.tag.release()
             log.info(
                 "job %s: attempt %d failed (%s: %s); retry in %.2f s",
                 job.index[0],
@@ -392,7 +443,7 @@ class JobBook:
             if lo < i:
                 self.complete(block.part(lo, i), values[lo:i], elapsed[lo:i])
             lo = i + 1
-            job = block.part(i, lo)
+            job = block if block.size == 1 else block.part(i, lo)  # a Future's knows its own
             if outcome == SPLIT:
                 split += 1
                 self.requeue([job], solo=True)

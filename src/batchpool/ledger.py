@@ -15,10 +15,11 @@ from collections import deque
 from typing import Any
 
 from .jobs import Block, count
-from .messages import FLUSHING, IDLE, UNPACKING
+from .messages import FLUSHING, IDLE, STEAL, UNPACKING, dumps
 from .results import JobError
 
 UNSURE = (IDLE, FLUSHING, UNPACKING)  # slot values that name no single job
+STEAL_MESSAGE = dumps((STEAL,))
 
 
 class WorkerView:
@@ -32,6 +33,8 @@ class WorkerView:
         "held",
         "holding",
         "stealing",
+        "steals",
+        "recalls",
         "assigned",
         "jobs",
         "busy",
@@ -51,6 +54,10 @@ class WorkerView:
         self.held: deque[Block] = deque()  # sent and not answered, in the order it runs them
         self.holding = 0  # jobs in them
         self.stealing = False  # a STEAL is on its way; no new jobs until a result comes
+        self.steals = 0  # STEALs sent and not answered (each gets one RETURNED, in order)
+        # cancellings.Recall entries waiting on this worker: [answers to wait for, or None
+        # for its death; the recall]. It gets no new jobs meanwhile.
+        self.recalls: list[list[Any]] = []
         self.assigned = 0  # jobs sent and not handed back (max_tasks_per_worker)
         self.jobs = 0  # jobs it answered
         self.busy = 0.0  # seconds in run()
@@ -64,7 +71,22 @@ class WorkerView:
     @property
     def open(self) -> bool:
         """It may be sent jobs."""
-        return self.ready and not self.retiring and not self.stopping and self.killed_for is None
+        return (
+            self.ready
+            and not self.retiring
+            and not self.stopping
+            and self.killed_for is None
+            and not self.recalls
+        )
+
+    def steal(self) -> bool:
+        """Ask for the jobs it has not started back (answered by RETURNED); False if it is
+        gone."""
+        self.stealing = True
+        if not self.proc.send(STEAL_MESSAGE):
+            return False
+        self.steals += 1
+        return True
 
     def sent(self, blocks: list[Block]) -> None:
         k = count(blocks)
@@ -121,6 +143,7 @@ class WorkerView:
 
     def returned(self, ids: set[int]) -> list[Block]:
         """The jobs a STEAL handed back: off the ledger, and off the worker's quota."""
+        self.steals = max(0, self.steals - 1)
         back: list[Block] = []
         kept: deque[Block] = deque()
         for block in self.held:
@@ -142,6 +165,11 @@ class WorkerView:
         if not kept:
             self.stealing = False  # it gave back everything: no result will come to clear it
         return back
+
+    def remove(self, block: Block) -> None:
+        """A held block taken off the ledger (a cancellation)."""
+        self.held.remove(block)
+        self.holding -= block.size
 
     def take_all(self) -> list[Block]:
         blocks = list(self.held)

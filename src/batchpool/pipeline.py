@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
+from .durations import seconds_setting
 from .formatting import to_json
 from .journal import JournalError, JournalWriter, Outcome, fingerprint
 from .mainguard import check_main_script
@@ -121,6 +122,7 @@ class Pipeline:
         retry_failed: bool = False,
         progress: bool = True,
         output: str | os.PathLike[str] | None = None,
+        deadline: float | None = None,
         **pool_options: Any,
     ) -> RunReport:
         """Run to the end (or until stopped) and report.
@@ -133,7 +135,8 @@ class Pipeline:
 
         A Ctrl-C drains the attempts in flight into the journal, then raises KeyboardInterrupt
         (a second one stops at once); ``resume=True`` continues from there. SIGTERM and SIGHUP
-        drain too and return a report with ``interrupted`` set.
+        drain too and return a report with ``interrupted`` set, and so does ``deadline``
+        (seconds from the start) when it passes: ``stopped_by == "deadline"``.
         """
         report = self._execute(
             procs,
@@ -143,6 +146,7 @@ class Pipeline:
             retry_failed=retry_failed,
             progress=progress,
             output=output,
+            deadline=deadline,
             **pool_options,
         )
         if report.stopped_by == "SIGINT":
@@ -159,9 +163,12 @@ class Pipeline:
         retry_failed: bool,
         progress: bool,
         output: str | os.PathLike[str] | None,
+        deadline: float | None = None,
         **pool_options: Any,
     ) -> RunReport:
         """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
+        if deadline is not None:
+            deadline = seconds_setting("deadline", deadline)
         check_main_script(self.stages, pool_options)
         overrides = {k: v for k, v in pool_options.items() if k in POLICY_OVERRIDES}
         for stage in self.stages:  # bad settings fail before a journal is made
@@ -186,6 +193,7 @@ class Pipeline:
                     progress=progress,
                     signals=signals,
                     stages=stages,
+                    deadline=deadline,
                 )
                 report = run.execute()
             except BaseException:  # a refusal too: what ran before it is committed

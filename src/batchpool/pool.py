@@ -6,16 +6,19 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError, _base
+from concurrent.futures import Future, InvalidStateError, _base, wait
 from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
+from .cancelling import Deadline
+from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
 from .jobs import Block, Delivery
 from .messages import dumps
-from .results import JobError, JobResult, Metrics
+from .results import KIND_CANCELLED, JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
 from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, check_priority, resolve_policy
@@ -26,6 +29,7 @@ WINDOW_PER_PROC = 3 * MAX_BATCH
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
+ANSWER_POLL = 0.5  # seconds between looks at a supervisor that may have ended, while waiting
 
 
 def default_start_method() -> str:
@@ -37,13 +41,14 @@ def default_start_method() -> str:
 def _start_limit(start_timeout: float | None, policies: list[Policy]) -> float:
     if start_timeout is None:
         return max([START_TIMEOUT] + [p.timeout for p in policies if p.timeout])
-    if (
-        isinstance(start_timeout, bool)
-        or not isinstance(start_timeout, (int, float))
-        or not 0 < start_timeout < float("inf")
-    ):
-        raise ValueError(f"start_timeout must be a number of seconds > 0, got {start_timeout!r}")
-    return float(start_timeout)
+    return seconds_setting("start_timeout", start_timeout)
+
+
+def _deadline(deadline: float | None) -> Deadline | None:
+    """The tag of a call's blocks; its clock starts now."""
+    if deadline is None:
+        return None
+    return Deadline(seconds_setting("deadline", deadline), time.monotonic())
 
 
 def broken_message(error: JobError) -> str:
@@ -61,12 +66,15 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
 
 
 class JobFuture(Future[JobResult]):
-    """A submit()ted job. As in concurrent.futures, it is RUNNING once sent to a worker, and
-    ``cancel()`` succeeds only before that; a cancelled job is taken off the queue and never
-    runs (Metrics.cancelled)."""
+    """A submit()ted job. As in concurrent.futures, ``cancel()`` succeeds exactly when the
+    future is neither RUNNING nor done. It is RUNNING while a worker holds the job, and PENDING
+    whenever the job waits in the pool: queued, handed back unstarted, or between attempts (a
+    retry's backoff): so it can be cancelled while queued or waiting for a retry, and a
+    cancelled job never runs again (Metrics.cancelled)."""
 
     _job: Block
     _supervisor: Supervisor
+    cancel_error = None  # the tag protocol (jobs.py): a Future resolves itself when cancelled
 
     def cancel(self) -> bool:
         with self._condition:
@@ -86,10 +94,18 @@ class JobFuture(Future[JobResult]):
             if self._state == _base.PENDING:
                 self._state = _base.RUNNING  # no notify: result() waits once, for the end
                 return True
-            return self._state == _base.RUNNING  # a retry, or a job handed back
+            return self._state == _base.RUNNING
 
-    def _terminated(self) -> None:
-        """terminate(): cancelled even while RUNNING, as the SPEC promises; the public
+    def release(self) -> None:
+        """The job is back in the pool's queue, not running (a retry waits for its backoff, or
+        a worker handed it back unstarted): PENDING again, so cancel() can succeed."""
+        with self._condition:
+            if self._state == _base.RUNNING:
+                self._state = _base.PENDING
+
+    def _cancel_anyway(self) -> None:
+        """Cancelled by the pool: terminate() (even while RUNNING, as the SPEC promises),
+        cancel_pending() (a job handed back unstarted may still read RUNNING). The public
         protocol has no such transition, so these few steps use Future's own fields."""
         with self._condition:
             if self._state not in (_base.PENDING, _base.RUNNING):
@@ -111,6 +127,9 @@ class _Futures:
 
     def deliver(self, items: Delivery) -> None:
         for job, (result,) in items.runs:  # a Future's job has a block of its own
+            if result.error is not None and result.error.kind == KIND_CANCELLED:
+                job.tag._cancel_anyway()  # cancel_pending()
+                continue
             try:
                 job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
@@ -121,7 +140,7 @@ class _Futures:
         "cancelled" result (``error`` given: that failure instead)."""
         future: JobFuture = job.tag
         if error is None:
-            future._terminated()
+            future._cancel_anyway()
         else:
             self.deliver(Delivery([(job, job.failures(error))]))
 
@@ -329,13 +348,14 @@ class Pool:
         """The jobs' priority: the one asked for (checked), else the task's."""
         return self._policies[0].priority if priority is None else check_priority(priority)
 
-    def _post_jobs(self, entries: list[Block]) -> None:
+    def _post_jobs(self, entries: list[Block], deadline: Deadline | None = None) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
         callers checked for a broken pool on entry), so a map() never half-raises."""
+        command = ("submit", entries) if deadline is None else ("submit_until", entries, deadline)
         with self._submit_lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            if not self._supervisor.post(("submit", entries)):
+            if not self._supervisor.post(command):
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
@@ -351,37 +371,62 @@ class Pool:
         self._post_jobs([job])
         return future
 
-    def map(self, payloads: Iterable[Any], *, priority: int | None = None) -> list[JobResult]:
-        """Run every payload; results in input order. ``priority``: as for submit()."""
+    def map(
+        self,
+        payloads: Iterable[Any],
+        *,
+        priority: int | None = None,
+        deadline: float | None = None,
+    ) -> list[JobResult]:
+        """Run every payload; results in input order. ``priority``: as for submit().
+
+        ``deadline``: seconds from this call. Then jobs not started are cancelled and running
+        attempts are stopped (their workers killed and replaced): every job that has not
+        finished comes back as a "cancelled" result, the finished ones as they are."""
         level = self._priority(priority)
+        tag = _deadline(deadline)
         self._check_open()
         items = list(payloads)
         results: list[JobResult | None] = [None] * len(items)
         collector = _Collector(self._supervisor)
-        for start in range(0, len(items), SUBMIT_CHUNK):
-            stop = min(start + SUBMIT_CHUNK, len(items))
-            self._post_jobs(
-                [Block(range(start, stop), items[start:stop], collector, priority=level)]
-            )
-        remaining = len(items)
-        while remaining:
-            for indexes, run in collector.take(remaining):
-                if isinstance(indexes, range):  # a map's block, or a part of one
-                    results[indexes.start : indexes.stop] = run
-                else:
-                    for result in run:
-                        results[result.index] = result
-                remaining -= len(run)
+        try:
+            for start in range(0, len(items), SUBMIT_CHUNK):
+                stop = min(start + SUBMIT_CHUNK, len(items))
+                block = Block(range(start, stop), items[start:stop], collector, tag, level)
+                self._post_jobs([block], tag)
+            remaining = len(items)
+            while remaining:
+                for indexes, run in collector.take(remaining):
+                    if isinstance(indexes, range):  # a map's block, or a part of one
+                        results[indexes.start : indexes.stop] = run
+                    else:
+                        for result in run:
+                            results[result.index] = result
+                    remaining -= len(run)
+        finally:
+            if tag is not None:
+                self._supervisor.post(("deadline_off", tag))
         return results  # type: ignore[return-value]
 
     def imap(
-        self, payloads: Iterable[Any], ordered: bool = True, *, priority: int | None = None
+        self,
+        payloads: Iterable[Any],
+        ordered: bool = True,
+        *,
+        priority: int | None = None,
+        deadline: float | None = None,
     ) -> Iterator[JobResult]:
         """Stream results while reading ``payloads`` lazily, a bounded window ahead.
-        ``priority``: as for submit()."""
+        ``priority``: as for submit().
+
+        ``deadline``: seconds from this call, as for map(); at the deadline the reading of
+        ``payloads`` stops too (items not read by then are not jobs: no result stands for
+        them), and the stream ends with the results of the jobs submitted."""
         level = self._priority(priority)
+        tag = _deadline(deadline)
         self._check_open()
-        return self._imap(iter(payloads), ordered, level)
+        stream = self._imap(iter(payloads), ordered, tag, level)
+        return stream if tag is None else self._until(stream, tag)
 
     def _window(self) -> int:
         """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
@@ -392,7 +437,16 @@ class Pool:
             window = min(window, WINDOW_BYTES // per_job)
         return max(window, 2 * self.procs)
 
-    def _imap(self, source: Iterator[Any], ordered: bool, priority: int) -> Iterator[JobResult]:
+    def _until(self, stream: Iterator[JobResult], tag: Deadline) -> Iterator[JobResult]:
+        """An imap() stream with a deadline; its timer goes when the stream does."""
+        try:
+            yield from stream
+        finally:
+            self._supervisor.post(("deadline_off", tag))
+
+    def _imap(
+        self, source: Iterator[Any], ordered: bool, tag: Deadline | None, priority: int
+    ) -> Iterator[JobResult]:
         collector = _Collector(self._supervisor)
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
         next_index = 0  # of the source
@@ -402,12 +456,15 @@ class Pool:
         while True:
             window = self._window()
             while not exhausted and outstanding < window:
+                if tag is not None and tag.passed(time.monotonic()):
+                    exhausted = True  # no more reading: items not read are no jobs
+                    break
                 want = min(SUBMIT_CHUNK, window - outstanding)
                 batch = list(itertools.islice(source, want))
                 exhausted = len(batch) < want
                 if batch:
-                    chunk = range(next_index, next_index + len(batch))
-                    self._post_jobs([Block(chunk, batch, collector, priority=priority)])
+                    span = range(next_index, next_index + len(batch))
+                    self._post_jobs([Block(span, batch, collector, tag, priority)], tag)
                     next_index += len(batch)
                     outstanding += len(batch)
             if not outstanding:
@@ -428,6 +485,27 @@ class Pool:
                     outstanding -= 1
                     yield held.pop(next_out)
                     next_out += 1
+
+    # -- cancelling ----------------------------------------------------------------------
+    def cancel_pending(self) -> int:
+        """Cancel every job not started yet: queued, waiting for a retry, or prefetched by a
+        worker (taken back first); running attempts finish. Returns how many it cancelled.
+        Their futures are cancelled; map() and imap() return them as results with
+        ``error.kind == "cancelled"``.
+
+        Called from a future's callback (the pool's own thread), it cannot wait for workers to
+        hand back what they prefetched: those jobs are cancelled too, but the count is of the
+        jobs cancelled at once."""
+        supervisor = self._supervisor
+        reply: Future[int] = Future()
+        if threading.current_thread() is supervisor.thread:
+            return supervisor.cancels.cancel_pending(reply).count
+        if os.getpid() != self._owner or not supervisor.post(("cancel_pending", reply)):
+            return 0  # a forked child's copy, or a pool that has stopped: nothing pending
+        while not wait([reply], timeout=ANSWER_POLL).done:
+            if supervisor.done.is_set() and not reply.done():
+                return 0  # the loop ended without a word (it answers every caller it saw)
+        return reply.result()
 
     # -- inspecting ----------------------------------------------------------------------
     def metrics(self) -> Metrics:

@@ -26,7 +26,8 @@ class RunReport:
     interrupted: bool
     total: int = 0  # jobs with a final outcome, earlier runs' included
     skipped: int = 0  # of those, recorded by an earlier run and not run again
-    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "source", "sink", "journal", "setup"
+    # "SIGINT", "SIGTERM", "SIGHUP", "deadline", "source", "sink", "journal", "setup"
+    stopped_by: str | None = None
     error: str | None = None  # traceback or message of what stopped the run
     attempt_p50: float | None = None
     attempt_p95: float | None = None

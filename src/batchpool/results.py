@@ -122,7 +122,9 @@ class Metrics:
     ``succeeded + failed + cancelled == submitted``. Attempt counts (``started``, ``retried``,
     ``timed_out``, ``crashed``) add up every stage's; in a one-stage pool, when no running
     attempt was cut short by a cancellation, ``started == succeeded + failed + retried``.
-    ``stages`` holds each stage's own counters.
+    ``stages`` holds each stage's own counters. ``started`` counts attempts handed to a
+    worker; one that a worker hands back unstarted (to balance load, for a higher priority, or
+    cancelled) leaves it again, so it may fall while a run goes on.
     """
 
     submitted: int = 0

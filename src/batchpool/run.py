@@ -82,7 +82,9 @@ class Run:
         progress: bool,
         signals: Signals,
         stages: str,
+        deadline: float | None = None,
     ) -> None:
+        """``deadline``: seconds from now after which the run stops as on a first signal."""
         self.started = time.monotonic()
         self.journal = journal
         self.resume = resume
@@ -100,7 +102,8 @@ class Run:
         self.total = pipeline.total if pipeline.total is not None else length(pipeline.source)
         self.stage_names = [type(stage).__name__ for stage in pipeline.stages]
         self.progress = Progress(self.total, enabled=progress, metrics=self.pool.metrics)
-        self.halt = Halt(signals, self.pool)
+        deadline_at = None if deadline is None else self.started + deadline
+        self.halt = Halt(signals, self.pool, deadline_at)
         self.recorder = Recorder(journal, pipeline.sink, self.halt, self.progress)
         self.feed = Feed(pipeline.source, self.window, self.inbox.poke, self.progress.set_total)
         self.source = self.feed if journal is None or not resume else merge(self.feed, journal)
@@ -162,6 +165,7 @@ class Run:
             halt.signalled()
             if self.signals.hard:
                 return
+            halt.deadline_passed(time.monotonic())
             broken = pool._supervisor.broken
             if broken is not None and halt.stopped_by is None:
                 self.broken = broken

@@ -250,14 +250,16 @@ class Scheduler(Generic[Q]):
         if self._lines(block).remove(block):
             self._count_solo([block], -1)
             return True
-        if self._waiting.pop(id(block)) is None:
+        if self._waiting.payload(id(block)) is not block:
             return False
+        self._waiting.cancel(id(block))
         self._waiting_jobs -= block.size
         self._count_solo([block], -1)
         return True
 
     def remove_where(self, predicate: Callable[[Q], bool]) -> list[Q]:
-        """Take out every block, ready or waiting, for which ``predicate`` holds."""
+        """Take out every block, ready or waiting, for which ``predicate`` holds (a deadline,
+        or cancel_pending()); ready ones first, in their order."""
         out = self._free.remove_where(predicate)
         for lines, _ in self._limited.values():
             out += lines.remove_where(predicate)

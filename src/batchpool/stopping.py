@@ -1,6 +1,6 @@
 """How a run stops: signals routed to flags, a second signal's hard stop, and the one reason
-the run reports, whatever asked first (a signal, the source, the sink, the journal, workers that
-cannot start).
+the run reports, whatever asked first (a signal, the deadline, the source, the sink, the
+journal, workers that cannot start).
 
 Signal handlers only set flags; the run loop acts on them between results. Stopping drains:
 attempts already running finish and are recorded, jobs not started are dropped (a resume runs
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 log = logging.getLogger("batchpool")
+DEADLINE = "deadline"  # RunReport.stopped_by of a run stopped by its deadline
 
 
 class HardStop(BaseException):
@@ -67,9 +68,10 @@ class Signals:
 class Halt:
     """Why the run stopped (``stopped_by``, ``error``), and the drain that stopping starts."""
 
-    def __init__(self, signals: Signals, pool: Pool) -> None:
+    def __init__(self, signals: Signals, pool: Pool, deadline_at: float | None = None) -> None:
         self.signals = signals
         self.pool = pool
+        self.deadline_at = deadline_at  # time.monotonic() at which the run stops (--deadline)
         self.stopped_by: str | None = None  # see RunReport.stopped_by
         self.error: str | None = None
         self._signal_seen = False
@@ -84,6 +86,18 @@ class Halt:
         """Stop, unless the run is stopping already: the first reason is the one reported."""
         if self.stopped_by is None:
             self.stop(reason, error)
+
+    def deadline_passed(self, now: float) -> bool:
+        """True once the run's deadline has passed. The first time: stop (unless the run is
+        stopping already), the same drain as a first signal's."""
+        if self.deadline_at is None or now < self.deadline_at:
+            return False
+        self.deadline_at = None
+        if self.stopped_by is None:
+            self.stop(DEADLINE, None)
+            running = self.pool.metrics().in_flight
+            log.warning("the run's deadline passed; finishing %d running jobs", running)
+        return True
 
     def signalled(self) -> bool:
         """True once a signal asked the run to stop. The first time: stop (unless the run is

@@ -1,7 +1,7 @@
 """The supervisor: one thread that owns every job and every worker of a pool.
 
     callers (any thread)         supervisor thread                           workers
-    submit / cancel / close / terminate
+    submit / cancel / cancel_pending / close / terminate
         --> Commands (wakeup.py)
                                  loop (_step):
                                    Watch.wait    wakeup, channels, pidfds, next timer
@@ -10,7 +10,8 @@
                                    3. deaths     the running job: crash/timeout attempt
                                                  (watchdog.py); the rest requeued, free
                                    4. timers     retries due; attempt deadlines (watchdog.py);
-                                                 start deadlines, stop grace, RSS (workforce.py)
+                                                 start deadlines, stop grace, RSS (workforce.py);
+                                                 call deadlines (cancelling.py)
                                    5. workers    replace the dead and the retired (workforce.py)
                                    6. dispatch   batches sized by sizing.BatchSizer -->
                                                  (dispatch.py)
@@ -26,6 +27,8 @@ per block, not per job); what a worker holds is its ledger.WorkerView. Nothing i
 blocks: channels queue what a worker cannot take yet (channel.py), so a job stuck in C code
 holding its worker's GIL cannot stop the timer that kills it. Other threads read what step 7
 publishes, never a half-made change, and never wait for the loop.
+Cancellations that reach into workers' hands (cancel_pending(), deadlines) are
+cancelling.Cancels'.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import threading
 import time
 from typing import Any, cast
 
+from .cancelling import Cancels
 from .dispatch import Dispatcher
 from .jobs import Block, Counts, JobBook
 from .ledger import WorkerView
@@ -55,7 +59,10 @@ from .watchdog import Watchdog
 from .workforce import Workforce
 
 log = logging.getLogger("batchpool")
-Command = tuple[Any, ...]  # ("submit", blocks), ("cancel", block), ("close",), ("drain",), ...
+# ("submit", blocks), ("submit_until", blocks, deadline), ("cancel", block),
+# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ...
+Command = tuple[Any, ...]
+SUBMITS = ("submit", "submit_until")
 # what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
 # restarts, peak RSS
 View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int]
@@ -86,6 +93,7 @@ class Supervisor:
         )
         self.workers = self.workforce.workers  # slot -> worker; the same dict, for short lines
         self.outbox = Outbox(self.book)
+        self.cancels = Cancels(self.book, self.timers, self.workers)
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
@@ -124,10 +132,12 @@ class Supervisor:
             while True:
                 self._publish()
                 self.outbox.deliver()
+                self.cancels.answer()
                 if self._step(*self.watch.wait(self._timeout())):
                     break
             self._publish()
             self.outbox.deliver()
+            self.cancels.answer()
         except BaseException as exc:
             log.error("the pool's supervisor failed (%r); the pool is broken", exc)
             log.debug("the supervisor's traceback", exc_info=True)
@@ -137,8 +147,9 @@ class Supervisor:
             self.commands.close()
             leftovers = self.commands.leftovers()
             self.outbox.settle_leftovers(
-                [b for cmd in leftovers if cmd[0] == "submit" for b in cmd[1]], self.broken
+                [b for cmd in leftovers if cmd[0] in SUBMITS for b in cmd[1]], self.broken
             )
+            self.cancels.close([cmd[1] for cmd in leftovers if cmd[0] == "cancel_pending"])
             self._publish()
             try:
                 self.workforce.backend.close()
@@ -197,11 +208,18 @@ class Supervisor:
             if kind == "submit":
                 new += command[1]
                 continue
+            if kind == "submit_until":  # a call's blocks, with its Deadline
+                new += self.cancels.submit(command[1], command[2])
+                continue
             if new:
                 self.book.add(new)
                 new = []
             if kind == "cancel":
                 self.book.cancel(command[1])
+            elif kind == "cancel_pending":
+                self.cancels.cancel_pending(command[1])
+            elif kind == "deadline_off":
+                self.cancels.forget(command[1])
             elif kind == "close":
                 self.closing = True
             elif kind == "drain":
@@ -246,11 +264,11 @@ class Supervisor:
             if retiring:
                 log.debug("worker %s retires (%s)", w.pid, retiring)
                 w.retiring = True
-                self.book.requeue(w.take_all())
+                self.cancels.give_back(w, w.take_all())
         elif tag == READY:
             self.workforce.ready(w)
         elif tag == RETURNED:  # the answer to a STEAL: to the front of the queue, free
-            self.book.requeue(w.returned(set(message[1])))
+            self.cancels.returned(w, message[1])  # unless a cancellation wants them
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
         elif tag == EXITING:
@@ -291,17 +309,21 @@ class Supervisor:
         self._read(w, now)  # results it sent before dying still count
         job_id, started_at = w.proc.running()
         code = self.workforce.reap(w)
+        self.cancels.died(w, job_id)
         self.watchdog.charge(w, job_id, started_at, code, now)
         self.workforce.exited(w, code)
 
     def _fire_timers(self, now: float) -> None:
         self.book.queue.release(now)
-        for key, _ in self.timers.pop_due(now):
+        for key, payload in self.timers.pop_due(now):
             if key == "rss":
                 self.workforce.sample_rss()
                 self.timers.schedule(now + RSS_EVERY, "rss")
                 continue
             kind, slot = cast("tuple[str, int]", key)
+            if kind == "deadline":
+                self.cancels.expire(payload)
+                continue
             w = self.workers.get(slot)
             if w is None:
                 continue

@@ -33,13 +33,13 @@ class Timers:
     def cancel(self, key: Hashable) -> None:
         self._live.pop(key, None)
 
-    def pop(self, key: Hashable) -> Any:
-        """Cancel ``key``; its payload, or None if it was not scheduled."""
-        live = self._live.pop(key, None)
+    def payload(self, key: Hashable) -> Any:
+        """What ``key`` was scheduled with; None if it is not scheduled."""
+        live = self._live.get(key)
         return None if live is None else live[1]
 
     def items(self) -> list[tuple[Hashable, Any]]:
-        """``(key, payload)`` of every live timer."""
+        """``(key, payload)`` of every live timer, in no particular order."""
         return [(key, live[1]) for key, live in self._live.items()]
 
     def next_at(self) -> float | None:

@@ -54,9 +54,12 @@ class Commands(Generic[C]):
         os.read(self._r, 4096)
 
     def sleep_allowed(self) -> bool:
-        """Right before the loop sleeps: clear the flag; False if commands wait."""
-        self._pending = False
-        return not self._queue
+        """Right before the loop sleeps: clear the flag; False if commands wait. Under the
+        lock: a post() whose byte the loop has consumed already must not set the flag after
+        this clears it, or the next post() would write no byte and the loop sleep through it."""
+        with self._lock:
+            self._pending = False
+            return not self._queue
 
     def __bool__(self) -> bool:
         return bool(self._queue)

@@ -1,0 +1,282 @@
+"""Cancellation past the queue: ``Pool.cancel_pending()`` and the deadlines of map()/imap().
+
+The queue's part is the book's (``JobBook.cancel_queued``). Jobs in a worker's hands are
+reached here, by the supervisor's thread:
+
+- not started (prefetched into its mailbox): asked back with STEAL. A ``Recall`` names the jobs
+  it wants; the RETURNED answer hands back what had not started, and the jobs a recall wants are
+  cancelled instead of requeued. A worker answers its STEALs in order, so a recall is done with
+  a worker once it answered every STEAL sent up to the recall's own (or once it died); until
+  then the worker gets no new jobs, so all it holds was there when the recall began.
+- running (a deadline only): the worker is killed and replaced. The expired call's jobs it held
+  end as "cancelled" results at once (their results that it sends before it dies are ignored);
+  the others go back to the queue, free, once it is reaped (its ``killed_for`` charges no job).
+
+A ``Deadline`` is the tag of the blocks of one call (see jobs.py): it refuses them at dispatch
+once it has expired, so none of its jobs starts after its deadline, whatever path brought it
+back to the queue. ``cancel_pending()`` answers its caller after the next delivery, so that the
+futures it cancelled are cancelled when it returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from .jobs import Block, JobBook
+from .ledger import UNSURE, WorkerView, find
+from .results import KIND_CANCELLED, JobError
+from .timers import Timers
+
+log = logging.getLogger("batchpool")
+CANCELLED = "Cancelled"  # JobError.type of a cancelled job
+PENDING_CANCELLED = JobError(
+    KIND_CANCELLED, CANCELLED, "cancelled by cancel_pending() before it started"
+)
+_serials = itertools.count()
+
+
+class Deadline:
+    """The tag of the blocks of one map() or imap() call with a deadline (see jobs.py)."""
+
+    __slots__ = ("at", "seconds", "expired", "cancel_error", "key")
+
+    def __init__(self, seconds: float, now: float) -> None:
+        self.at = now + seconds  # time.monotonic()
+        self.seconds = seconds
+        self.expired = False  # set by the supervisor's thread; the caller's reads it
+        message = f"the call's deadline of {seconds:g} s passed before the job finished"
+        self.cancel_error = JobError(KIND_CANCELLED, CANCELLED, message)
+        self.key = ("deadline", next(_serials))  # its timer's
+
+    def claim(self) -> bool:
+        return not self.expired
+
+    def release(self) -> None:
+        """Nothing to do: a call's jobs have no state of their own to wind back."""
+
+    def passed(self, now: float) -> bool:
+        return self.expired or now >= self.at
+
+
+class Recall:
+    """One cancellation that reaches into workers' hands: the jobs ``wanted`` names."""
+
+    __slots__ = ("wanted", "error", "stop_running", "count", "waiting", "reply")
+
+    def __init__(
+        self,
+        wanted: Callable[[Block], bool],
+        error: JobError,
+        *,
+        stop_running: bool,
+        reply: Future[int] | None = None,
+    ) -> None:
+        self.wanted = wanted
+        self.error = error
+        self.stop_running = stop_running  # a deadline: running attempts are stopped too
+        self.count = 0  # jobs cancelled
+        self.waiting = 0  # workers whose answer or death it waits for
+        self.reply = reply  # cancel_pending()'s caller waits for the count
+
+
+class Cancels:
+    """The supervisor's cancellations (see the module's docstring). Touched by its thread only."""
+
+    def __init__(self, book: JobBook, timers: Timers, workers: dict[int, WorkerView]) -> None:
+        self.book = book
+        self.timers = timers  # Deadline.key timers are ours
+        self.workers = workers
+        self.replies: list[tuple[Future[int], int]] = []  # told after the next delivery
+        self.open: list[Recall] = []  # recalls that wait for workers
+
+    # -- commands ----------------------------------------------------------------------------
+    def cancel_pending(self, reply: Future[int]) -> Recall:
+        """Cancel every job not started: queued, waiting for a retry, or in a mailbox."""
+        recall = Recall(_everything, PENDING_CANCELLED, stop_running=False, reply=reply)
+        recall.count = self.book.cancel_queued(_everything, PENDING_CANCELLED)
+        for w in list(self.workers.values()):
+            if w.held:
+                self._ask(w, recall)
+        self._settle(recall)
+        return recall
+
+    def submit(self, blocks: list[Block], deadline: Deadline) -> list[Block]:
+        """Blocks of a call with a deadline: those to queue (none once it expired, then they
+        are cancelled at once). Its timer starts with its first blocks."""
+        if deadline.expired:
+            self.book.cancel_submitted(blocks, deadline.cancel_error)
+            return []
+        if deadline.key not in self.timers:
+            self.timers.schedule(deadline.at, deadline.key, deadline)
+        return blocks
+
+    def forget(self, deadline: Deadline) -> None:
+        """The call ended before its deadline."""
+        self.timers.cancel(deadline.key)
+
+    # -- events ------------------------------------------------------------------------------
+    def expire(self, deadline: Deadline) -> None:
+        """The deadline's timer fired: cancel its call's jobs wherever they are."""
+        deadline.expired = True
+
+        def wanted(block: Block) -> bool:
+            return block.tag is deadline
+
+        error = deadline.cancel_error
+        recall = Recall(wanted, error, stop_running=True)
+        recall.count = self.book.cancel_queued(wanted, error)
+        for w in list(self.workers.values()):
+            self._reach(w, recall, ask=True)
+        log.info(
+            "a call's deadline of %g s passed: %d jobs cancelled", deadline.seconds, recall.count
+        )
+        self._settle(recall)
+
+    def give_back(self, w: WorkerView, blocks: list[Block]) -> None:
+        """Jobs ``w`` held and never started (a STEAL's answer, a retirement): cancelled if a
+        recall wants them, else back to the queue, free."""
+        if not w.recalls:
+            self.book.requeue(blocks)
+            return
+        back = []
+        for block in blocks:
+            recall = _wanting(w.recalls, block)
+            if recall is None:
+                back.append(block)
+            else:
+                self.book.cancel_unstarted([block], recall.error)
+                recall.count += block.size
+        self.book.requeue(back)
+
+    def returned(self, w: WorkerView, ids: list[int]) -> None:
+        """RETURNED: the answer to one STEAL."""
+        self.give_back(w, w.returned(set(ids)))
+        for entry in list(w.recalls):
+            if entry[0] is None:
+                continue
+            entry[0] -= 1
+            if entry[0] <= 0:
+                w.recalls.remove(entry)
+                recall: Recall = entry[1]
+                recall.waiting -= 1
+                if recall.stop_running:  # what it still holds started meanwhile
+                    self._reach(w, recall, ask=False)
+                self._settle(recall)
+
+    def died(self, w: WorkerView, job_id: int) -> None:
+        """Before a dead worker's jobs are charged: the recalls waiting on it take what they
+        want of its jobs (``job_id``: its progress slot when it died). It ran its jobs in the
+        order of its ledger: those ahead of the running one had run (their results died with
+        it), those behind it had not started."""
+        entries, w.recalls = w.recalls, []
+        if not entries:
+            return
+        at = _running_at(w, job_id)
+        for i, block in enumerate(list(w.held)):
+            recall = _wanting(entries, block)
+            if recall is None:
+                continue
+            if at is None or i > at:
+                self.book.cancel_unstarted([block], recall.error)
+            elif recall.stop_running:
+                self.book.cancel_started([block], recall.error)
+            else:
+                continue  # it ran, or runs: charged as a death charges it
+            w.remove(block)
+            recall.count += block.size
+        for _, recall in entries:
+            recall.waiting -= 1
+            self._settle(recall)
+
+    # -- the loop's bookkeeping ----------------------------------------------------------------
+    def answer(self) -> None:
+        """After a delivery: tell cancel_pending()'s callers how many jobs it cancelled."""
+        replies, self.replies = self.replies, []
+        for reply, n in replies:
+            if not reply.done():
+                reply.set_result(n)
+
+    def close(self, leftovers: list[Future[int]]) -> None:
+        """The loop has ended: every caller still waiting hears what was cancelled."""
+        for recall in self.open:
+            if recall.reply is not None:
+                self.replies.append((recall.reply, recall.count))
+        self.open = []
+        self.replies += [(reply, 0) for reply in leftovers]
+        self.answer()
+
+    # -- inside ------------------------------------------------------------------------------
+    def _ask(self, w: WorkerView, recall: Recall) -> None:
+        """Ask ``w`` for its unstarted jobs; a worker that is dying answers by its death."""
+        recall.waiting += 1
+        if w.killed_for is None and w.steal():
+            w.recalls.append([w.steals, recall])
+        else:
+            w.recalls.append([None, recall])
+
+    def _reach(self, w: WorkerView, recall: Recall, *, ask: bool) -> None:
+        """A stopping recall (a deadline) and the jobs of ``w``'s it wants. If ``w`` runs one
+        of them (or ``ask`` is off, or it is dying), it is killed and they all end now: its
+        death need not be waited for, and results of theirs that it sends meanwhile are
+        ignored. Otherwise those that ran (ahead of the running job in its ledger; their
+        results not sent yet) end now and those not started are asked back."""
+        wanted = recall.wanted
+        if not any(map(wanted, w.held)):
+            return
+        at = _running_at(w, w.proc.running()[0])
+        held = list(w.held)
+        rest = held if at is None else held[at:]
+        stop = not ask or w.killed_for is not None or wanted(rest[0])
+        for i, block in enumerate(held):
+            if not wanted(block) or not (stop or (at is not None and i < at)):
+                continue
+            w.remove(block)
+            if at is not None and i <= at:
+                self.book.cancel_started([block], recall.error)
+            else:
+                self.book.cancel_unstarted([block], recall.error)
+            recall.count += block.size
+        if not stop:
+            if any(map(wanted, rest)):
+                self._ask(w, recall)
+        elif w.killed_for is None:
+            w.killed_for = (None, recall.error)  # charges no job: see watchdog.charge
+            log.info("worker %s killed: %s", w.pid, recall.error.message)
+            w.proc.kill()
+
+    def _settle(self, recall: Recall) -> None:
+        """Done once no worker is left to answer."""
+        if recall.waiting:
+            if recall not in self.open:
+                self.open.append(recall)
+            return
+        if recall in self.open:
+            self.open.remove(recall)
+        if recall.reply is not None:
+            self.replies.append((recall.reply, recall.count))
+
+
+def _everything(block: Block) -> bool:
+    return True
+
+
+def _running_at(w: WorkerView, job_id: int) -> int | None:
+    """Where in ``w``'s ledger the job ``job_id`` (its progress slot) is, given a block of its
+    own; None when the slot names no held job."""
+    found = None if job_id in UNSURE else find(w.held, job_id)
+    if found is None:
+        return None
+    return w.held.index(w.isolate(*found))
+
+
+def _wanting(entries: list[list[Any]], block: Block) -> Recall | None:
+    """The first of a worker's recalls that wants ``block``."""
+    for entry in entries:
+        recall: Recall = entry[1]
+        if recall.wanted(block):
+            return recall
+    return None
