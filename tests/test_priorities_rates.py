@@ -199,6 +199,24 @@ def test_pool_rate_limit_overrides_every_stage(tmp_path: Path) -> None:
         assert span(times) >= 0.8
 
 
+@pytest.mark.parametrize(
+    ("rate", "delay", "why"),
+    [(4, 0.0, "the next admission"), (100, 0.25, "an idle worker for an admitted job")],
+)
+def test_waiting_burns_no_cpu(tmp_path: Path, rate: float, delay: float, why: str) -> None:
+    """The supervisor sleeps until the next admission (the scheduler's next_due), or until a
+    worker's message when an admitted job waits for an idle one: over a second of waiting,
+    this process (the supervisor's thread included) spends a small fraction of a CPU (about
+    0.3% here; a loop that polled would spend half of one)."""
+    with Pool(Stamp(tmp_path / "starts", delay=delay), 1, rate_limit=rate) as pool:
+        pool.map(range(1))
+        cpu, wall = time.process_time(), time.monotonic()
+        pool.map(range(5))
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert wall >= 0.9, why
+    assert cpu < 0.25 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s waiting for {why}"
+
+
 def test_the_gates_files_go_with_the_pool(tmp_path: Path) -> None:
     def gate_dirs() -> set[Path]:
         return set(Path(tempfile.gettempdir()).glob("batchpool-rates-*"))
