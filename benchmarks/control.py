@@ -1,10 +1,19 @@
 """The control features (SPEC section 3), measured: one section per measure, each short (a few
-seconds) and printing its own table.
+seconds) and printing its own table. Times of starts are taken inside run() (time.monotonic(),
+which every process of the machine shares), not at the caller, so they show what the workers did.
 
     python benchmarks/control.py [--only SECTION[,SECTION]] [--procs P]
 
 Sections (add yours to SECTIONS at the bottom):
 
+- rate      rate-limit accuracy: n jobs at 10, 100 and 1,000 starts/s, n = rate * 3 s + 1;
+            achieved = (n - 1) / (last start - first start), the most starts any 1 s window
+            holds against the bound (rate + 1), and the closest two starts against 1 / rate
+- priority  a priority-10 job submitted behind 10,000 queued jobs of ~0.25 ms: submit to
+            start, against a priority-0 job submitted the same way
+- noop      what priorities cost the no-op path: parent CPU per job of map() with the task's
+            priority and with priority=5, interleaved; the before/after against main is
+            `python benchmarks/overhead.py` on each tree (README, "Priorities and rate limits")
 - deadline  from a map()'s deadline to its return, with N attempts running (each would take
             60 s, so each is stopped: its worker killed and replaced) and 1,000 jobs queued
             behind them; cancel_pending() with 10,000 jobs queued: call to return; and what a
@@ -31,9 +40,113 @@ import batchpool  # noqa: E402
 from batchpool import Pool, Task  # noqa: E402
 
 REPEAT = 3
+RATE_SECONDS = 3.0  # each rate runs this long: 30 intervals even at 10/s
+QUEUED = 10_000  # jobs ahead of the prioritized one
+NAP = 0.00025  # seconds a queued job sleeps
 DEADLINE = 0.5  # seconds: long enough for the N attempts to be running
 BEHIND = 1_000  # jobs queued behind the running ones when the deadline passes
 PENDING = 10_000  # jobs queued when cancel_pending() is called
+
+
+def started_at(_: object) -> float:
+    """A job that reports when run() started it."""
+    return time.monotonic()
+
+
+def nap_then_start(_: object) -> float:
+    started = time.monotonic()
+    time.sleep(NAP)
+    return started
+
+
+# -- rate: rate-limit accuracy --------------------------------------------------------------------
+
+
+def most_in_window(times: list[float], seconds: float) -> int:
+    most = j = 0
+    for i, t in enumerate(times):
+        while times[j] < t - seconds:
+            j += 1
+        most = max(most, i - j + 1)
+    return most
+
+
+def rate_accuracy(procs: int) -> None:
+    print(f"rate limits: achieved vs asked, {procs} workers, starts timed inside run()")
+    print(
+        f"{'asked/s':>8s} {'jobs':>6s} {'achieved/s':>11s} {'ratio':>6s} {'max in 1 s':>11s}",
+        end="",
+    )
+    print(f" {'bound':>6s} {'closest gap':>12s} {'interval':>9s}")
+    for rate in (10, 100, 1000):
+        n = int(rate * RATE_SECONDS) + 1
+        with Pool(CallTask(started_at), procs, rate_limit=rate) as pool:
+            pool.map(range(2 * procs))  # workers up; the bucket's next slot is taken here too
+            times = sorted(r.value for r in pool.map(range(n)))
+        achieved = (n - 1) / (times[-1] - times[0])
+        gap = min(b - a for a, b in zip(times, times[1:], strict=False))
+        print(
+            f"{rate:8,d} {n:6,d} {achieved:11,.1f} {achieved / rate:6.3f} "
+            f"{most_in_window(times, 1.0):11d} {rate + 1:6d} {gap * 1e3:9.3f} ms "
+            f"{1e3 / rate:6.3f} ms"
+        )
+
+
+# -- priority: a high-priority job behind a long queue -------------------------------------------
+
+
+def start_delay(procs: int, priority: int) -> float:
+    """Seconds from submit() to run() of one job submitted with ``priority`` while QUEUED jobs
+    of priority 0 wait (map() in another thread)."""
+    with Pool(CallTask(nap_then_start), procs) as pool:
+        pool.map(range(4 * procs))  # warm: workers up, job time measured
+        backlog = threading.Thread(target=_map_quietly, args=(pool,))
+        backlog.start()
+        while pool.metrics().started < 4 * procs + 100:
+            time.sleep(0.001)  # benchmark only: waits for the queue to be under way
+        submitted = time.monotonic()
+        started = pool.submit("job", priority=priority).result(timeout=120).value
+        pool.terminate()
+        backlog.join()
+    return float(started - submitted)
+
+
+def _map_quietly(pool: Pool) -> None:
+    try:
+        pool.map(range(QUEUED))
+    except batchpool.PoolClosed:
+        pass  # terminated once the measured job has run
+
+
+def priority_latency(procs: int) -> None:
+    print(f"a job submitted behind {QUEUED:,} queued jobs of ~{NAP * 1e3:g} ms, {procs} workers")
+    print(f"{'priority':>8s} {'submit to start (median of 3)':>30s}")
+    for priority in (10, 0):
+        delays = [start_delay(procs, priority) for _ in range(REPEAT)]
+        print(f"{priority:8d} {statistics.median(delays) * 1e3:27,.1f} ms")
+
+
+# -- noop: what priorities cost the no-op path ------------------------------------------------
+
+
+def noop_cost(procs: int) -> None:
+    n = 200_000
+    payloads = list(range(n))
+    runs: dict[str, list[float]] = {"map()": [], "map(priority=5)": []}
+    with Pool(CallTask(noop), procs, retries=3, timeout=60) as pool:
+        pool.map(range(4 * procs))
+        calls: dict[str, Callable[[], object]] = {
+            "map()": lambda: pool.map(payloads),
+            "map(priority=5)": lambda: pool.map(payloads, priority=5),
+        }
+        for _ in range(5):
+            for name, call in calls.items():
+                cpu = time.process_time()
+                call()
+                runs[name].append((time.process_time() - cpu) / n * 1e6)
+    print(f"no-op path: parent CPU per job, {n:,} jobs, {procs} workers, median of 5")
+    for name, us in runs.items():
+        print(f"{name:18s} {statistics.median(us):6.2f} us/job")
 
 
 class Nap(Task):
@@ -122,6 +235,9 @@ def deadline_latency(procs: int) -> None:
 
 
 SECTIONS: dict[str, Callable[[int], None]] = {
+    "rate": rate_accuracy,
+    "priority": priority_latency,
+    "noop": noop_cost,
     "deadline": deadline_latency,
 }
 

@@ -56,7 +56,7 @@ def _scheduler_in_some_state(ops: list[tuple]) -> tuple[Scheduler, list[Block]]:
         if op[0] == "add":
             s.add([Block([j], [j], None) for j in itertools.islice(names, op[1])])
         elif op[0] == "take":
-            for b in s.take(op[1]):
+            for b in s.take(op[1], now):
                 b.ids = range(b.payload[0], b.payload[0] + 1)  # as JobBook.take gives ids
                 held.append(b)
         elif op[0] == "defer" and held:

@@ -58,6 +58,7 @@ from helpers import (  # noqa: E402
     wait_for,
     write,
 )
+from priority_tasks import Stamp, most_in_window, starts  # noqa: E402
 from ray_tasks import ExitOn, RaiseByPayload, ReturnUnpicklable  # noqa: E402
 
 from batchpool import Pipeline, Pool  # noqa: E402
@@ -383,3 +384,31 @@ def test_cli_run_with_ray_interrupted_then_resumed(
     rerun = read_runs(runs)[before:]
     assert set(rerun) | recorded == set(range(n))
     assert len(rerun) <= n - len(recorded) + PROCS  # at most the drained attempts again
+
+
+# -- control: priorities and rate limits --------------------------------------------------------
+
+
+def test_a_high_priority_job_jumps_the_queue_on_actors(tmp_path: Path) -> None:
+    """24 jobs of 0.1 s queued on two actors, then a priority-10 job: it waits for the jobs
+    running and the one call each actor has queued in Ray (DEPTH), not for the rest."""
+    log = tmp_path / "starts"
+    with ray_pool(Stamp(log, delay=0.1)) as pool:
+        low = [pool.submit(f"low{i}") for i in range(24)]
+        started = wait_for(lambda: len(starts(log)), 60, "the first job to start")
+        urgent = pool.submit("urgent", priority=10)
+        assert urgent.result(timeout=60).ok
+        assert all(f.result(timeout=60).ok for f in low)
+    payloads = [s.payload for s in starts(log)]
+    # ahead of it: those started, the other actor's first job, one queued call per actor
+    assert payloads.index("urgent") <= started + 1 + PROCS, payloads
+
+
+def test_a_rate_limit_bounds_starts_across_actors(tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    with ray_pool(Stamp(log), rate_limit="10/s") as pool:
+        results = pool.map(range(16))
+    assert [r.value for r in results] == list(range(16))
+    times = [s.at for s in starts(log)]
+    assert len(times) == 16 and times[-1] - times[0] >= 1.4
+    assert most_in_window(times, 1.0) <= 11

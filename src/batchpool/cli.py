@@ -43,6 +43,7 @@ from .pipeline import (
     output_line,
 )
 from .progress import summary
+from .rates import parse_rate
 from .stopping import DEADLINE
 
 EXIT_FAILED = 1
@@ -76,8 +77,9 @@ def parse_size(text: str) -> int:
 
 if TYPE_CHECKING:  # click >= 8.4 types a parameter type by what it converts to
     _IntType = click.ParamType[int]
+    _FloatType = click.ParamType[float]
 else:
-    _IntType = click.ParamType
+    _IntType = _FloatType = click.ParamType
 
 
 class _Size(_IntType):
@@ -94,12 +96,6 @@ class _Size(_IntType):
             self.fail(str(exc), param, ctx)
 
 
-if TYPE_CHECKING:
-    _FloatType = click.ParamType[float]
-else:
-    _FloatType = click.ParamType
-
-
 class _Duration(_FloatType):
     name = "DURATION"
 
@@ -112,6 +108,22 @@ class _Duration(_FloatType):
             return parse_duration(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class _Rate(_FloatType):
+    name = "RATE"
+
+    def convert(
+        self, value: str | float, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            rate = parse_rate(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        assert rate is not None  # only None parses to None
+        return rate
 
 
 def load_pipeline(spec: str) -> Pipeline:
@@ -292,6 +304,12 @@ def main() -> None:
 )
 @click.option("--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry.")
 @click.option(
+    "--rate-limit",
+    type=_Rate(),
+    help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number per "
+    "second (overrides tasks).",
+)
+@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     help="How workers start [default: forkserver].",
@@ -364,7 +382,15 @@ def run(pipeline: str, **opts: Any) -> None:
         journal = opts["journal"]
     pool_options = {
         k: opts[k]
-        for k in ("retries", "timeout", "backoff", "start_method", "max_memory", "address")
+        for k in (
+            "retries",
+            "timeout",
+            "backoff",
+            "rate_limit",
+            "start_method",
+            "max_memory",
+            "address",
+        )
         if opts[k] is not None
     }
     if opts["backend"] != "local":

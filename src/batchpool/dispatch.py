@@ -4,14 +4,17 @@ are running.
 
 One pass (``dispatch``) fills the least-loaded workers first and prefetches one batch ahead;
 when the queue runs dry while a worker idles, jobs waiting behind running ones are stolen back
-(STEAL). What the queue hands out, and in which order, is the scheduler's; this module decides
-how much each worker takes and puts it on the wire. Taking jobs back from a worker's mailbox
-(``take_back_prefetched``, ``_steal``) is the lever for any policy that must reclaim them.
+(STEAL). What the queue hands out, and in which order, is the scheduler's (priorities, rate
+admission); this module decides how much each worker takes and puts it on the wire. Taking jobs
+back from a worker's mailbox (``take_back_prefetched``, ``_steal``) is the lever for any policy
+that must reclaim them: a job never goes into a mailbox behind unstarted jobs of a lower
+priority; those come back first (``_behind_lower``), so it waits only for running attempts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any
 
 from .jobs import Block, JobBook, count
@@ -36,11 +39,17 @@ class Dispatcher:
         sent: list[WorkerView] = []
         workers.sort(key=lambda w: w.holding)
         for w in workers:
-            head = queue.head()
-            if head is None:
+            best = queue.head(now)  # what goes next to an idle worker
+            if best is None:
                 break
             if w.stealing:
                 continue
+            if best.priority > queue.floor and w.holding > 1 and _behind_lower(w, best.priority):
+                w.steal()  # its prefetched jobs come back; the better one goes next
+                continue
+            head = queue.head(now, idle=False) if w.holding else best
+            if head is None:
+                continue  # a rate-limited job waits for an idle worker; this one is busy
             size = sizer.jobs_per_message(head.stage)
             # Prefetch: the next batch waits in the worker's mailbox, so no round trip idles it
             # between batches; a batch stuck behind a long job is taken back by _steal.
@@ -53,7 +62,7 @@ class Dispatcher:
                 n = min(n, self.max_tasks - w.assigned)
             if n > 0 and self._send(w, n, now):
                 sent.append(w)
-        if not len(queue):
+        if not queue.unlimited:
             _steal(workers)
         return sent
 
@@ -66,7 +75,7 @@ class Dispatcher:
 
     def _send(self, w: WorkerView, n: int, now: float) -> bool:
         """Send ``w`` the next ``n`` jobs, or fewer; False when nothing went."""
-        blocks = self.book.take(n, w.pid)
+        blocks = self.book.take(n, w.pid, now, not w.holding)
         if not blocks:
             return False  # their futures were cancelled
         try:
@@ -140,6 +149,15 @@ def _steal(workers: list[WorkerView]) -> None:
         for w in workers:
             if w.holding > 1 and not w.stealing:
                 w.steal()
+
+
+def _behind_lower(w: WorkerView, priority: int) -> bool:
+    """Does ``w`` hold unstarted jobs of a lower priority than ``priority`` (all but the first
+    job it holds, which runs)?"""
+    held = w.held
+    if held[0].size > 1 and held[0].priority < priority:
+        return True
+    return any(b.priority < priority for b in islice(held, 1, None))
 
 
 def _data(blocks: list[Block]) -> Sequence[Any]:

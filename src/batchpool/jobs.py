@@ -74,10 +74,16 @@ class Block:
         "tag",
         "worker",
         "solo",
+        "priority",
     )
 
     def __init__(
-        self, index: Sequence[int], payload: Sequence[Any], consumer: Any, tag: Any = None
+        self,
+        index: Sequence[int],
+        payload: Sequence[Any],
+        consumer: Any,
+        tag: Any = None,
+        priority: int = 0,
     ) -> None:
         self.size = len(payload)  # jobs in the block
         self.ids = _NO_IDS  # consecutive, given at the first dispatch: only sent jobs need any
@@ -91,6 +97,7 @@ class Block:
         self.tag = tag  # a one-job block's handle for its consumer (a Future, say)
         self.worker: int | None = None  # pid of the worker of the latest attempt
         self.solo = False  # a one-job block that must travel alone (see messages.SPLIT)
+        self.priority = priority  # higher runs first (scheduler.py); a retry keeps it
 
     def __repr__(self) -> str:
         return f"<Block of {self.size} at index {self.index[0]}, stage {self.stage}>"
@@ -110,6 +117,7 @@ class Block:
         block.tag = self.tag
         block.worker = self.worker
         block.solo = self.solo
+        block.priority = self.priority
         return block
 
     def cut(self, k: int) -> Block:
@@ -220,7 +228,7 @@ class JobBook:
     def __init__(self, policies: list[Policy], rand: Callable[[], float]) -> None:
         self.policies = policies
         self.rand = rand
-        self.queue: Scheduler[Block] = Scheduler()
+        self.queue: Scheduler[Block] = Scheduler([p.rate for p in policies])
         self.sent = 0  # jobs in workers' hands
         self.next_id = 0  # job ids are unique in a pool, given out at first dispatch
         # final results not yet delivered, with the block they belong to
@@ -233,13 +241,13 @@ class JobBook:
         self.queue.add(coalesce(blocks))
 
     # -- dispatch ------------------------------------------------------------------------
-    def take(self, n: int, pid: int) -> list[Block]:
-        """Up to n jobs for one message to worker ``pid``. Jobs whose tag refuses (a Future
-        cancelled, a deadline passed) are dropped here instead; the others' futures become
-        RUNNING."""
+    def take(self, n: int, pid: int, now: float, idle: bool) -> list[Block]:
+        """Up to n jobs for one message to worker ``pid`` (``idle``: it runs nothing), as the
+        scheduler picks them at ``now``. Jobs whose tag refuses (a Future cancelled, a deadline
+        passed) are dropped here instead; the others' futures become RUNNING."""
         started = []
         jobs = later = 0  # later: of them, jobs of stages after the first
-        for block in self.queue.take(n):
+        for block in self.queue.take(n, now, idle):
             tag = block.tag
             if tag is not None and not tag.claim():
                 if tag.cancel_error is None:  # a Future, resolved by its owner
@@ -342,6 +350,7 @@ class JobBook:
         self.stages[block.stage].succeeded += k
         if block.stage + 1 < len(self.policies):
             block.stage += 1
+            block.priority = self.policies[block.stage].priority  # that task's, in a pipeline
             block.data = values
             block.prior += block.attempts
             block.attempts = 0
@@ -493,14 +502,16 @@ class JobBook:
 
 
 def coalesce(blocks: list[Block]) -> list[Block]:
-    """Each run of one-job blocks that share a consumer and have no Future, as one block: a
-    caller that makes its jobs one at a time (a pipeline reading its source) still has them
-    travel, complete and come back in blocks."""
+    """Each run of one-job blocks that share a consumer and a priority and have no Future, as
+    one block: a caller that makes its jobs one at a time (a pipeline reading its source) still
+    has them travel, complete and come back in blocks."""
     out: list[Block] = []
     run: list[Block] = []
     for block in blocks:
         loose = block.size == 1 and block.tag is None
-        if loose and (not run or block.consumer is run[0].consumer):
+        if loose and (
+            not run or (block.consumer is run[0].consumer and block.priority == run[0].priority)
+        ):
             run.append(block)
             continue
         if run:
@@ -518,7 +529,9 @@ def coalesce(blocks: list[Block]) -> list[Block]:
 def _joined(run: list[Block]) -> Block:
     if len(run) == 1:
         return run[0]
-    return Block([b.index[0] for b in run], [b.payload[0] for b in run], run[0].consumer)
+    first = run[0]
+    index = [b.index[0] for b in run]
+    return Block(index, [b.payload[0] for b in run], first.consumer, priority=first.priority)
 
 
 def count(blocks: Iterable[Block]) -> int:

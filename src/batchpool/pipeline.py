@@ -68,7 +68,8 @@ class StagesChangedError(JournalError):
         )
 
 
-POLICY_OVERRIDES = ("retries", "timeout", "backoff")  # pool options that override a task's
+# pool options that override a task's
+POLICY_OVERRIDES = ("retries", "timeout", "backoff", "rate_limit")
 
 
 class Pipeline:
@@ -262,9 +263,12 @@ def _open_journal(
     return book
 
 
-# Task settings left out of the stages' fingerprint: how hard a job is tried is not what it
-# computes, and `--resume --retries 5` is how one tries harder.
-POLICY_SETTINGS = frozenset({"retries", "backoff", "max_backoff", "jitter", "timeout", "retry_on"})
+# Task settings left out of the stages' fingerprint: how hard, how soon or how fast a job is
+# tried is not what it computes, and `--resume --retries 5` is how one tries harder.
+POLICY_SETTINGS = frozenset(
+    {"retries", "backoff", "max_backoff", "jitter", "timeout", "retry_on"}
+    | {"priority", "rate_limit"}
+)
 
 
 def stages_fingerprint(stages: Sequence[Task]) -> str:

@@ -21,7 +21,7 @@ from .messages import dumps
 from .results import KIND_CANCELLED, JobError, JobResult, Metrics
 from .sizing import MAX_BATCH
 from .supervisor import Supervisor
-from .task import UNSET, Policy, Task, resolve_policy
+from .task import UNSET, Policy, Task, check_priority, resolve_policy
 
 # imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
 # to bound memory
@@ -210,14 +210,15 @@ class Pool:
         retries: int | None = UNSET,
         timeout: float | None = UNSET,
         backoff: float | None = UNSET,
+        rate_limit: str | float | None = None,
         start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
     ) -> None:
-        """``retries``/``timeout``/``backoff`` override the task's (``timeout=None`` removes
-        its timeout); ``start_timeout``: seconds a worker gets to start and run ``setup()``
-        before it is killed and counted as a failed start (default: 60, or the task's
-        timeout if longer)."""
+        """``retries``/``timeout``/``backoff``/``rate_limit`` override the task's
+        (``timeout=None`` removes its timeout); ``start_timeout``: seconds a worker gets to
+        start and run ``setup()`` before it is killed and counted as a failed start (default:
+        60, or the task's timeout if longer)."""
         self._open(
             [task],
             procs,
@@ -225,7 +226,12 @@ class Pool:
             chunksize=chunksize,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory=max_memory,
-            overrides={"retries": retries, "timeout": timeout, "backoff": backoff},
+            overrides={
+                "retries": retries,
+                "timeout": timeout,
+                "backoff": backoff,
+                "rate_limit": rate_limit,
+            },
             preload=(),
             start_timeout=start_timeout,
             backend=backend,
@@ -242,11 +248,18 @@ class Pool:
         retries: int | None = UNSET,
         timeout: float | None = UNSET,
         backoff: float | None = UNSET,
+        rate_limit: str | float | None = None,
         **options: Any,
     ) -> Pool:
-        """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine)."""
+        """A pool whose jobs pass through ``tasks`` in turn (Pipeline's engine);
+        ``rate_limit`` overrides every stage's, each stage keeping a limit of its own."""
         pool = cls.__new__(cls)
-        overrides = {"retries": retries, "timeout": timeout, "backoff": backoff}
+        overrides = {
+            "retries": retries,
+            "timeout": timeout,
+            "backoff": backoff,
+            "rate_limit": rate_limit,
+        }
         pool._open(
             list(tasks), procs, overrides=overrides, preload=preload, own_signals=True, **options
         )
@@ -291,7 +304,10 @@ class Pool:
         self.procs: int = procs  # type: ignore[assignment]
         self.start_method = method
         self._policies = policies
-        spec = WorkerSpec(tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals)
+        rates = tuple(p.rate for p in policies)
+        spec = WorkerSpec(
+            tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals, rates
+        )
         workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
             policies,
@@ -321,8 +337,16 @@ class Pool:
         if broken is not None:
             raise PoolBroken(broken_message(broken))
 
-    def _make_job(self, index: int, payload: Any, consumer: Any, tag: Any = None) -> Block:
-        return Block(range(index, index + 1), [payload], consumer, tag)
+    def _make_job(
+        self, index: int, payload: Any, consumer: Any, tag: Any = None, priority: int | None = None
+    ) -> Block:
+        """A one-job block; ``priority`` None: the first stage's task's."""
+        level = self._policies[0].priority if priority is None else priority
+        return Block(range(index, index + 1), [payload], consumer, tag, level)
+
+    def _priority(self, priority: int | None) -> int:
+        """The jobs' priority: the one asked for (checked), else the task's."""
+        return self._policies[0].priority if priority is None else check_priority(priority)
 
     def _post_jobs(self, entries: list[Block], deadline: Deadline | None = None) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the
@@ -335,22 +359,31 @@ class Pool:
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
-    def submit(self, payload: Any) -> Future[JobResult]:
-        """Queue one job; the Future resolves to its JobResult (failures included)."""
+    def submit(self, payload: Any, *, priority: int | None = None) -> Future[JobResult]:
+        """Queue one job; the Future resolves to its JobResult (failures included).
+        ``priority``: higher runs first (default: the task's ``priority``)."""
+        level = self._priority(priority)
         self._check_open()
         future = JobFuture()
-        job = self._make_job(next(self._submits), payload, self._futures, future)
+        job = self._make_job(next(self._submits), payload, self._futures, future, level)
         future._job = job
         future._supervisor = self._supervisor
         self._post_jobs([job])
         return future
 
-    def map(self, payloads: Iterable[Any], *, deadline: float | None = None) -> list[JobResult]:
-        """Run every payload; results in input order.
+    def map(
+        self,
+        payloads: Iterable[Any],
+        *,
+        priority: int | None = None,
+        deadline: float | None = None,
+    ) -> list[JobResult]:
+        """Run every payload; results in input order. ``priority``: as for submit().
 
         ``deadline``: seconds from this call. Then jobs not started are cancelled and running
         attempts are stopped (their workers killed and replaced): every job that has not
         finished comes back as a "cancelled" result, the finished ones as they are."""
+        level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
         items = list(payloads)
@@ -359,7 +392,7 @@ class Pool:
         try:
             for start in range(0, len(items), SUBMIT_CHUNK):
                 stop = min(start + SUBMIT_CHUNK, len(items))
-                block = Block(range(start, stop), items[start:stop], collector, tag)
+                block = Block(range(start, stop), items[start:stop], collector, tag, level)
                 self._post_jobs([block], tag)
             remaining = len(items)
             while remaining:
@@ -376,16 +409,23 @@ class Pool:
         return results  # type: ignore[return-value]
 
     def imap(
-        self, payloads: Iterable[Any], ordered: bool = True, *, deadline: float | None = None
+        self,
+        payloads: Iterable[Any],
+        ordered: bool = True,
+        *,
+        priority: int | None = None,
+        deadline: float | None = None,
     ) -> Iterator[JobResult]:
         """Stream results while reading ``payloads`` lazily, a bounded window ahead.
+        ``priority``: as for submit().
 
         ``deadline``: seconds from this call, as for map(); at the deadline the reading of
         ``payloads`` stops too (items not read by then are not jobs: no result stands for
         them), and the stream ends with the results of the jobs submitted."""
+        level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
-        stream = self._imap(iter(payloads), ordered, tag)
+        stream = self._imap(iter(payloads), ordered, tag, level)
         return stream if tag is None else self._until(stream, tag)
 
     def _window(self) -> int:
@@ -405,7 +445,7 @@ class Pool:
             self._supervisor.post(("deadline_off", tag))
 
     def _imap(
-        self, source: Iterator[Any], ordered: bool, tag: Deadline | None
+        self, source: Iterator[Any], ordered: bool, tag: Deadline | None, priority: int
     ) -> Iterator[JobResult]:
         collector = _Collector(self._supervisor)
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
@@ -424,7 +464,7 @@ class Pool:
                 exhausted = len(batch) < want
                 if batch:
                     span = range(next_index, next_index + len(batch))
-                    self._post_jobs([Block(span, batch, collector, tag)], tag)
+                    self._post_jobs([Block(span, batch, collector, tag, priority)], tag)
                     next_index += len(batch)
                     outstanding += len(batch)
             if not outstanding:

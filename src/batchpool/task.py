@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PermanentError
+from .rates import parse_rate
 
 
 class Task:
@@ -23,6 +24,8 @@ class Task:
     jitter: float = 0.25
     timeout: float | None = None
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    priority: int = 0  # of this task's jobs, unless submit/map/imap give one; higher first
+    rate_limit: str | float | None = None  # attempt starts across the pool: "100/s", "30/m"...
 
     def setup(self) -> None:
         """Once in each worker process, before its first job."""
@@ -43,13 +46,22 @@ def is_retryable(task: Task, exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Policy:
-    """The retry and timeout settings the supervisor applies to one stage."""
+    """The settings the supervisor applies to one stage."""
 
     retries: int
     backoff: float
     max_backoff: float
     jitter: float
     timeout: float | None
+    priority: int = 0  # of the stage's jobs
+    rate: float | None = None  # attempt starts per second, None: no limit
+
+
+def check_priority(value: Any) -> int:
+    """A job priority: an int (not a bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"priority must be an integer, got {value!r}")
+    return value
 
 
 def _number(name: str, value: Any) -> float:
@@ -72,6 +84,7 @@ def resolve_policy(
     retries: int | None = UNSET,
     timeout: float | None = UNSET,
     backoff: float | None = UNSET,
+    rate_limit: str | float | None = UNSET,
 ) -> Policy:
     """Validate a task's settings (with pool overrides) before any process starts."""
     if not isinstance(task, Task):
@@ -100,4 +113,13 @@ def resolve_policy(
         isinstance(c, type) and issubclass(c, BaseException) for c in retry_on
     ):
         raise ValueError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
-    return Policy(retries=r, backoff=b, max_backoff=mb, jitter=j, timeout=t)
+    limit = task.rate_limit if rate_limit is UNSET or rate_limit is None else rate_limit
+    return Policy(
+        retries=r,
+        backoff=b,
+        max_backoff=mb,
+        jitter=j,
+        timeout=t,
+        priority=check_priority(task.priority),
+        rate=parse_rate(limit),
+    )

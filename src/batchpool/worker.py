@@ -23,6 +23,7 @@ from typing import Final, Literal, NoReturn
 
 from .messages import EXITING, RETURNED, RUN, STEAL, STOP, ProgressSlots, dumps, loads
 from .processes import GROUP_SIGNALS
+from .rates import Gate, GateSpec, open_gates
 from .task import Task
 from .workercore import EXIT_START_FAILED, Job, Retirement, Runner, start, stop
 
@@ -39,6 +40,7 @@ def main(
     preload: Sequence[tuple[str, str]],
     max_tasks: int | None,
     max_memory: int | None,
+    gates: Sequence[GateSpec],
 ) -> None:
     """Entry point of a worker process (the target of multiprocessing.Process)."""
     # The supervisor owns Ctrl-C, SIGTERM and SIGHUP: in-flight attempts must be able to
@@ -59,7 +61,8 @@ def main(
     try:
         _send(conn, hello)
         if tasks is not None:
-            _serve(conn, tasks, progress, slot, Retirement(max_tasks, max_memory))
+            retirement = Retirement(max_tasks, max_memory)
+            _serve(conn, tasks, progress, slot, retirement, open_gates(gates))
     except OSError:  # the supervisor's end of the pipe is gone, and the supervisor with it
         _orphaned()
     if tasks is None:
@@ -131,10 +134,11 @@ def _serve(
     progress: ProgressSlots,
     slot: int,
     retirement: Retirement,
+    gates: dict[int, Gate],
 ) -> None:
     box = _Mailbox(conn)
     threading.Thread(target=box.read, name="batchpool-reader", daemon=True).start()
-    runner = Runner(tasks, box.send, retirement, progress, slot, FLUSH_EVERY)
+    runner = Runner(tasks, box.send, retirement, progress, slot, FLUSH_EVERY, gates)
     while (message := box.next()) is not None:  # None: STOP, or the supervisor's end closed
         _, ids, stages, blob = message
         # Unpacked jobs wait in the mailbox, where STEAL can still hand them back.

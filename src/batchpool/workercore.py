@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from .messages import (
@@ -36,6 +36,7 @@ from .messages import (
     loads,
     progress_slot,
 )
+from .rates import Gate
 from .task import Task, is_retryable
 
 EXIT_START_FAILED = 3  # a worker's exit code when task unpickling or setup() raised
@@ -159,10 +160,20 @@ class Runner:
     ``progress`` and ``slot``: where the job in progress is written for the supervisor's crash
     and timeout attribution (messages.progress_slot); a backend without shared memory leaves
     the default, a list nobody reads. ``flush_every``: seconds after which a long batch sends
-    the results it has so far.
+    the results it has so far. ``gates``: per rate-limited stage, where its jobs take their
+    start (rates.Gate), right before the progress slot names them.
     """
 
-    __slots__ = ("tasks", "send", "retirement", "progress", "job_at", "started_at", "flush_every")
+    __slots__ = (
+        "tasks",
+        "send",
+        "retirement",
+        "progress",
+        "job_at",
+        "started_at",
+        "flush_every",
+        "gates",
+    )
 
     def __init__(
         self,
@@ -172,6 +183,7 @@ class Runner:
         progress: ProgressSlots | None = None,
         slot: int = 0,
         flush_every: float = math.inf,
+        gates: dict[int, Gate] | None = None,
     ) -> None:
         self.tasks = tasks
         self.send = send
@@ -179,6 +191,7 @@ class Runner:
         self.progress: ProgressSlots = [IDLE, 0] if progress is None else progress
         self.job_at, self.started_at = progress_slot(slot)
         self.flush_every = flush_every
+        self.gates = gates or {}
 
     def unpack(self, ids: list[int], stages: list[int], blob: bytes | bytearray) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
@@ -209,6 +222,8 @@ class Runner:
         retirement = self.retirement
         if retirement.reason:  # retired already (by a refused job): run nothing more
             return retirement.reason
+        if self.gates:  # only then: the loop below is the floor of a no-op job's price
+            jobs = self._through_gates(jobs)
         tasks, progress, flush_every = self.tasks, self.progress, self.flush_every
         job_at, started_at = self.job_at, self.started_at
         counted = retirement.counts_jobs  # else after_job() is a no-op: skip it per job
@@ -248,6 +263,15 @@ class Runner:
         if out.ids:
             self._flush(out)
         return retirement.reason
+
+    def _through_gates(self, jobs: Iterable[Job]) -> Iterator[Job]:
+        """``jobs``, each of a rate-limited stage once its gate lets it start."""
+        gates = self.gates
+        for job in jobs:
+            gate = gates.get(job[1])
+            if gate is not None:
+                gate.wait()
+            yield job
 
     def _flush(self, out: _Results) -> None:
         """Send results; the slot says FLUSHING, so a death or hang in pickling is attributed."""

@@ -48,6 +48,9 @@ class WorkerSpec:
     # with every pool of the process (multiprocessing's own too) and its children inherit
     # its signal mask: their terminate() would no longer end them.
     own_signals: bool = False
+    # Per stage, attempt starts per second (None: no limit): the backend makes the gates
+    # (rates.GateFiles) its workers take their starts from.
+    rates: tuple[float | None, ...] = ()
 
 
 class WorkerHandle(Protocol):

@@ -21,6 +21,7 @@ from ..processes import (
     sweep_group,
     watch_pid,
 )
+from ..rates import GateFiles, GateSpec
 from . import WorkerSpec
 
 REAP_WAIT = 2.0  # seconds for the exit status of a dead worker (the forkserver reports it)
@@ -55,6 +56,7 @@ class LocalBackend:
         # Two int64 per worker, written by the worker without a lock: nothing a killed
         # worker held can wedge the supervisor.
         self.progress: ProgressSlots = self.ctx.RawArray("q", 2 * procs)
+        self.gates = GateFiles(spec.rates)
 
     def start_worker(self, slot: int) -> LocalWorker:
         block_group_signals()  # again: a resource tracker restarted here unblocked them
@@ -62,10 +64,10 @@ class LocalBackend:
             start_forkserver_ignoring_signals()
         elif self.forkserver:  # (re)started as multiprocessing would, not with our mask
             start_forkserver_plainly()
-        return LocalWorker(self.ctx, slot, self.progress, self.spec)
+        return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
 
     def close(self) -> None:
-        pass
+        self.gates.remove()
 
 
 SOCKET_BUFFER = 4 * 1024 * 1024  # bytes; the kernel caps it at net.core.[rw]mem_max
@@ -90,7 +92,14 @@ class LocalWorker:
 
     __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
 
-    def __init__(self, ctx: Context, slot: int, progress: ProgressSlots, spec: WorkerSpec) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        slot: int,
+        progress: ProgressSlots,
+        spec: WorkerSpec,
+        gates: tuple[GateSpec, ...],
+    ) -> None:
         self.slot = slot
         self.progress = progress
         job_at, _ = progress_slot(slot)
@@ -108,6 +117,7 @@ class LocalWorker:
                 spec.preload,
                 spec.max_tasks,
                 spec.max_memory,
+                gates,
             ),
             name=f"batchpool-worker-{slot}",
         )

@@ -65,6 +65,7 @@ from ..messages import (
     dumps,
     loads,
 )
+from ..rates import GateFiles, GateSpec, open_gates
 from ..registry import terminate_all_at_exit
 from ..task import Task
 from . import WorkerSpec
@@ -112,6 +113,7 @@ class _Actor:
         main: tuple[str, str] | None,
         max_tasks: int | None,
         max_memory: int | None,
+        gates: tuple[GateSpec, ...],
     ) -> tuple[bytes, int | None, bool]:
         tasks, hello = workercore.start(tasks_blob, preload, partial(_prepare, sys_path, main))
         if tasks is None:
@@ -119,7 +121,7 @@ class _Actor:
             return dumps(hello), None, False
         self.tasks = tasks
         self.retirement = workercore.Retirement(max_tasks, max_memory, report_every=RSS_EVERY)
-        self.runner = workercore.Runner(tasks, self._keep, self.retirement)
+        self.runner = workercore.Runner(tasks, self._keep, self.retirement, gates=open_gates(gates))
         return dumps(hello), self.retirement.sample(time.monotonic()), True
 
     def run(
@@ -239,6 +241,7 @@ class RayBackend:
 
     def __init__(self, procs: int, spec: WorkerSpec, address: str | None = None) -> None:
         self.spec = spec
+        self.gates = GateFiles(spec.rates)
         self.owns_ray = init_ray(procs, address)
         self.actor_class = ray.remote(_Actor).options(
             num_cpus=1, max_restarts=0, max_task_retries=0
@@ -264,6 +267,7 @@ class RayBackend:
         return RayWorker(self, slot)
 
     def close(self) -> None:
+        self.gates.remove()
         if self.owns_ray and ray.is_initialized():
             try:
                 ray.shutdown()
@@ -340,6 +344,7 @@ class RayWorker:
             backend.main,
             spec.max_tasks,
             spec.max_memory,
+            backend.gates.specs,  # actors of this machine share its workers' gates
         )
         self._calls.append(_Call(_SETUP, setup))
         self._submit()
