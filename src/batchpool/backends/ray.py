@@ -9,9 +9,10 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
     a thread       per handle: waits for the calls to complete (their futures), writes each
                    RESULTS message to ``conn`` (a pipe) as the actor produced it, and closes
                    the write end of the ``sentinel`` pipe once the actor is dead
-    running()      the oldest unanswered call: an actor runs its calls one at a time, in order,
-                   and a Ray pool sends one job per call (``chunksize = 1``), so a crash or a
-                   timeout is charged to exactly the job that was running
+    running()      a lone job's call (one job; a Ray pool sends one job per call,
+                   ``chunksize = 1``) while nothing else is in flight: the actor is sent
+                   nothing behind it until it answers, so a crash or a timeout is charged to
+                   exactly the job that was running (see RayWorker.running for why)
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
@@ -290,6 +291,12 @@ class _Call:
     def done(self) -> bool:
         return self.future is not None and self.future.done()
 
+    @property
+    def lone(self) -> bool:
+        """A RUN of one job: it goes to an actor with nothing else in flight, and nothing is
+        submitted behind it until it is answered (see ``RayWorker.running``)."""
+        return self.kind == _RUN and len(self.args[0]) == 1
+
 
 class RayWorker:
     """The supervisor's handle to one actor (see the module docstring).
@@ -308,7 +315,6 @@ class RayWorker:
         self._submitting = threading.Lock()
         self._calls: deque[_Call] = deque()  # oldest first; the first DEPTH are submitted
         self._replies: list[bytes] = []  # RETURNED messages for the thread to write
-        self._last_done = time.monotonic()  # when the previous call's answer came
         self._killing = False
         self._leaving = False  # stopping or retiring: no more jobs
         self._ended = False
@@ -381,15 +387,15 @@ class RayWorker:
         return True
 
     def running(self) -> tuple[int, float]:
+        """The job in progress, named only where no other call can be: a lone job, alone in
+        the actor. When an actor dies, Ray fails every call it had not answered, and the
+        answer of one it completed can be lost with it (its reply still in flight): the
+        oldest failed call is not always the one that ran. So a lone job goes to an actor
+        with nothing else in flight and nothing follows it until it is answered."""
         with self._cond:
-            for call in self._calls:
-                # A ping returns at once; when the actor dies, Ray may fail its answer too,
-                # though the death hit the job submitted behind it.
-                if call.kind == _PING:
-                    continue
-                if call.kind == _RUN and call.at:
-                    return call.job, max(call.at, self._last_done)
-                break
+            call = self._calls[0] if self._calls else None
+            if call is not None and call.lone and call.at:
+                return call.job, call.at
             return IDLE, 0.0
 
     def rss(self) -> int | None:
@@ -419,11 +425,13 @@ class RayWorker:
             with self._cond:
                 todo = []
                 for i, call in enumerate(self._calls):
-                    if i >= DEPTH:
+                    if i >= DEPTH or (call.lone and i):  # a lone job waits for the others
                         break
                     if not call.at:
                         call.at = time.monotonic()
                         todo.append(call)
+                    if call.lone:  # and nothing goes behind it
+                        break
             for call in todo:
                 try:
                     if not ray.is_initialized():
@@ -495,7 +503,6 @@ class RayWorker:
                 return None  # the call stays first: running() names its job
             with self._cond:
                 self._calls.popleft()
-                self._last_done = time.monotonic()
             self._submit()
             code = self._answer(call, value)
             if code is not _CONTINUE:
