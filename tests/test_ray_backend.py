@@ -190,7 +190,9 @@ def test_timeout_kills_and_replaces_the_actor() -> None:
 
 def test_crash_is_charged_to_its_job_and_retried(tmp_path: Path) -> None:
     payloads = [("a", 1), ("b", 0), ("c", 2), ("d", 9)]
-    with ray_pool(ExitOn(tmp_path, retries=2)) as pool:
+    # One job per call, so every crash is a lone job's: each is charged (a crash in a batch
+    # is charged to nobody, and its jobs rerun alone: see the batch tests below).
+    with ray_pool(ExitOn(tmp_path, retries=2), chunksize=1) as pool:
         results = run_jobs(pool, payloads, timeout=180)
         m = pool.metrics()
         check_invariants(m)
@@ -235,11 +237,45 @@ def test_crash_attribution_holds_round_after_round(tmp_path: Path) -> None:
         for i in range(STRESS_ROUNDS):
             marks = tmp_path / str(i)
             marks.mkdir()
-            with ray_pool(ExitOn(marks, retries=3)) as pool:
+            with ray_pool(ExitOn(marks, retries=3), chunksize=1) as pool:  # every job lone
                 results = pool.map([(key, 1) for key in range(8)])
                 check_invariants(pool.metrics())
             assert [(r.ok, r.attempts) for r in results] == [(True, 2)] * 8, (i, results)
             assert all(len(attempts_of(marks, key)) == 2 for key in range(8))
+
+
+def test_a_crash_mid_batch_is_charged_to_its_job_alone(tmp_path: Path) -> None:
+    """One actor: jobs 0 and 1 go alone (the time of a job is not known yet), the other 18 in
+    one call. Job 10 exits on its first attempt: the 8 ahead of it ran, and their results
+    died with the actor. None of the call's jobs is charged: each reruns alone, and job 10,
+    which passes its second run, ends with one attempt, as all the others."""
+    payloads = [(key, 1 if key == 10 else 0) for key in range(20)]
+    with Pool(ExitOn(tmp_path, retries=2), 1, backend="ray") as pool:
+        results = run_jobs(pool, payloads, timeout=120)
+        m = pool.metrics()
+        check_invariants(m)
+    assert [(r.ok, r.value, r.attempts) for r in results] == [(True, k, 1) for k in range(20)]
+    runs = {key: len(attempts_of(tmp_path, key)) for key in range(20)}
+    ran_twice = [key for key, n in runs.items() if n == 2]
+    assert 10 in ran_twice and len(ran_twice) > 1, runs  # it died in a batch
+    assert set(runs.values()) <= {1, 2}
+    assert m.crashed == 0 and m.worker_restarts >= 1
+
+
+def test_a_timeout_mid_batch_is_charged_to_its_job_alone() -> None:
+    """A batch with a job that hangs is killed at its first job's timeout, counted from the
+    batch's start; its jobs rerun alone, and only the one that hangs again is charged."""
+    payloads = [*range(10), "hang", *range(10, 19)]
+    with Pool(Hang(timeout=1.0, retries=1), 1, backend="ray") as pool:
+        results = run_jobs(pool, payloads, timeout=120)
+        m = pool.metrics()
+        check_invariants(m)
+    hang = results[10]
+    assert not hang.ok and hang.error.kind == "timeout" and hang.attempts == 2
+    rest = results[:10] + results[11:]
+    assert all(r.ok and r.attempts == 1 for r in rest), rest
+    assert [r.value for r in rest] == [*range(10), *range(10, 19)]
+    assert m.timed_out == 2 and m.worker_restarts >= 3
 
 
 def test_actor_dying_while_idle_is_replaced_free_of_charge() -> None:
@@ -329,7 +365,9 @@ def test_cancel_pending_and_future_cancel_on_actors(tmp_path: Path) -> None:
 
 
 def test_map_deadline_on_actors_stops_the_running_ones(tmp_path: Path) -> None:
-    with ray_pool(SleepMarked(tmp_path, 30.0)) as pool:
+    # One job per call, as locally (test_cancel_deadline.py): a batch's results come with its
+    # call's answer, so those of a batch stopped at the deadline come back "cancelled".
+    with ray_pool(SleepMarked(tmp_path, 30.0), chunksize=1) as pool:
         assert [r.value for r in pool.map(["warm1", "warm2"])] == ["warm1", "warm2"]
         began = time.monotonic()
         results = pool.map(["a", "b", "slow1", "slow2", "c"], deadline=2.0)

@@ -17,7 +17,8 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
 
 ``backend.start_worker(slot)`` returns a started handle; ``backend.close()`` releases what the
 backend holds; ``backend.chunksize`` (None, or an int) fixes the jobs per RUN message where the
-backend cannot report which job of a batch is running (Ray: 1). Messages are those of
+backend needs it (today none does: a Ray worker names no job inside a batch, and its jobs
+rerun alone when it dies in one). Messages are those of
 batchpool.messages, whatever carries them. ``Backend`` and ``WorkerHandle`` below say the same
 to the type checker.
 

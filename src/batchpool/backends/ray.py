@@ -4,15 +4,21 @@ Each worker is one actor (``num_cpus=1``, ``max_restarts=0``, ``max_task_retries
 counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs once per actor and
 ``teardown()`` at a clean stop. The supervisor sees the usual handle (backends/__init__.py):
 
-    send(RUN)      queued in the handle; at most DEPTH calls are submitted to the actor at a
-                   time (``actor.run.remote``), the rest can still be handed back by STEAL
+    send(RUN)      queued in the handle as one call of a batch of jobs, sized by the
+                   supervisor as for local workers (sizing.BatchSizer); at most DEPTH calls
+                   are submitted to the actor at a time (``actor.run.remote``), the rest can
+                   still be handed back by STEAL
     a thread       per handle: waits for the calls to complete (their futures), writes each
                    RESULTS message to ``conn`` (a pipe) as the actor produced it, and closes
                    the write end of the ``sentinel`` pipe once the actor is dead
-    running()      a lone job's call (one job; a Ray pool sends one job per call,
-                   ``chunksize = 1``) while nothing else is in flight: the actor is sent
-                   nothing behind it until it answers, so a crash or a timeout is charged to
-                   exactly the job that was running (see RayWorker.running for why)
+    running()      a lone job (a call of one job) while nothing else is in flight: the
+                   actor is sent nothing behind it until it answers, so a crash or a timeout
+                   is charged to exactly that job (see RayWorker.running for why). A batch
+                   names none (messages.UNPACKING): an actor that dies or times out in one
+                   has each job it had not answered rerun alone (ledger.attribute), and only
+                   the one that kills it again is charged. A batch's deadline runs from its
+                   start, with the timeout of one job: a batch of ~0.1 s (sizing.py) that
+                   overstays it is killed and its jobs rerun alone, charged nothing
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
@@ -62,6 +68,7 @@ from ..messages import (
     RUN,
     STEAL,
     STOP,
+    UNPACKING,
     Results,
     dumps,
     loads,
@@ -125,13 +132,12 @@ class _Actor:
         self.runner = workercore.Runner(tasks, self._keep, self.retirement, gates=open_gates(gates))
         return dumps(hello), self.retirement.sample(time.monotonic()), True
 
-    def run(
-        self, ids: list[int], stages: list[int], blob: bytes
-    ) -> tuple[list[bytes], bool, int | None] | None:
+    def run(self, header: bytes, blob: bytes) -> tuple[list[bytes], bool, int | None] | None:
         """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
         runner = self.runner
         if runner is None or self.retirement.reason:  # queued behind a retirement (or a
             return None  # failed setup): the supervisor requeued these jobs
+        _, ids, stages = loads(header)
         runner.run_batch(runner.unpack(ids, stages, blob))
         messages, self.outbox = self.outbox, []
         return messages, self.retirement.reason is not None, self.retirement.rss
@@ -238,7 +244,7 @@ def _check_reachable(address: str) -> None:
 class RayBackend:
     """Starts one actor per worker slot; owns the Ray connection if it made it."""
 
-    chunksize = 1  # one job per call: running() then names the job in progress exactly
+    chunksize = None  # batches, sized by the supervisor: see the module docstring
 
     def __init__(self, procs: int, spec: WorkerSpec, address: str | None = None) -> None:
         self.spec = spec
@@ -279,23 +285,23 @@ class RayBackend:
 class _Call:
     """One call to the actor: queued (future None), then submitted."""
 
-    __slots__ = ("kind", "args", "job", "future", "at")
+    __slots__ = ("kind", "args", "job", "ids", "lone", "future", "at")
 
-    def __init__(self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE) -> None:
+    def __init__(
+        self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE, ids: list[int] | None = None
+    ) -> None:
         self.kind = kind
         self.args = args  # for the actor's method ``kind``
-        self.job = job
+        self.job = job  # a lone job's id
+        self.ids = ids or []  # a RUN's jobs
+        # A RUN of one job: it goes to an actor with nothing else in flight, and nothing is
+        # submitted behind it until it is answered (see RayWorker.running).
+        self.lone = len(self.ids) == 1
         self.future: Future[Any] | None = None  # set once submitted
         self.at = 0.0  # monotonic time it was submitted; 0: still ours (STEAL may take it)
 
     def done(self) -> bool:
         return self.future is not None and self.future.done()
-
-    @property
-    def lone(self) -> bool:
-        """A RUN of one job: it goes to an actor with nothing else in flight, and nothing is
-        submitted behind it until it is answered (see ``RayWorker.running``)."""
-        return self.kind == _RUN and len(self.args[0]) == 1
 
 
 class RayWorker:
@@ -314,6 +320,7 @@ class RayWorker:
         self._cond = threading.Condition(threading.Lock())
         self._submitting = threading.Lock()
         self._calls: deque[_Call] = deque()  # oldest first; the first DEPTH are submitted
+        self._last_done = 0.0  # time.monotonic() of the latest answer
         self._replies: list[bytes] = []  # RETURNED messages for the thread to write
         self._killing = False
         self._leaving = False  # stopping or retiring: no more jobs
@@ -371,7 +378,7 @@ class RayWorker:
                     return False
                 ids = message[1]
                 job = ids[0] if len(ids) == 1 else IDLE
-                self._calls.append(_Call(_RUN, (message[1], message[2], payloads), job))
+                self._calls.append(_Call(_RUN, (blob, payloads), job, ids))
             elif tag == STEAL:
                 self._steal()
                 return True
@@ -391,11 +398,19 @@ class RayWorker:
         the actor. When an actor dies, Ray fails every call it had not answered, and the
         answer of one it completed can be lost with it (its reply still in flight): the
         oldest failed call is not always the one that ran. So a lone job goes to an actor
-        with nothing else in flight and nothing follows it until it is answered."""
+        with nothing else in flight and nothing follows it until it is answered. A batch in
+        flight names none (UNPACKING), with its start: when the previous call was answered,
+        if that was after it was submitted."""
         with self._cond:
-            call = self._calls[0] if self._calls else None
-            if call is not None and call.lone and call.at:
-                return call.job, call.at
+            for call in self._calls:
+                if not call.at:
+                    break
+                if call.kind == _PING:  # answers at once: what runs is behind it
+                    continue
+                if call.kind != _RUN:
+                    break
+                start = max(call.at, self._last_done)
+                return (call.job, start) if call.lone else (UNPACKING, start)
             return IDLE, 0.0
 
     def rss(self) -> int | None:
@@ -453,7 +468,7 @@ class RayWorker:
         ids: list[int] = []
         for call in self._calls:
             if call.kind == _RUN and not call.at:
-                ids.extend(call.args[0])
+                ids.extend(call.ids)
             else:
                 kept.append(call)
         self._calls = kept
@@ -503,6 +518,7 @@ class RayWorker:
                 return None  # the call stays first: running() names its job
             with self._cond:
                 self._calls.popleft()
+                self._last_done = time.monotonic()
             self._submit()
             code = self._answer(call, value)
             if code is not _CONTINUE:
