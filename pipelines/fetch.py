@@ -160,5 +160,5 @@ pages = Pages()
 pipeline = Pipeline(pages, Fetch(), name="fetch", sink=Summary(pages), total=PAGES)
 
 if __name__ == "__main__":  # required: workers import this file again to find Fetch
-    report = pipeline.run(procs=4)
+    report = pipeline.run(procs=(2, 8))
     sys.exit(1 if report.failed or report.error else 0)
