@@ -495,7 +495,7 @@ class Pool:
         """Pids of the live workers."""
         return self._supervisor.pids()
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         """Its settings, in one line (the log file's run start)."""
         b = self._bounds
         procs = f"procs {b.low}:{b.high} (idle timeout {b.idle_timeout:g} s)"

@@ -158,7 +158,7 @@ class Run:
             "run %s: started in pid %d; %s; journal %s%s",
             self.name,
             os.getpid(),
-            self.pool.describe(),
+            self.pool._describe(),
             journal,
             resumed,
         )
