@@ -224,11 +224,13 @@ def headroom(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class Peak:
     """Samples a pool's live workers every few ms in a thread, by its own account (pids())
-    and, under fork, by the processes this one has: the most alive at once."""
+    and, under fork, by the processes this one has (less those it had before: a forkserver,
+    a resource tracker of earlier tests): the most alive at once."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, before: set[int]) -> None:
         self.pool = pool
         self.most = 0
+        self.before = before  # children() before the pool was made
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -246,8 +248,13 @@ class Peak:
             listed = [p for p in self.pool.pids() if not pid_gone(p)]
             children = []
             if self.pool.start_method == "fork":
-                children = [c.pid for c in me.children() if not pid_gone(c.pid)]
+                pids = {c.pid for c in me.children()} - self.before
+                children = [p for p in pids if not pid_gone(p)]
             self.most = max(self.most, len(listed), len(children))
+
+
+def children() -> set[int]:
+    return {c.pid for c in psutil.Process().children()}
 
 
 def teardowns(marker_dir: Path) -> int:
@@ -265,9 +272,10 @@ def test_grows_to_max_under_a_backlog_never_beyond_then_idles_back_to_min(
     tmp_path: Path, headroom: None
 ) -> None:
     task = Paced(str(tmp_path), 0.2)
+    before = children()
     with (
         Pool(task, procs=(1, 3), idle_timeout=0.5, start_method="fork") as pool,
-        Peak(pool) as peak,
+        Peak(pool, before) as peak,
     ):
         assert wait_for(lambda: len(pool.pids()) == 1, REACH, "the first worker")
         futures = [pool.submit(i) for i in range(40)]
@@ -292,8 +300,9 @@ def test_no_growth_without_cpu_or_memory_headroom(
     """A machine without a free core, or without room for two more of its largest worker,
     keeps the pool at its minimum whatever the backlog."""
     monkeypatch.setattr(scaling, limit, value)
+    before = children()
     with Pool(Paced(str(tmp_path), 0.1), procs=(1, 3), start_method="fork") as pool:
-        with Peak(pool) as peak:
+        with Peak(pool, before) as peak:
             results = run_jobs(pool, range(15))
         m = pool.metrics()
     assert all(r.ok for r in results)
