@@ -431,6 +431,20 @@ class CountSetup(Base):
         mark_unique(self.marker_dir, f"teardown-{os.getpid()}")
 
 
+class Paced(CountSetup):
+    """CountSetup's markers (setup and teardown, by pid), and a run that appends
+    ``payload pid`` to ``marker_dir/runs`` (every attempt, once) and sleeps ``seconds``."""
+
+    def __init__(self, marker_dir: str, seconds: float, **policy: Any) -> None:
+        super().__init__(marker_dir, **policy)
+        self.seconds = seconds
+
+    def run(self, payload: Any) -> Any:
+        append_line(os.path.join(self.marker_dir, "runs"), f"{payload} {os.getpid()}")
+        time.sleep(self.seconds)
+        return os.getpid()
+
+
 class CountUnpickles(Base):
     """Leaves a marker each time an instance is unpickled, named by pid; run returns the pid."""
 

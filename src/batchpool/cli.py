@@ -12,7 +12,6 @@ import csv
 import importlib
 import importlib.util
 import io
-import logging
 import os
 import re
 import shlex
@@ -27,9 +26,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from tqdm import tqdm
 
-from . import __version__
+from . import __version__, logs
 from .backends import BackendUnavailable
 from .durations import parse_duration
 from .formatting import csv_cell, to_json
@@ -124,6 +122,34 @@ class _Rate(_FloatType):
             self.fail(str(exc), param, ctx)
         assert rate is not None  # only None parses to None
         return rate
+
+
+Procs = int | tuple[int, int]
+
+if TYPE_CHECKING:
+    _ProcsType = click.ParamType[Procs]
+else:
+    _ProcsType = click.ParamType
+
+
+class _Procs(_ProcsType):
+    """N workers, or MIN:MAX for a pool that scales between them."""
+
+    name = "N|MIN:MAX"
+
+    def convert(
+        self, value: str | Procs, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Procs:
+        if not isinstance(value, str):
+            return value
+        low, colon, high = value.partition(":")
+        try:
+            bounds = (int(low), int(high)) if colon else (int(low), int(low))
+        except ValueError:
+            self.fail(f"{value!r} is not a number of workers N or a range MIN:MAX", param, ctx)
+        if bounds[0] < 1 or bounds[1] < bounds[0]:
+            self.fail(f"{value!r}: workers must be at least 1, and MIN <= MAX", param, ctx)
+        return bounds if colon else bounds[0]
 
 
 def load_pipeline(spec: str) -> Pipeline:
@@ -222,30 +248,6 @@ def _load_module(target: str) -> ModuleType:
         raise LoadError(f"error importing {target} at {_where(exc)}: {_one_line(exc)}") from None
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    logger = logging.getLogger("batchpool")
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("batchpool: %(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    elif verbose:
-        logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
-    else:
-        logger.setLevel(logging.WARNING)
-
-
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -295,7 +297,16 @@ def main() -> None:
 
 @main.command()
 @click.argument("pipeline")
-@click.option("--procs", type=click.IntRange(min=1), help="Worker processes [default: CPU count].")
+@click.option(
+    "--procs",
+    type=_Procs(),
+    help="Worker processes [default: CPU count]; MIN:MAX scales between them with the backlog.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --procs MIN:MAX: seconds before an idle worker retires [default: 10].",
+)
 @click.option("--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks).")
 @click.option(
     "--timeout",
@@ -354,6 +365,11 @@ def main() -> None:
     help="Log retries, crashes and each failed job; -vv also each result and the pool's state.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append timestamped log lines at INFO (retries, crashes, scaling...), even with -q.",
+)
 def run(pipeline: str, **opts: Any) -> None:
     """Run PIPELINE: path/to/file.py[:NAME] or package.module:NAME (default NAME: pipeline)."""
     if opts["quiet"] and opts["verbose"]:
@@ -373,7 +389,12 @@ def run(pipeline: str, **opts: Any) -> None:
     for option in ("output", "report"):
         if opts[option]:
             _check_writable(opts[option], f"--{option}")
-    _setup_logging(opts["verbose"], opts["quiet"])
+    if opts["idle_timeout"] is not None and not isinstance(opts["procs"], tuple):
+        raise click.UsageError("--idle-timeout is for --procs MIN:MAX")
+    try:
+        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
+    except OSError as exc:
+        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
     pipe = load_pipeline(pipeline)
     journal: JournalOption = DEFAULT_JOURNAL
     if opts["no_journal"]:
@@ -390,6 +411,7 @@ def run(pipeline: str, **opts: Any) -> None:
             "start_method",
             "max_memory",
             "address",
+            "idle_timeout",
         )
         if opts[k] is not None
     }

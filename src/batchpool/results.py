@@ -135,7 +135,9 @@ class Metrics:
     retried: int = 0
     timed_out: int = 0
     crashed: int = 0
-    worker_restarts: int = 0
+    worker_restarts: int = 0  # workers started to replace one that died or retired
+    scaled_up: int = 0  # workers added by autoscaling or resize()
+    scaled_down: int = 0  # workers retired by autoscaling or resize()
     queued: int = 0
     in_flight: int = 0
     workers: int = 0

@@ -14,7 +14,8 @@
                                                  call deadlines (cancelling.py)
                                    5. workers    replace the dead and the retired (workforce.py)
                                    6. dispatch   batches sized by sizing.BatchSizer -->
-                                                 (dispatch.py)
+                                                 (dispatch.py); then, for procs=(min, max),
+                                                 grow under a backlog (scaler.py)
                                    7. publish    the counters metrics() reads
                                    8. deliver    final JobResults, to their consumers (outbox.py)
 
@@ -50,6 +51,8 @@ from .processes import block_group_signals
 from .registry import LIVE
 from .results import KIND_ERROR, JobError, Metrics, StageMetrics, WorkerStats
 from .sampling import Reservoir
+from .scaler import SCALE, Scaler
+from .scaling import Bounds
 from .sizing import BatchSizer
 from .task import Policy
 from .timers import Timers
@@ -60,12 +63,12 @@ from .workforce import Workforce
 
 log = logging.getLogger("batchpool")
 # ("submit", blocks), ("submit_until", blocks, deadline), ("cancel", block),
-# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ...
+# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ("resize", n), ...
 Command = tuple[Any, ...]
 SUBMITS = ("submit", "submit_until")
 # what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
-# restarts, peak RSS
-View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int]
+# restarts, peak RSS, scaled up, scaled down
+View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int, int, int]
 
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
 
@@ -80,7 +83,9 @@ class Supervisor:
         chunksize: int | None,
         max_tasks: int | None,
         start_timeout: float,
+        bounds: Bounds | None = None,
     ) -> None:
+        """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
         self.book = JobBook(policies, random.random)
         self.sizer = BatchSizer(len(policies), chunksize)  # pool.py reads its byte estimate
         self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
@@ -89,11 +94,23 @@ class Supervisor:
         self.dispatcher = Dispatcher(self.book, self.sizer, max_tasks)
         self.watchdog = Watchdog(policies, self.timers, self.book)
         self.workforce = Workforce(
-            backend, procs, start_timeout, self.timers, self.watch, give_up=self._break
+            backend,
+            procs,
+            start_timeout,
+            self.timers,
+            self.watch,
+            give_up=self._break,
+            take_back=self.dispatcher.take_back_prefetched,
+            high=bounds.high if bounds else None,
         )
         self.workers = self.workforce.workers  # slot -> worker; the same dict, for short lines
         self.outbox = Outbox(self.book)
         self.cancels = Cancels(self.book, self.timers, self.workers)
+        self.scaler = (
+            None
+            if bounds is None
+            else Scaler(bounds, self.workforce, self.book, self.timers, time.monotonic())
+        )
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
@@ -181,7 +198,7 @@ class Supervisor:
             w.proc.channel.flush()  # False: it died; its sentinel tells
         for w in readable:
             self._read(w, now)
-        self._run_commands()
+        self._run_commands(now)
         if self.terminating:
             return True
         for w in dead:
@@ -195,13 +212,15 @@ class Supervisor:
             self.book.fail_unsent(self.broken)
         self._start_workers(now)
         self._dispatch(now)
+        if self.scaler is not None and not self.draining and self.scaler.after_dispatch(now):
+            self._start_workers(now)
         for w in self.workers.values():
             self.watch.want_write(w, w.proc.channel.wants_write)
         if not self.closing or self.book.unfinished or self.commands:
             return False
         return self.workforce.stop(now)  # closed and nothing left: done once workers are gone
 
-    def _run_commands(self) -> None:
+    def _run_commands(self, now: float) -> None:
         new: list[Block] = []  # the blocks of consecutive submits, added at once
         while (command := self.commands.pop()) is not None:
             kind = command[0]
@@ -224,6 +243,8 @@ class Supervisor:
                 self.closing = True
             elif kind == "drain":
                 self.draining = True
+            elif kind == "resize":
+                self.workforce.resize(command[1], now, fixed=self.scaler is None)
             elif kind == "terminate":
                 self._terminate()
                 return
@@ -239,6 +260,8 @@ class Supervisor:
             [(w.pid, w.jobs, w.busy, w.rss) for w in self.workers.values()],
             self.workforce.restarts,
             self.workforce.peak_rss,
+            self.workforce.scaled_up,
+            self.workforce.scaled_down,
         )
 
     # -- messages from workers -----------------------------------------------------------------
@@ -265,10 +288,17 @@ class Supervisor:
                 log.debug("worker %s retires (%s)", w.pid, retiring)
                 w.retiring = True
                 self.cancels.give_back(w, w.take_all())
+            if not w.holding:
+                self._idle(w, now)
         elif tag == READY:
-            self.workforce.ready(w)
+            self.workforce.ready(w, now)
+            if self.scaler is not None:
+                self.scaler.ready(w)
+                self.scaler.idle(now)
         elif tag == RETURNED:  # the answer to a STEAL: to the front of the queue, free
             self.cancels.returned(w, message[1])  # unless a cancellation wants them
+            if not w.holding:
+                self._idle(w, now)
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
         elif tag == EXITING:
@@ -304,6 +334,11 @@ class Supervisor:
             self.samples[stage].extend(elapsed)
             self.sizer.timed(stage, total, len(ids))
 
+    def _idle(self, w: WorkerView, now: float) -> None:
+        self.workforce.idle(w, now)
+        if self.scaler is not None:
+            self.scaler.idle(now)
+
     # -- deaths, timers, workers, dispatch: the owners' work, in the loop's order ---------------
     def _on_exit(self, w: WorkerView, now: float) -> None:
         self._read(w, now)  # results it sent before dying still count
@@ -319,6 +354,9 @@ class Supervisor:
             if key == "rss":
                 self.workforce.sample_rss()
                 self.timers.schedule(now + RSS_EVERY, "rss")
+            if key in ("rss", SCALE):
+                if self.scaler is not None and not self.draining:
+                    self.scaler.tick(now)
                 continue
             kind, slot = cast("tuple[str, int]", key)
             if kind == "deadline":
@@ -366,7 +404,7 @@ class Supervisor:
 
 
 def _metrics(view: View, samples: list[Reservoir], elapsed: float) -> Metrics:
-    stages, queued, sent, workers, restarts, peak = view
+    stages, queued, sent, workers, restarts, peak, scaled_up, scaled_down = view
     per_stage = [
         StageMetrics(*counts, sample.quantile(0.5), sample.quantile(0.95))
         for counts, sample in zip(stages, samples, strict=True)
@@ -381,6 +419,8 @@ def _metrics(view: View, samples: list[Reservoir], elapsed: float) -> Metrics:
         timed_out=sum(s.timed_out for s in per_stage),
         crashed=sum(s.crashed for s in per_stage),
         worker_restarts=restarts,
+        scaled_up=scaled_up,
+        scaled_down=scaled_down,
         queued=queued,
         in_flight=sent,
         workers=len(workers),
