@@ -76,9 +76,13 @@ class Site(BaseHTTPRequestHandler):
         pass  # quiet: the run's own log says what failed
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connections of a busy moment
+
+
 def serve() -> ThreadingHTTPServer:
     """The site, answering in a daemon thread of this process until ``shutdown()``."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    server = _Server(("127.0.0.1", 0), Site)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="fetch-site", daemon=True).start()
     return server

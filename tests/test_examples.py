@@ -82,7 +82,8 @@ def test_fetch(tmp_path: Path, way: str) -> None:
     """The site runs in the supervisor; workers of every start method reach it by the URLs
     the source yields. Page 24 fails once (503) and succeeds on its retry."""
     path = PIPELINES_DIR / "fetch.py"
-    argv = [*CLI, "run", path, "--procs", "4", "--start-method", way]
+    log = tmp_path / "fetch.log"
+    argv = [*CLI, "run", path, "--procs", "4", "--start-method", way, "--log-file", log]
     r = run(
         [sys.executable, path] if way == "python" else argv,
         cwd=tmp_path,
@@ -94,6 +95,6 @@ def test_fetch(tmp_path: Path, way: str) -> None:
     assert re.fullmatch(
         r"fetched 30 of 30 pages \([\d,]+ bytes\), 1 after a retry; failed for good: none\n",
         r.stdout,
-    ), r.stdout
+    ), r.stdout + (log.read_text() if log.exists() else "")
     summary = json.loads((tmp_path / "fetch_summary.json").read_text())
     assert summary["ok"] == 30 and summary["failed"] == [] and summary["retried"] == 1
