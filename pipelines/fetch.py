@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socketserver
 import sys
 import threading
 import time
@@ -78,6 +79,14 @@ class Site(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # socketserver's 5 drops connections of a busy moment
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks its host up (socket.getfqdn) while holding the C library's
+        # resolver lock; a worker forked (--start-method fork) in that moment inherits the lock
+        # held and hangs in its first connect. Nothing here needs the name.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 def serve() -> ThreadingHTTPServer:

@@ -114,7 +114,7 @@ class Pipeline:
 
     def run(
         self,
-        procs: int | None = None,
+        procs: int | tuple[int, int] | None = None,
         *,
         journal: JournalOption = DEFAULT_JOURNAL,
         resume: bool = False,
@@ -155,7 +155,7 @@ class Pipeline:
 
     def _execute(
         self,
-        procs: int | None,
+        procs: int | tuple[int, int] | None,
         *,
         journal: JournalOption,
         resume: bool,

@@ -78,7 +78,7 @@ class Run:
         pipeline: Pipeline,
         journal: JournalWriter | None,
         *,
-        procs: int | None,
+        procs: int | tuple[int, int] | None,
         pool_options: dict[str, Any],
         resume: bool,
         retry_failed: bool,
