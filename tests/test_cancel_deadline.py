@@ -11,7 +11,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
-from faults import FailTimes, Sleep, SleepMarked, Square, attempts_of
+from faults import FailTimes, Hang, Sleep, SleepMarked, Square, attempts_of
 from helpers import (
     all_gone,
     bp,
@@ -273,6 +273,18 @@ def test_a_deadline_keeps_the_results_a_stopped_worker_had_not_sent_yet(tmp_path
         m = pool.metrics()
     assert (m.succeeded, m.cancelled) == (14, 3)
     check_invariants(m, cut_short=True)
+
+
+@pytest.mark.timeout(30)
+def test_a_deadline_stops_a_worker_that_cannot_answer_flush() -> None:
+    # The job holds the GIL: the worker's reader thread cannot answer FLUSH, and the grace
+    # timer kills the worker all the same.
+    with Pool(Hang(retries=0), procs=1) as pool:
+        a, gil = pool.map(["a", "gil"], deadline=0.5)
+        assert (a.ok, a.value, gil.error.kind, gil.attempts) == (True, "a", "cancelled", 1)
+        pid = gil.worker
+        wait_for(lambda: all_gone({pid}), 10, "the stopped worker to be gone")
+        assert [r.value for r in pool.map(["b"])] == ["b"]
 
 
 @pytest.mark.timeout(30)
