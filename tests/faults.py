@@ -324,12 +324,15 @@ class Segfault(Base):
 
 
 class Hang(Base):
-    """Payload "hang": sleep forever in C; "spin": busy-loop in Python; else return it."""
+    """Payload "hang": sleep forever in C; "spin": busy-loop in Python; "gil": loop in C without
+    ever letting another thread of the worker run; else return it."""
 
     def run(self, payload: Any) -> Any:
         if payload == "hang":
             while True:
                 time.sleep(3600)
+        if payload == "gil":
+            return sum(range(10**15))
         if payload == "spin":
             while True:
                 pass

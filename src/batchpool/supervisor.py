@@ -45,7 +45,7 @@ from .cancelling import Cancels
 from .dispatch import Dispatcher
 from .jobs import Block, Counts, JobBook
 from .ledger import WorkerView
-from .messages import EXITING, OK, READY, RESULTS, RETURNED, SPLIT, START_FAILED, loads
+from .messages import EXITING, FLUSHED, OK, READY, RESULTS, RETURNED, SPLIT, START_FAILED, loads
 from .outbox import Outbox
 from .processes import block_group_signals
 from .registry import LIVE
@@ -88,7 +88,7 @@ class Supervisor:
         """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
         self.book = JobBook(policies, random.random)
         self.sizer = BatchSizer(len(policies), chunksize)  # pool.py reads its byte estimate
-        self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
+        self.timers = Timers()  # ("watch"|"stop"|"start"|"flush", slot), "rss"
         self.commands: Commands[Command] = Commands()
         self.watch: Watch[WorkerView] = Watch(self.commands.fileno())
         self.dispatcher = Dispatcher(self.book, self.sizer, max_tasks)
@@ -303,6 +303,8 @@ class Supervisor:
             w.start_error = JobError(KIND_ERROR, *message[1])
         elif tag == EXITING:
             self.workforce.exiting(message[1])
+        elif tag == FLUSHED:  # the answer to a deadline's FLUSH: stop the worker now
+            self.cancels.flushed(w)
 
     def _on_results(
         self,
@@ -371,6 +373,8 @@ class Supervisor:
                 self.workforce.start_overdue(w)
             elif kind == "stop":
                 self.workforce.stop_overdue(w)
+            elif kind == "flush":
+                self.cancels.flushed(w)
 
     def _start_workers(self, now: float) -> None:
         if self.broken is not None or self.terminating:

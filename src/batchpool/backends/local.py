@@ -95,6 +95,7 @@ class LocalWorker:
     platform has one: readable when the process itself has exited."""
 
     __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
+    flushes = True  # its mailbox thread answers FLUSH with the results it has not sent
 
     def __init__(
         self,
