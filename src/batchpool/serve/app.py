@@ -56,8 +56,9 @@ def build_app(service: Service, registry: CollectorRegistry, max_body: int) -> S
 
     async def post_job(request: Request) -> Response:
         wait, priority = _options(request.query_params)
-        payload = _decode(await _body(request, max_body))
         try:
+            service.admissible()  # before reading a body that would be refused anyway
+            payload = _decode(await _body(request, max_body))
             live = await service.submit(payload, priority)
         except Full as exc:
             return error(429, str(exc), {"Retry-After": RETRY_AFTER})

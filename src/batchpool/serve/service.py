@@ -94,15 +94,19 @@ class Service:
             count += 1
         return count
 
+    def admissible(self) -> None:
+        """Raise what submit() would raise now for want of room (without the lock: a hint)."""
+        if self.draining:
+            raise Draining()
+        if len(self.live) >= self.max_queue:
+            raise Full(len(self.live), self.max_queue)
+
     async def submit(self, payload: Any, priority: int = 0) -> Live:
         """Accept a job: recorded (with a journal), then queued. Raises Refused, keeping
         nothing, when the queue is full, the server drains, or the job cannot be recorded or
         queued."""
         with self.lock:
-            if self.draining:
-                raise Draining()
-            if len(self.live) >= self.max_queue:
-                raise Full(len(self.live), self.max_queue)
+            self.admissible()
             live = Live(self.next_id)
             self.next_id += 1
             self.live[live.id] = live
