@@ -550,7 +550,11 @@ def test_metrics_are_prometheus_text_with_the_names_of_the_spec(tmp_path: Path) 
         assert value(m["batchpool_workers"], stage="all") == 2
         pids = {s.labels["worker"] for s in m["batchpool_worker_rss_bytes"].samples}
         assert len(pids) == 2
-        assert all(s.value > 0 for s in m["batchpool_worker_rss_bytes"].samples)
+
+        def rss_sampled() -> bool:  # every second, by the supervisor
+            return all(x.value > 0 for x in s.metrics()["batchpool_worker_rss_bytes"].samples)
+
+        wait_for(rss_sampled, 10, "the workers' RSS")
         histogram = m["batchpool_attempt_duration_seconds"]
         assert histogram.type == "histogram"
         assert value(histogram, "_count", stage="Work") == 3  # every attempt that returned

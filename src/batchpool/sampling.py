@@ -5,7 +5,7 @@ one of them, for Prometheus (counts only grow, as its buckets must)."""
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 #: Upper bounds, in seconds, of the histogram's buckets; a last bucket holds what lies above.
 BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -25,9 +25,7 @@ class Reservoir:
         with the draws of one batch taken together)."""
         self.seen += len(values)
         self.total += sum(values)
-        buckets = self.buckets
-        for value in values:
-            buckets[bisect_left(BOUNDS, value)] += 1
+        self._count(values)
         room = self.size - len(self.values)
         if room > 0:
             self.values.extend(values[:room])
@@ -46,6 +44,23 @@ class Reservoir:
         chosen = values if keep >= n else [values[int(draw() * n)] for _ in range(keep)]
         for value in chosen:
             slots[int(draw() * size)] = value
+
+    def _count(self, values: list[float]) -> None:
+        """The histogram's share of a batch: in one step when all its values fall in one
+        bucket (a batch of like jobs), else through one sort; never a step per value."""
+        if not values:
+            return
+        first = bisect_left(BOUNDS, min(values))
+        if first == bisect_left(BOUNDS, max(values)):
+            self.buckets[first] += len(values)
+            return
+        ordered = sorted(values)
+        below = 0
+        for i, bound in enumerate(BOUNDS):
+            upto = bisect_right(ordered, bound)
+            self.buckets[i] += upto - below
+            below = upto
+        self.buckets[-1] += len(ordered) - below
 
     def quantile(self, q: float) -> float | None:
         if not self.values:
