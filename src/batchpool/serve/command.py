@@ -4,6 +4,7 @@ before anything starts, and closed so that no worker outlives the command."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from os import PathLike
@@ -76,6 +77,7 @@ def serve(target: Target, settings: Settings) -> int:
             timeout_graceful_shutdown=None,
             server_header=False,
         )
+        _route_uvicorn_logs(settings.verbose, settings.quiet)
         server = Server(config, service)
         host, port = sock.getsockname()[:2]
         if not settings.quiet:
@@ -97,8 +99,17 @@ def _announce(
     target: Target, procs: int, host: str, port: int, journal: ServeJournal | None, resumed: int
 ) -> None:
     where = f"[{host}]" if ":" in host else host
-    lines = [f"serving {target.name} with {procs} workers on http://{where}:{port}"]
+    workers = f"{procs} worker{'s' if procs != 1 else ''}"
+    lines = [f"serving {target.name} with {workers} on http://{where}:{port}"]
     if journal is not None:
         lines.append(f"journal {journal.path}: {resumed} accepted jobs resumed")
     for line in lines:
         print(f"batchpool: {line}", file=sys.stderr, flush=True)
+
+
+def _route_uvicorn_logs(verbose: int, quiet: bool) -> None:
+    """uvicorn's lines (errors; with -vv each request) through batchpool's handler."""
+    logger = logging.getLogger("uvicorn")
+    logger.handlers = list(logging.getLogger("batchpool").handlers)
+    logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose >= 2 else logging.WARNING)
