@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py                 # ~10 s per cell: concurrency 32 and 64, ab, overload
     python benchmarks/serve.py --seconds 3     # shorter cells (numbers rougher)
+    python benchmarks/serve.py --repeat 3      # three rounds, alternating; medians
 
 Both servers run a ~1 ms pure-Python CPU job per request (``workloads.spin``, calibrated here)
 on ``--procs`` worker processes, each in a process of its own on 127.0.0.1:
@@ -15,12 +16,13 @@ else a lean asyncio HTTP/1.1 client of this file (keep-alive; httpx's own pool s
 per request than the servers did); ``--client`` picks one. Closed loop: ``C`` clients, each sending
 its next request when its last is answered. The cells alternate between the two servers.
 
-Then ``ab -n 3000 -c 32`` once against each (failed requests must be 0), and an overload: a
-server with ``--max-queue 32`` driven by 128 clients (4x) that retry at once after a 429, with the
-asyncio client (it times each status apart): the 429s' p99, the server's RSS over the run
-(sampled every 0.5 s), and the accepted jobs lost (accepted = 200s received; lost = jobs the
-server's /metrics counts as submitted minus those answered). The baseline, which has no queue
-limit, takes the same 128 clients for comparison.
+Then ``ab -n 3000 -c 32`` once against each (failed requests must be 0), and an overload: an
+open loop offering ``--overload`` (4) times batchpool's best rate above, for the same time, to a
+batchpool server with ``--max-queue 64`` and to the baseline (no queue limit), with the asyncio
+client (it times each status apart, from the moment each request was due): 200s and 429s a
+second and their p99, requests still unanswered 10 s after the last was sent, the server's RSS
+over the run (sampled every 0.5 s), and accepted jobs lost (jobs the server's /metrics counts
+as submitted minus the 200s received).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,8 @@ from workloads import calibrate, spin  # noqa: E402
 from batchpool import Task  # noqa: E402
 
 JSON_HEADERS = {"content-type": "application/json"}
+OPEN_CONNECTIONS = 512  # of the open-loop client
+DRAIN_SECONDS = 10.0  # open loop: how long answers are awaited after the last request
 
 
 class Spin(Task):  # type: ignore[misc,valid-type]
@@ -184,9 +189,14 @@ class Load:
     p99_ms: float | None
     failed: int = 0  # transport errors, or (ab) its "Failed requests"
     statuses: dict[int, int] = field(default_factory=dict)  # answers by status
+    p50_429_ms: float | None = None
     p99_429_ms: float | None = None
     rss: list[int] = field(default_factory=list)  # server RSS samples, bytes
     lost: int | None = None
+    offered: float = 0.0  # open loop: requests a second sent
+    unsent: int = 0  # open loop: due while every connection was busy
+    unanswered: int = 0  # open loop: no answer DRAIN_SECONDS after the last was sent
+    turn: int = 0
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -242,45 +252,91 @@ class Connection:
             self.streams = None
 
 
-def asyncio_load(url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
-    """``concurrency`` clients for ``seconds``: latencies by status, transport errors."""
+def asyncio_load(
+    url: str, body: bytes, seconds: float, *, concurrency: int = 0, rate: float = 0.0
+) -> dict[str, Any]:
+    """Closed loop (``concurrency`` clients, each sending its next request when its last is
+    answered) or open loop (``rate`` requests a second on a fixed schedule, each timed from
+    the moment it was due, so a server that falls behind cannot hide it; up to OPEN_CONNECTIONS
+    at once, what finds none free is counted ``unsent``). Latencies by status."""
     host, port = url.removeprefix("http://").split("/")[0].split(":")
     request = (
         f"POST /jobs HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+    times: dict[int, list[float]] = defaultdict(list)
+    counts = {"errors": 0, "unsent": 0, "unanswered": 0}
 
-    async def main() -> dict[str, Any]:
-        times: dict[int, list[float]] = defaultdict(list)
-        errors = 0
-        stop = time.perf_counter() + seconds
+    async def send(connection: Connection, due: float) -> bool:
+        try:
+            status = await connection.post()
+        except (OSError, EOFError, IndexError, ValueError):
+            counts["errors"] += 1
+            return False
+        times[status].append(time.perf_counter() - due)
+        return True
 
+    async def closed(stop: float) -> None:
         async def one() -> None:
-            nonlocal errors
             connection = Connection(host, int(port), request)
             while time.perf_counter() < stop:
-                started = time.perf_counter()
-                try:
-                    status = await connection.post()
-                except (OSError, EOFError, IndexError, ValueError):
-                    errors += 1
-                    continue
-                times[status].append(time.perf_counter() - started)
+                await send(connection, time.perf_counter())
             connection.close()
 
-        began = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))
-        return {"times": times, "errors": errors, "elapsed": time.perf_counter() - began}
+
+    async def open_(stop: float) -> None:
+        idle: list[Connection] = []
+        opened = 0
+        pending: set[asyncio.Task[None]] = set()
+
+        async def fire(connection: Connection, due: float) -> None:
+            await send(connection, due)
+            idle.append(connection)
+
+        due = time.perf_counter()
+        while due < stop:
+            ahead = due - time.perf_counter()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            if idle:
+                connection = idle.pop()
+            elif opened < OPEN_CONNECTIONS:
+                connection = Connection(host, int(port), request)
+                opened += 1
+            else:
+                counts["unsent"] += 1
+                due += 1 / rate
+                continue
+            task = asyncio.ensure_future(fire(connection, due))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            due += 1 / rate
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=DRAIN_SECONDS)
+            counts["unanswered"] = len(late)
+            for task in late:
+                task.cancel()
+        for connection in idle:
+            connection.close()
+
+    async def main() -> float:
+        began = time.perf_counter()
+        await (open_ if rate else closed)(began + seconds)
+        return time.perf_counter() - began
 
     try:
         import uvloop
 
-        return uvloop.run(main())  # type: ignore[no-any-return]
+        elapsed = uvloop.run(main())
     except ImportError:
-        return asyncio.run(main())
+        elapsed = asyncio.run(main())
+    return {"times": times, "elapsed": elapsed, **counts}
 
 
-def run_asyncio(server: Server, body: bytes, concurrency: int, seconds: float) -> Load:
+def run_asyncio(
+    server: Server, body: bytes, seconds: float, *, concurrency: int = 0, rate: float = 0.0
+) -> Load:
     samples: list[int] = []
     stop = threading.Event()
 
@@ -293,7 +349,7 @@ def run_asyncio(server: Server, body: bytes, concurrency: int, seconds: float) -
     samples.append(server.rss())
     sampler.start()
     try:
-        out = asyncio_load(f"{server.url}/jobs", body, concurrency, seconds)
+        out = asyncio_load(f"{server.url}/jobs", body, seconds, concurrency=concurrency, rate=rate)
     finally:
         stop.set()
         sampler.join()
@@ -312,9 +368,13 @@ def run_asyncio(server: Server, body: bytes, concurrency: int, seconds: float) -
         p99_ms=_ms(quantile(ok, 0.99)),
         failed=out["errors"],
         statuses={status: len(t) for status, t in sorted(times.items())},
+        p50_429_ms=_ms(quantile(times.get(429, []), 0.5)),
         p99_429_ms=_ms(quantile(times.get(429, []), 0.99)),
         rss=samples,
         lost=lost,
+        offered=rate,
+        unsent=out["unsent"],
+        unanswered=out["unanswered"],
     )
 
 
@@ -377,38 +437,69 @@ def throughput_table(cells: list[Load]) -> str:
     return "\n".join(rows)
 
 
-def ratios(cells: list[Load]) -> str:
-    lines = []
+def medians(cells: list[Load]) -> list[Load]:
+    """One row per (server, client, concurrency): the median of each number over the rounds."""
+    groups: dict[tuple[str, str, int], list[Load]] = defaultdict(list)
     for c in cells:
-        if c.server != "batchpool":
-            continue
-        base = next(
-            (
-                b
-                for b in cells
-                if b.server == "baseline" and (b.client, b.concurrency) == (c.client, c.concurrency)
-            ),
-            None,
-        )
-        if base and base.rate and base.p99_ms:
-            lines.append(
-                f"- {c.client}, concurrency {c.concurrency}: requests/s "
-                f"{c.rate / base.rate:.2f}x the baseline's, p99 {c.p99_ms / base.p99_ms:.2f}x"
+        groups[(c.server, c.client, c.concurrency)].append(c)
+    rows = []
+    for (server, client, concurrency), runs in groups.items():
+        rows.append(
+            Load(
+                server=server,
+                client=client,
+                concurrency=concurrency,
+                seconds=sum(r.seconds for r in runs),
+                completed=sum(r.completed for r in runs),
+                rate=statistics.median(r.rate for r in runs),
+                p50_ms=statistics.median(r.p50_ms or 0.0 for r in runs),
+                p99_ms=statistics.median(r.p99_ms or 0.0 for r in runs),
+                failed=sum(r.failed for r in runs),
             )
+        )
+    return rows
+
+
+def ratios(cells: list[Load]) -> str:
+    """batchpool / baseline within each round (the two ran back to back), then the median and
+    the range over the rounds."""
+    by_round: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    pending: dict[tuple[str, int, int], Load] = {}
+    for c in cells:
+        key = (c.client, c.concurrency, c.turn)
+        other = pending.pop(key, None)
+        if other is None:
+            pending[key] = c
+            continue
+        ours, base = (c, other) if c.server == "batchpool" else (other, c)
+        if base.rate and base.p99_ms and ours.p99_ms:
+            by_round[(c.client, c.concurrency)].append(
+                (ours.rate / base.rate, ours.p99_ms / base.p99_ms)
+            )
+    lines = []
+    for (client, concurrency), pairs in by_round.items():
+        rate = [r for r, _ in pairs]
+        p99 = [p for _, p in pairs]
+        lines.append(
+            f"- {client}, concurrency {concurrency}: requests/s {statistics.median(rate):.2f}x "
+            f"the baseline's ({min(rate):.2f}-{max(rate):.2f}), p99 {statistics.median(p99):.2f}x "
+            f"({min(p99):.2f}-{max(p99):.2f}), over {len(pairs)} rounds"
+        )
     return "\n".join(lines)
 
 
 def overload_table(cells: list[Load]) -> str:
     rows = [
-        "| server | clients | 200/s | 200 p99 ms | 429s | 429 p99 ms "
+        "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unanswered "
         "| RSS MB first / max / last | accepted lost |"
     ]
-    rows.append("|---|---:|---:|---:|---:|---:|---|---:|")
+    rows.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for c in cells:
         mb = [r / 2**20 for r in c.rss] or [0.0]
         rows.append(
-            f"| {c.server} | {c.concurrency} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
-            f"| {c.statuses.get(429, 0)} | {_f(c.p99_429_ms)} "
+            f"| {c.server} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
+            f"| {_f(c.statuses.get(429, 0) / c.seconds, 0)} | {_f(c.p50_429_ms)} "
+            f"| {_f(c.p99_429_ms)} | {c.unanswered + c.unsent} "
             f"| {mb[0]:.0f} / {max(mb):.0f} / {mb[-1]:.0f} | "
             f"{'-' if c.lost is None else c.lost} |"
         )
@@ -422,8 +513,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell (default 10)")
     parser.add_argument("--procs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--concurrency", default="32,64")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the cells (medians)")
     parser.add_argument("--client", choices=["auto", "ab", "asyncio"], default="auto")
-    parser.add_argument("--max-queue", type=int, default=32, help="of the overload's server")
+    parser.add_argument("--max-queue", type=int, default=64, help="of the overload's server")
+    parser.add_argument(
+        "--overload", type=float, default=4.0, help="offered rate / batchpool's best rate"
+    )
     parser.add_argument("--json", type=Path, help="also write the cells here")
     parser.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -445,14 +540,21 @@ def main() -> None:
     cells: list[Load] = []
     servers = {name: Server(name, args.procs) for name in ("batchpool", "baseline")}
     try:
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            for name in ("batchpool", "baseline"):
-                if client == "ab":
-                    cell = run_ab(servers[name], body, concurrency, seconds=args.seconds, n=None)
-                else:
-                    cell = run_asyncio(servers[name], body, concurrency, args.seconds)
-                cells.append(cell)
-                print(throughput_table([cell]).splitlines()[-1], flush=True)
+        for turn in range(args.repeat):
+            order = ["batchpool", "baseline"][:: 1 if turn % 2 == 0 else -1]
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                for name in order:
+                    if client == "ab":
+                        cell = run_ab(
+                            servers[name], body, concurrency, seconds=args.seconds, n=None
+                        )
+                    else:
+                        cell = run_asyncio(
+                            servers[name], body, args.seconds, concurrency=concurrency
+                        )
+                    cell.turn = turn
+                    cells.append(cell)
+                    print(throughput_table([cell]).splitlines()[-1], flush=True)
         checks = []
         if shutil.which("ab"):
             for name in ("batchpool", "baseline"):
@@ -460,22 +562,26 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.close()
+    capacity = max(c.rate for c in medians(cells) if c.server == "batchpool")
+    offered = args.overload * capacity
     overload = []
-    clients = 4 * args.max_queue
     for name in ("batchpool", "baseline"):
         server = Server(name, args.procs, max_queue=args.max_queue)
         try:
-            overload.append(run_asyncio(server, body, clients, args.seconds))
+            overload.append(run_asyncio(server, body, args.seconds, rate=offered))
         finally:
             server.close()
-    print("\n## Throughput and latency\n")
-    print(throughput_table(cells))
+    print(f"\n## Throughput and latency (medians of {args.repeat} rounds)\n")
+    print(throughput_table(medians(cells)))
     print()
     print(ratios(cells))
     if checks:
         print("\n## ab -n 3000 -c 32\n")
         print(throughput_table(checks))
-    print(f"\n## Overload: {clients} clients, batchpool --max-queue {args.max_queue}\n")
+    print(
+        f"\n## Overload: {offered:,.0f} requests/s offered ({args.overload:g}x batchpool's "
+        f"best {capacity:,.0f}/s), batchpool --max-queue {args.max_queue}\n"
+    )
     print(overload_table(overload))
     if args.json:
         data = {"cells": cells, "ab_3000": checks, "overload": overload}
