@@ -202,14 +202,25 @@ def test_wait_0_answers_202_and_the_job_is_polled(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_job_waiting_for_its_retry_is_retrying(tmp_path: Path) -> None:
-    flag = tmp_path / "failed-once"
-    with serving(tmp_path, "Flaky") as s:
-        id = s.post({"flag": str(flag)}, wait=0).json()["id"]
-        wait_for(flag.exists, 10, "the first attempt to fail")
-        wait_for(lambda: s.get(id).json().get("state") == "retrying", 5, "state retrying")
-        result = s.final(id)
+def test_a_job_waiting_for_its_retry_is_retrying_and_can_be_cancelled(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cut, kept = str(tmp_path / "cut"), str(tmp_path / "kept")
+    with serving(tmp_path, "Flaky", procs=2) as s:
+        ids = [s.post({"flag": f, "runs": str(runs)}, wait=0).json()["id"] for f in (cut, kept)]
+
+        def retrying() -> bool:  # both first attempts failed: their retries are a second away
+            return all(s.get(id).json().get("state") == "retrying" for id in ids)
+
+        wait_for(retrying, 10, "state retrying")
+        assert len(read_lines(runs)) == 2
+        r = s.client.delete(f"/jobs/{ids[0]}")  # SPEC 3: cancellable while waiting for a retry
+        assert r.status_code == 200
+        cancelled = r.json()
+        assert cancelled["error"]["kind"] == "cancelled" and cancelled["attempts"] == 1
+        result = s.final(ids[1])  # its retry was due after the cancelled one's
         assert result["ok"] and result["value"] == "second attempt" and result["attempts"] == 2
+        assert sorted(read_lines(runs)) == sorted([cut, kept, kept])  # no second attempt of cut
+        assert s.get(ids[0]).json() == cancelled
         assert s.stop() == 0
 
 
@@ -226,6 +237,7 @@ def test_delete_cancels_only_a_job_not_started(tmp_path: Path) -> None:
         cancelled = r.json()
         assert set(cancelled) == RESULT_KEYS and cancelled["ok"] is False
         assert cancelled["error"]["kind"] == "cancelled" and cancelled["attempts"] == 0
+        assert cancelled["error"]["message"] == "cancelled by DELETE before it started"
         assert s.get(queued).json() == cancelled  # final
         again = s.client.delete(f"/jobs/{queued}")
         assert again.status_code == 409 and again.json()["state"] == "final"

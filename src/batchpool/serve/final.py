@@ -7,17 +7,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from ..cancelling import CANCELLED
 from ..journal.encoding import json_text
 from ..journal.file import Outcome
-from ..results import KIND_CANCELLED, JobResult
-
-CANCELLED = {
-    "kind": KIND_CANCELLED,
-    "type": "CancelledError",
-    "message": "cancelled before it started",
-    "traceback": "",
-    "exitcode": None,
-}
+from ..results import KIND_CANCELLED, JobError, JobResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +27,13 @@ class Final:
     worker: int | None = None
 
     @classmethod
-    def of(cls, id: int, future: Future[JobResult]) -> Final:
-        """A resolved future's outcome; a cancelled one never ran."""
+    def of(cls, id: int, future: Future[JobResult], attempts: int = 0) -> Final:
+        """A resolved future's outcome; a cancelled one (a DELETE) made ``attempts`` before
+        (a job waiting for its retry can be cancelled too)."""
         if future.cancelled():
-            return cls(id, False, "null", CANCELLED, 0, 0.0)
+            why = "while waiting for a retry" if attempts else "before it started"
+            cancelled = JobError(KIND_CANCELLED, CANCELLED, f"cancelled by DELETE {why}")
+            return cls(id, False, "null", cancelled.to_dict(), attempts, 0.0)
         result = future.result()
         error = None if result.error is None else result.error.to_dict()
         value = json_text(result.value) if error is None else "null"

@@ -155,7 +155,7 @@ class Service:
         """The job's future resolved (supervisor thread, or the canceller's)."""
         if future.cancelled() and not live.deleted:
             return  # a hard stop's: not a result (with a journal, a restart runs the job)
-        final = Final.of(live.id, future)
+        final = Final.of(live.id, future, _attempts(future))
         if self.journal is None:
             self._publish(live, final)
             return
@@ -211,14 +211,14 @@ class Service:
 
     def state(self, live: Live) -> str:
         future = live.future
-        if future is None or not future.running():
-            return "queued"
-        return "retrying" if _waiting_for_retry(self.pool, future) else "running"
+        if future is not None and future.running():
+            return "running"
+        return "retrying" if future is not None and _attempts(future) else "queued"
 
     def cancel(self, id: int) -> Live | str | None:
         """Cancel a job that has not started: its Live (the result follows), or why not
-        ("running", "retrying", "final", "queued" while it is being recorded), or None for an
-        unknown id."""
+        ("running", "final", "queued" while it is being recorded), or None for an unknown
+        id. A job waiting for its retry has not started its next attempt: it is cancelled."""
         with self.lock:
             live = self.live.get(id)
         if live is None:
@@ -267,11 +267,9 @@ def _settle(waiter: asyncio.Future[Any], outcome: Any) -> None:
         waiter.set_result(outcome)
 
 
-def _waiting_for_retry(pool: Pool, future: Future[JobResult]) -> bool:
-    """Whether a started job waits for its next attempt. The pool has no public word for it
-    yet: its scheduler's retry timers are keyed by the block's first job id (a lookup in a
-    dict that the supervisor thread changes: atomic under the GIL)."""
+def _attempts(future: Future[JobResult]) -> int:
+    """Attempts a job's future has made so far: one that is not running and has made some
+    waits for its retry. The pool has no public word for it yet; its block counts them (the
+    stage's and the earlier stages'), ints the supervisor thread rebinds: safe to read."""
     block = getattr(future, "_job", None)
-    if block is None or not block.ids:
-        return False
-    return block.ids[0] in pool._supervisor.book.queue._waiting
+    return 0 if block is None else int(block.prior + block.attempts)
