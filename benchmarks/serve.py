@@ -20,7 +20,8 @@ Then ``ab -n 3000 -c 32`` once against each (failed requests must be 0), and an 
 open loop offering ``--overload`` (4) times batchpool's best rate above, for the same time, to a
 batchpool server with ``--max-queue 64`` and to the baseline (no queue limit), with the asyncio
 client (it times each status apart, from the moment each request was due): 200s and 429s a
-second and their p99, requests still unanswered 10 s after the last was sent, the server's RSS
+second and their p99, requests not sent (every connection busy) and not answered 10 s after the
+last was sent, the server's RSS
 over the run (sampled every 0.5 s), and accepted jobs lost (jobs the server's /metrics counts
 as submitted minus the 200s received).
 """
@@ -490,16 +491,16 @@ def ratios(cells: list[Load]) -> str:
 
 def overload_table(cells: list[Load]) -> str:
     rows = [
-        "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unanswered "
+        "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unsent | unanswered "
         "| RSS MB first / max / last | accepted lost |"
     ]
-    rows.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for c in cells:
         mb = [r / 2**20 for r in c.rss] or [0.0]
         rows.append(
             f"| {c.server} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
             f"| {_f(c.statuses.get(429, 0) / c.seconds, 0)} | {_f(c.p50_429_ms)} "
-            f"| {_f(c.p99_429_ms)} | {c.unanswered + c.unsent} "
+            f"| {_f(c.p99_429_ms)} | {c.unsent} | {c.unanswered} "
             f"| {mb[0]:.0f} / {max(mb):.0f} / {mb[-1]:.0f} | "
             f"{'-' if c.lost is None else c.lost} |"
         )
