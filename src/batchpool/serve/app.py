@@ -128,14 +128,14 @@ def _guarded(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
-def _options(query: Any) -> tuple[bool, int]:
-    """``?wait=0|1`` and ``?priority=N``."""
+def _options(query: Any) -> tuple[bool, int | None]:
+    """``?wait=0|1`` and ``?priority=N`` (None: the task's own)."""
     wait = query.get("wait", "1")
     if wait not in ("0", "1", "false", "true"):
         raise BadRequest(400, f"wait must be 0 or 1, not {wait!r}")
-    text = query.get("priority", "0")
+    text = query.get("priority")
     try:
-        priority = int(text)
+        priority = None if text is None else int(text)
     except ValueError:
         raise BadRequest(400, f"priority must be an integer, not {text!r}") from None
     return wait in ("1", "true"), priority

@@ -101,7 +101,7 @@ class Service:
         if len(self.live) >= self.max_queue:
             raise Full(len(self.live), self.max_queue)
 
-    async def submit(self, payload: Any, priority: int = 0) -> Live:
+    async def submit(self, payload: Any, priority: int | None = None) -> Live:
         """Accept a job: recorded (with a journal), then queued. Raises Refused, keeping
         nothing, when the queue is full, the server drains, or the job cannot be recorded or
         queued."""
@@ -142,8 +142,8 @@ class Service:
         except JournalError as exc:
             raise Unavailable(str(exc)) from None
 
-    def _queue(self, live: Live, payload: Any, priority: int) -> None:
-        if self._priorities:
+    def _queue(self, live: Live, payload: Any, priority: int | None) -> None:
+        if priority is not None and self._priorities:
             future = self.pool.submit(payload, priority=priority)  # type: ignore[call-arg]
         else:
             future = self.pool.submit(payload)

@@ -34,7 +34,7 @@ log = logging.getLogger("batchpool")
 
 _REQUESTS = (
     "CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, payload TEXT NOT NULL,"
-    " priority INTEGER NOT NULL, accepted_at REAL NOT NULL)"
+    " priority INTEGER, accepted_at REAL NOT NULL)"
 )
 _ACCEPT = "INSERT INTO requests (id, payload, priority, accepted_at) VALUES (?, ?, ?, ?)"
 _FORGET = "DELETE FROM requests WHERE id = ?"
@@ -61,7 +61,7 @@ class Accepted:
 
     id: int
     payload: Any
-    priority: int
+    priority: int | None  # None: the task's own
 
 
 class ServeJournal:
@@ -109,7 +109,7 @@ class ServeJournal:
         return None if row is None else Final.from_journal(row)
 
     # -- writes, committed by the writer thread --------------------------------------------
-    def accept(self, id: int, payload: str, priority: int, done: Done) -> None:
+    def accept(self, id: int, payload: str, priority: int | None, done: Done) -> None:
         """Record an accepted job (``payload``: its JSON text)."""
         self._put("accept", (id, payload, priority, time.time()), done)
 
