@@ -92,7 +92,7 @@ def serve(target: Target, settings: Settings) -> int:
     if server.hard:
         assert server.signal is not None
         return 128 + int(server.signal)
-    return 0
+    return 0 if server.started else 1
 
 
 def _announce(

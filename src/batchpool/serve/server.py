@@ -16,7 +16,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import uvicorn
 
@@ -57,13 +57,13 @@ class Server(uvicorn.Server):
             self.force_exit = True
             self._in_thread(self.service.terminate)
 
-    def _in_thread(self, stop: object) -> None:
+    def _in_thread(self, stop: Callable[[], None]) -> None:
         """Run ``stop`` (it blocks) off the loop, then let uvicorn finish."""
         loop = asyncio.get_running_loop()
 
         def run() -> None:
             try:
-                stop()  # type: ignore[operator]
+                stop()
             finally:
                 loop.call_soon_threadsafe(setattr, self, "should_exit", True)
 

@@ -147,9 +147,12 @@ class ServeJournal:
                 for kind, row, _ in batch:
                     conn.execute(sql[kind], row)
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            except Exception as exc:  # whatever it is, every waiting request gets an answer
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
                 error = JournalError(f"journal {self.path}: cannot write: {reason(exc)}")
             for _, _, done in batch:
                 try:
