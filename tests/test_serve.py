@@ -250,6 +250,34 @@ def test_delete_cancels_only_a_job_not_started(tmp_path: Path) -> None:
         assert s.stop() == 0
 
 
+@pytest.mark.timeout(60)
+def test_priority_puts_a_job_ahead_of_those_queued(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with serving(tmp_path) as s:  # one worker
+        s.post({"n": 1, "sleep": 0.5, "runs": str(runs)}, wait=0)
+        wait_for(lambda: read_lines(runs) == ["1"], 10, "the first job to start")
+        low = [s.post({"n": n, "runs": str(runs)}, wait=0).json()["id"] for n in (2, 3, 4)]
+        high = s.post({"n": 10, "runs": str(runs)}, wait=0, priority=10).json()["id"]
+        assert s.final(high)["value"] == 10
+        for id in low:
+            s.final(id)
+        # It waited for the running attempt only (SPEC 3: prefetched jobs are taken back).
+        assert read_lines(runs)[:2] == ["1", "10"]
+        assert sorted(read_lines(runs)[2:]) == ["2", "3", "4"]
+        assert s.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_rate_limit_spaces_the_starts(tmp_path: Path) -> None:
+    with serving(tmp_path, "Work", "--rate-limit", "5/s", procs=2) as s:
+        started = time.monotonic()
+        ids = [s.post(n, wait=0).json()["id"] for n in range(6)]
+        assert [s.final(id)["value"] for id in ids] == [n * n for n in range(6)]
+        # 6 starts at 5/s: at most 5 * T + 1 in any T seconds, so the last is >= 1 s after the first
+        assert time.monotonic() - started >= 0.95
+        assert s.stop() == 0
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
@@ -470,6 +498,7 @@ def test_a_pipeline_serves_each_request_through_its_stages(tmp_path: Path) -> No
         ("serve_tasks.py:Work", ("--max-queue", "0"), "--max-queue"),
         ("serve_tasks.py:Work", ("--max-body", "big"), "not a size"),
         ("serve_tasks.py:Work", ("--retries", "-1"), "--retries"),
+        ("serve_tasks.py:Work", ("--rate-limit", "fast"), "--rate-limit"),
     ],
 )
 def test_bad_targets_and_settings_are_refused_in_one_line(

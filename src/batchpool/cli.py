@@ -652,6 +652,12 @@ def load_target(spec: str) -> Target:
 )
 @click.option("--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry.")
 @click.option(
+    "--rate-limit",
+    type=_Rate(),
+    help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number per "
+    "second (overrides tasks).",
+)
+@click.option(
     "--start-method",
     type=click.Choice(["fork", "forkserver", "spawn"]),
     help="How workers start [default: forkserver].",
@@ -676,7 +682,7 @@ def serve(target: str, **opts: Any) -> None:
     loaded = load_target(target)
     pool_options = {
         k: opts[k]
-        for k in ("retries", "timeout", "backoff", "start_method", "max_memory")
+        for k in ("retries", "timeout", "backoff", "rate_limit", "start_method", "max_memory")
         if opts[k] is not None
     }
     settings = Settings(

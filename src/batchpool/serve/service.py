@@ -14,7 +14,6 @@ job's completion resolves, never the job's own future, so dropping it cannot can
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import threading
@@ -78,8 +77,6 @@ class Service:
         self.done: OrderedDict[int, Final] = OrderedDict()
         self.next_id = 1 + (journal.last_id if journal is not None else 0)
         self.draining = False
-        # Priorities are forwarded where the pool takes them (SPEC section 3).
-        self._priorities = "priority" in inspect.signature(pool.submit).parameters
 
     # -- admission ---------------------------------------------------------------------------
     def resume(self) -> int:
@@ -143,10 +140,7 @@ class Service:
             raise Unavailable(str(exc)) from None
 
     def _queue(self, live: Live, payload: Any, priority: int | None) -> None:
-        if priority is not None and self._priorities:
-            future = self.pool.submit(payload, priority=priority)  # type: ignore[call-arg]
-        else:
-            future = self.pool.submit(payload)
+        future = self.pool.submit(payload, priority=priority)
         live.future = future
         future.add_done_callback(lambda f: self._finished(live, f))
 
