@@ -46,12 +46,14 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from batchpool import Pool  # noqa: E402
 from batchpool.journal import JournalWriter  # noqa: E402
+from batchpool.results import Metrics, StageMetrics  # noqa: E402
 from batchpool.serve.final import Final  # noqa: E402
-from batchpool.serve.metrics import stage_labels  # noqa: E402
+from batchpool.serve.metrics import PoolCollector, registry, stage_labels  # noqa: E402
 from batchpool.serve.service import Full, Service  # noqa: E402
 
 SERVE_TASKS = TESTS_DIR / "serve_tasks.py"
@@ -657,6 +659,18 @@ def test_an_answer_is_json_carrying_the_value(payload: Any, id: int, attempts: i
         "attempts": attempts,
         "elapsed": 0.25,
     }
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=30))
+def test_attempts_started_never_fall_between_scrapes(counts: list[int]) -> None:
+    """Metrics.started falls when a worker hands jobs back unstarted; a counter must not."""
+    snapshots = iter([Metrics(stages=(StageMetrics(started=n),)) for n in counts])
+    collector = PoolCollector("p", ["Work"], lambda: next(snapshots))
+    shown = []
+    for _ in counts:
+        text = generate_latest(registry(collector)).decode()
+        shown.append(value(families(text)["batchpool_attempts_started"], "_total"))
+    assert shown == [max(counts[: i + 1]) for i in range(len(counts))]
 
 
 @given(st.lists(st.sampled_from(["Parse", "Score", "Save"]), min_size=1, max_size=8))

@@ -65,15 +65,19 @@ class PoolCollector(Collector):
         self.pipeline = pipeline
         self.stages = stage_labels(stages)
         self.snapshot = snapshot
+        self._lock = threading.Lock()
+        self._started: dict[str, int] = {}  # per stage: the most attempts started yet shown
 
     def collect(self) -> Iterator[Metric]:
         if self.snapshot is None:
             return
         m = self.snapshot()
+        started = self._never_falling([s.started for s in m.stages])
         for name, doc, field in _STAGE_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=LABELS)
-            for label, stage in zip(self.stages, m.stages, strict=False):
-                family.add_metric([self.pipeline, label], getattr(stage, field))
+            for i, (label, stage) in enumerate(zip(self.stages, m.stages, strict=False)):
+                count = started[i] if field == "started" else getattr(stage, field)
+                family.add_metric([self.pipeline, label], count)
             yield family
         pool = [self.pipeline, ALL]
         for kind, name, doc, field in _POOL_VALUES:
@@ -87,6 +91,17 @@ class PoolCollector(Collector):
             rss.add_metric([*pool, str(w.pid)], w.rss)
         yield rss
         yield from self._histogram(m.stages)
+
+    def _never_falling(self, started: list[int]) -> list[int]:
+        """``started`` as a counter may show it. Metrics.started falls back when a worker hands
+        unstarted jobs back (they count again when they start): Prometheus would take a fall for
+        a reset and count the whole total again, so a scrape shows the most seen yet, which the
+        true count reaches again as the handed-back jobs start (it stays above it by the jobs
+        handed back and then cancelled, which never start)."""
+        with self._lock:
+            for label, count in zip(self.stages, started, strict=False):
+                self._started[label] = max(count, self._started.get(label, 0))
+            return [self._started[label] for label in self.stages[: len(started)]]
 
     def _histogram(self, stages: Sequence[StageMetrics]) -> Iterator[Metric]:
         family = HistogramMetricFamily(
