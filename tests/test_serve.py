@@ -280,6 +280,35 @@ def test_rate_limit_spaces_the_starts(tmp_path: Path) -> None:
         assert s.stop() == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_scaling_pool_and_the_log_file(tmp_path: Path) -> None:
+    """--procs MIN:MAX and --log-file, with -q: nothing on the terminal, every line in the file
+    (start with settings, the failure, the signal, the end with counts)."""
+    log = tmp_path / "serve.log"
+    args = ["serve", f"{SERVE_TASKS}:Work", "--port", 0, "--procs", "1:2", "-q"]
+    with start(*args, "--log-file", log, cwd=tmp_path, stderr=subprocess.STDOUT) as proc:
+        started = wait_for(
+            lambda: (
+                re.search(r"started in pid \d+ on (http://\S+); procs 1:2", log.read_text())
+                if log.exists()
+                else None
+            ),
+            STARTED,
+            "the start line",
+        )
+        url = started.group(1)
+        assert httpx.post(f"{url}/jobs", json=3, timeout=30).json()["value"] == 9
+        assert not httpx.post(f"{url}/jobs", json={"n": 1, "fail": True}, timeout=30).json()["ok"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=CHILD_DEADLINE) == 0
+        assert proc.stdout.read() == ""  # type: ignore[union-attr]
+    text = log.read_text()
+    assert "failed for good (PermanentError: payload 1 refused)" in text
+    assert "SIGTERM: finishing 0 accepted jobs" in text
+    end = re.search(r"serve Work: ended after [\d.]+ s: 2 jobs accepted, 1 ok, 1 failed", text)
+    assert end and "stopped by SIGTERM" in text
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
@@ -501,6 +530,7 @@ def test_a_pipeline_serves_each_request_through_its_stages(tmp_path: Path) -> No
         ("serve_tasks.py:Work", ("--max-body", "big"), "not a size"),
         ("serve_tasks.py:Work", ("--retries", "-1"), "--retries"),
         ("serve_tasks.py:Work", ("--rate-limit", "fast"), "--rate-limit"),
+        ("serve_tasks.py:Work", ("--procs", "3:1"), "MIN <= MAX"),
     ],
 )
 def test_bad_targets_and_settings_are_refused_in_one_line(

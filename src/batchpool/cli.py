@@ -616,7 +616,11 @@ def load_target(spec: str) -> Target:
 
 @main.command()
 @click.argument("target")
-@click.option("--procs", type=click.IntRange(min=1), help="Worker processes [default: CPU count].")
+@click.option(
+    "--procs",
+    type=_Procs(),
+    help="Worker processes [default: CPU count]; MIN:MAX scales between them with the backlog.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -667,6 +671,11 @@ def load_target(spec: str) -> Target:
 )
 @click.option("-v", "--verbose", count=True, help="Log retries and crashes; -vv also each request.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append timestamped log lines at INFO (retries, crashes, scaling...), even with -q.",
+)
 def serve(target: str, **opts: Any) -> None:
     """Serve TARGET over HTTP: a pipeline (as for run; its stages serve each request) or a
     Task (path/to/file.py:ClassName, built with no arguments). See the README's "Serve"."""
@@ -678,7 +687,10 @@ def serve(target: str, **opts: Any) -> None:
     from .serve.command import CannotListen, Settings
     from .serve.command import serve as run_server
 
-    logs.setup(opts["verbose"], opts["quiet"], None)
+    try:
+        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
+    except OSError as exc:
+        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
     loaded = load_target(target)
     pool_options = {
         k: opts[k]
