@@ -112,6 +112,9 @@ class StageMetrics:
     crashed: int = 0
     attempt_p50: float | None = None  # seconds, from a bounded sample of attempt times
     attempt_p95: float | None = None
+    # attempts that returned, by time: count per bucket of sampling.BOUNDS (and one above)
+    attempt_buckets: tuple[int, ...] = ()
+    attempt_sum: float = 0.0  # seconds of those attempts, in all
 
 
 @dataclass(frozen=True)

@@ -410,7 +410,13 @@ class Supervisor:
 def _metrics(view: View, samples: list[Reservoir], elapsed: float) -> Metrics:
     stages, queued, sent, workers, restarts, peak, scaled_up, scaled_down = view
     per_stage = [
-        StageMetrics(*counts, sample.quantile(0.5), sample.quantile(0.95))
+        StageMetrics(
+            *counts,
+            sample.quantile(0.5),
+            sample.quantile(0.95),
+            tuple(sample.buckets),
+            sample.total,
+        )
         for counts, sample in zip(stages, samples, strict=True)
     ]
     return Metrics(
