@@ -6,7 +6,8 @@
                                  loop (_step):
                                    Watch.wait    wakeup, channels, pidfds, next timer
                                    1. commands   new jobs, cancels, close, drain, terminate
-                                   2. messages   READY, START_FAILED, RESULTS  <-- own channel
+                                   2. messages   RESULTS, READY, RETURNED...  <-- own channel
+                                                 (inbox.py)
                                    3. deaths     the running job: crash/timeout attempt
                                                  (watchdog.py); the rest requeued, free
                                    4. timers     retries due; attempt deadlines (watchdog.py);
@@ -19,17 +20,17 @@
                                    7. publish    the counters metrics() reads
                                    8. deliver    final JobResults, to their consumers (outbox.py)
 
-This module is the loop and the messages; each step's work lives with its owner, one object
-each, all touched by this thread only: jobs.JobBook (job state; its scheduler.Scheduler orders
-the queue), dispatch.Dispatcher (who gets which jobs), watchdog.Watchdog (attempt deadlines, and
-which job a death charges), workforce.Workforce (the worker processes), outbox.Outbox (how jobs
-leave). Jobs travel in blocks (jobs.Block: a run of jobs that share their way, so the loop pays
-per block, not per job); what a worker holds is its ledger.WorkerView. Nothing in the loop
-blocks: channels queue what a worker cannot take yet (channel.py), so a job stuck in C code
-holding its worker's GIL cannot stop the timer that kills it. Other threads read what step 7
-publishes, never a half-made change, and never wait for the loop.
-Cancellations that reach into workers' hands (cancel_pending(), deadlines) are
-cancelling.Cancels'.
+This module is the loop; each step's work lives with its owner, one object each, all touched
+by this thread only: jobs.JobBook (job state; its scheduler.Scheduler orders the queue),
+inbox.Inbox (what workers say), dispatch.Dispatcher (who gets which jobs), watchdog.Watchdog
+(attempt deadlines, and which job a death charges), workforce.Workforce (the worker
+processes; scaler.Scaler sizes it for procs=(min, max)), cancelling.Cancels (cancellations
+that reach into workers' hands: cancel_pending(), deadlines), outbox.Outbox (how jobs leave).
+Jobs travel in blocks (jobs.Block: a run of jobs that share their way, so the loop pays per
+block, not per job); what a worker holds is its ledger.WorkerView. Nothing in the loop blocks:
+channels queue what a worker cannot take yet (channel.py), so a job stuck in C code holding its
+worker's GIL cannot stop the timer that kills it. Other threads read what step 7 publishes,
+never a half-made change, and never wait for the loop.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from typing import Any, cast
 
 from .cancelling import Cancels
 from .dispatch import Dispatcher
+from .inbox import Inbox
 from .jobs import Block, Counts, JobBook
 from .ledger import WorkerView
-from .messages import EXITING, FLUSHED, OK, READY, RESULTS, RETURNED, SPLIT, START_FAILED, loads
 from .outbox import Outbox
 from .processes import block_group_signals
 from .registry import LIVE
@@ -112,6 +113,15 @@ class Supervisor:
             else Scaler(bounds, self.workforce, self.book, self.timers, time.monotonic())
         )
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
+        self.inbox = Inbox(
+            self.book,
+            self.sizer,
+            self.samples,
+            self.workforce,
+            self.cancels,
+            self.scaler,
+            self.watch,
+        )
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
@@ -197,7 +207,7 @@ class Supervisor:
         for w in writable:
             w.proc.channel.flush()  # False: it died; its sentinel tells
         for w in readable:
-            self._read(w, now)
+            self.inbox.read(w, now)
         self._run_commands(now)
         if self.terminating:
             return True
@@ -264,86 +274,9 @@ class Supervisor:
             self.workforce.scaled_down,
         )
 
-    # -- messages from workers -----------------------------------------------------------------
-    def _read(self, w: WorkerView, now: float) -> None:
-        try:
-            frames = w.proc.channel.receive()
-        except EOFError:  # a dying worker's pipe; its sentinel reports the death
-            self.watch.forget(w.proc.channel.fileno())
-            return
-        for frame in frames:
-            try:
-                message = loads(frame)
-            except BaseException:  # not ours to trust: a frame from a broken writer
-                log.debug("unreadable message from worker %s", w.pid, exc_info=True)
-                continue
-            self._on_message(w, message, now)
-
-    def _on_message(self, w: WorkerView, message: tuple[Any, ...], now: float) -> None:
-        tag = message[0]
-        if tag == RESULTS:
-            _, ids, outcomes, elapsed, blob, retiring = message
-            self._on_results(w, ids, outcomes, elapsed, blob, now)
-            if retiring:
-                log.debug("worker %s retires (%s)", w.pid, retiring)
-                w.retiring = True
-                self.cancels.give_back(w, w.take_all())
-            if not w.holding:
-                self._idle(w, now)
-        elif tag == READY:
-            self.workforce.ready(w, now)
-            if self.scaler is not None:
-                self.scaler.ready(w)
-                self.scaler.idle(now)
-        elif tag == RETURNED:  # the answer to a STEAL: to the front of the queue, free
-            self.cancels.returned(w, message[1])  # unless a cancellation wants them
-            if not w.holding:
-                self._idle(w, now)
-        elif tag == START_FAILED:
-            w.start_error = JobError(KIND_ERROR, *message[1])
-        elif tag == EXITING:
-            self.workforce.exiting(message[1])
-        elif tag == FLUSHED:  # the answer to a deadline's FLUSH: stop the worker now
-            self.cancels.flushed(w)
-
-    def _on_results(
-        self,
-        w: WorkerView,
-        ids: list[int],
-        outcomes: list[int],
-        elapsed: list[float],
-        blob: bytes,
-        now: float,
-    ) -> None:
-        blocks = w.answered(ids)
-        if not blocks:
-            return
-        w.stealing = False
-        try:
-            values = loads(blob)
-        except BaseException as exc:  # a value that pickled in the worker but cannot load here
-            self.book.unloadable([b for b in blocks if b is not None], exc, now)
-            return
-        stage = blocks[0].stage if blocks[0] is not None else 0
-        if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
-            self.book.complete_all(cast("list[Block]", blocks), values, elapsed)
-        else:
-            w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
-        total = sum(elapsed)
-        w.jobs += len(ids)
-        w.busy += total
-        if outcomes[0] != SPLIT:  # split jobs did not run: nothing was timed
-            self.samples[stage].extend(elapsed)
-            self.sizer.timed(stage, total, len(ids))
-
-    def _idle(self, w: WorkerView, now: float) -> None:
-        self.workforce.idle(w, now)
-        if self.scaler is not None:
-            self.scaler.idle(now)
-
     # -- deaths, timers, workers, dispatch: the owners' work, in the loop's order ---------------
     def _on_exit(self, w: WorkerView, now: float) -> None:
-        self._read(w, now)  # results it sent before dying still count
+        self.inbox.read(w, now)  # results it sent before dying still count
         job_id, started_at = w.proc.running()
         code = self.workforce.reap(w)
         self.cancels.died(w, job_id)
