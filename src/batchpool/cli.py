@@ -20,10 +20,10 @@ import sys
 import sysconfig
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -304,6 +304,45 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _job_options(command: F) -> F:
+    """The options ``run`` and ``serve`` share: how jobs are retried, timed, paced, started."""
+    options = [
+        click.option(
+            "--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks)."
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds per attempt; past it the worker is killed and replaced.",
+        ),
+        click.option(
+            "--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry."
+        ),
+        click.option(
+            "--rate-limit",
+            type=_Rate(),
+            help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number "
+            "per second (overrides tasks).",
+        ),
+        click.option(
+            "--start-method",
+            type=click.Choice(["fork", "forkserver", "spawn"]),
+            help="How workers start [default: forkserver].",
+        ),
+        click.option(
+            "--max-memory",
+            type=_Size(),
+            help="Retire a worker above this RSS, e.g. 2GB (at least 1MB).",
+        ),
+    ]
+    for option in reversed(options):  # as if stacked in this order above the function
+        command = option(command)
+    return command
+
+
 @click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchpool")
 def main() -> None:
@@ -326,27 +365,7 @@ def main() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="With --procs MIN:MAX: seconds before an idle worker retires [default: 10].",
 )
-@click.option("--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks).")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per attempt; past it the worker is killed and replaced.",
-)
-@click.option("--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry.")
-@click.option(
-    "--rate-limit",
-    type=_Rate(),
-    help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number per "
-    "second (overrides tasks).",
-)
-@click.option(
-    "--start-method",
-    type=click.Choice(["fork", "forkserver", "spawn"]),
-    help="How workers start [default: forkserver].",
-)
-@click.option(
-    "--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB (at least 1MB)."
-)
+@_job_options
 @click.option(
     "--backend",
     type=click.Choice(["local", "ray"]),
@@ -648,27 +667,7 @@ def load_target(spec: str) -> Target:
     type=click.Path(dir_okay=False),
     help="Record accepted jobs and their results; a server restarted on it runs the unfinished.",
 )
-@click.option("--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks).")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per attempt; past it the worker is killed and replaced.",
-)
-@click.option("--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry.")
-@click.option(
-    "--rate-limit",
-    type=_Rate(),
-    help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number per "
-    "second (overrides tasks).",
-)
-@click.option(
-    "--start-method",
-    type=click.Choice(["fork", "forkserver", "spawn"]),
-    help="How workers start [default: forkserver].",
-)
-@click.option(
-    "--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB (at least 1MB)."
-)
+@_job_options
 @click.option("-v", "--verbose", count=True, help="Log retries and crashes; -vv also each request.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option(
