@@ -2,7 +2,7 @@
 seconds) and printing its own table. Times of starts are taken inside run() (time.monotonic(),
 which every process of the machine shares), not at the caller, so they show what the workers did.
 
-    python benchmarks/control.py [--only SECTION[,SECTION]] [--procs P]
+    python benchmarks/control.py [--only SECTION[,SECTION]] [--procs P] [--free-cpu]
 
 Sections (add yours to SECTIONS at the bottom):
 
@@ -20,6 +20,12 @@ Sections (add yours to SECTIONS at the bottom):
             deadline costs the no-op path: parent CPU per job of map() and map(deadline=600),
             interleaved (the before/after against main is `python benchmarks/overhead.py` on
             each tree)
+- scaling   autoscaling reaction time: a pool of procs=(1, P) given a backlog of 50 ms jobs,
+            the time from submit to each added worker alive and to P; then, with the backlog
+            done, the time from its last result until it is back to 1 (idle_timeout 0.5 s).
+            ``--free-cpu`` counts every CPU as free (scaling.MIN_IDLE_CORES = 0): on a machine
+            kept busy by other work the pool rightly does not grow; this times the mechanism
+            anyway
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import CallTask, noop  # noqa: E402
 
 import batchpool  # noqa: E402
-from batchpool import Pool, Task  # noqa: E402
+from batchpool import Pool, Task, scaling  # noqa: E402
 
 REPEAT = 3
 RATE_SECONDS = 3.0  # each rate runs this long: 30 intervals even at 10/s
@@ -46,6 +52,8 @@ NAP = 0.00025  # seconds a queued job sleeps
 DEADLINE = 0.5  # seconds: long enough for the N attempts to be running
 BEHIND = 1_000  # jobs queued behind the running ones when the deadline passes
 PENDING = 10_000  # jobs queued when cancel_pending() is called
+NAP = 0.05  # seconds a job of the scaling backlog sleeps: workers wait, as on I/O
+IDLE_TIMEOUT = 0.5  # seconds, for the scaling section
 
 
 def started_at(_: object) -> float:
@@ -234,11 +242,55 @@ def deadline_latency(procs: int) -> None:
     )
 
 
+# -- scaling: autoscaling reaction time -----------------------------------------------------
+
+
+def scale_once(high: int) -> tuple[list[float], float]:
+    """(seconds from the backlog's submit to 2, 3, ... high workers alive, nan for a count
+    never reached; seconds from the backlog's last result to 1 worker alive)."""
+    with Pool(Nap(), procs=(1, high), idle_timeout=IDLE_TIMEOUT) as pool:
+        pool.map([0.0, 0.0])  # the first worker up
+        jobs = [pool.submit(NAP) for _ in range(int(high * 4 / NAP))]  # ~4 s on `high` workers
+        submitted = time.monotonic()
+        reached = [float("nan")] * (high + 1)
+        while not all(job.done() for job in jobs):
+            workers = pool.metrics().workers
+            for n in range(2, workers + 1):
+                if reached[n] != reached[n]:  # nan: first seen now
+                    reached[n] = time.monotonic() - submitted
+            time.sleep(0.001)  # benchmark only: looks every millisecond
+        done = time.monotonic()
+        while len(pool.pids()) > 1 and time.monotonic() - done < 10 * IDLE_TIMEOUT:
+            time.sleep(0.001)
+        back = time.monotonic() - done
+    return reached[2:], back
+
+
+def scaling_reaction(procs: int) -> None:
+    high = max(2, procs)
+    runs = [scale_once(high) for _ in range(REPEAT)]
+    cpu = "every CPU counted free" if scaling.MIN_IDLE_CORES == 0 else "CPU gate on"
+    print(
+        f"autoscaling, procs=(1, {high}), a backlog of {NAP * 1e3:g} ms jobs, "
+        f"idle_timeout={IDLE_TIMEOUT:g} s, {cpu}, median of {REPEAT}"
+    )
+    print(f"{'workers alive':>14s} {'after submit':>13s}")
+    for i in range(high - 1):
+        after = statistics.median(r[0][i] for r in runs)
+        print(f"{i + 2:14d} {'never' if after != after else f'{after * 1e3:,.0f} ms':>13s}")
+    back = statistics.median(r[1] for r in runs)
+    print(
+        f"back to 1 worker: {back * 1e3:,.0f} ms after the last result (workers idle from "
+        "when the queue ran dry, so this can undercut idle_timeout)"
+    )
+
+
 SECTIONS: dict[str, Callable[[int], None]] = {
     "rate": rate_accuracy,
     "priority": priority_latency,
     "noop": noop_cost,
     "deadline": deadline_latency,
+    "scaling": scaling_reaction,
 }
 
 
@@ -246,7 +298,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma separated")
     parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--free-cpu", action="store_true", help="scaling: count every CPU free")
     args = parser.parse_args()
+    if args.free_cpu:
+        scaling.MIN_IDLE_CORES = 0.0
     print(f"batchpool {batchpool.__version__}, Python {sys.version.split()[0]}")
     for name in args.only.split(","):
         print()

@@ -324,12 +324,15 @@ class Segfault(Base):
 
 
 class Hang(Base):
-    """Payload "hang": sleep forever in C; "spin": busy-loop in Python; else return it."""
+    """Payload "hang": sleep forever in C; "spin": busy-loop in Python; "gil": loop in C without
+    ever letting another thread of the worker run; else return it."""
 
     def run(self, payload: Any) -> Any:
         if payload == "hang":
             while True:
                 time.sleep(3600)
+        if payload == "gil":
+            return sum(range(10**15))
         if payload == "spin":
             while True:
                 pass
@@ -429,6 +432,20 @@ class CountSetup(Base):
 
     def teardown(self) -> None:
         mark_unique(self.marker_dir, f"teardown-{os.getpid()}")
+
+
+class Paced(CountSetup):
+    """CountSetup's markers (setup and teardown, by pid), and a run that appends
+    ``payload pid`` to ``marker_dir/runs`` (every attempt, once) and sleeps ``seconds``."""
+
+    def __init__(self, marker_dir: str, seconds: float, **policy: Any) -> None:
+        super().__init__(marker_dir, **policy)
+        self.seconds = seconds
+
+    def run(self, payload: Any) -> Any:
+        append_line(os.path.join(self.marker_dir, "runs"), f"{payload} {os.getpid()}")
+        time.sleep(self.seconds)
+        return os.getpid()
 
 
 class CountUnpickles(Base):

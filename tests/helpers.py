@@ -37,7 +37,7 @@ DURABILITY_PIPELINE = str(TESTS_DIR / "durability_pipeline.py")
 # Environment variables that configure the test pipelines (JOBS_PY's BP_*,
 # tests/durability_pipeline.py's DUR_*, test_sink_exactly_once.py's SINK_*) and the examples in
 # pipelines/: a child must see only those its test sets.
-PIPELINE_SETTINGS = ("BP_", "DUR_", "SINK_", "PRIMES_", "MANDELBROT_", "LOGS_")
+PIPELINE_SETTINGS = ("BP_", "DUR_", "SINK_", "PRIMES_", "MANDELBROT_", "LOGS_", "FETCH_")
 OUTPUT_KEYS = {"index", "ok", "value", "error", "attempts"}  # one --output line (SPEC 2)
 CHILD_DEADLINE = 60.0  # seconds a CLI command or script of a test may take, unless it says
 

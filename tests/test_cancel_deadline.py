@@ -11,7 +11,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
-from faults import FailTimes, Sleep, SleepMarked, Square, attempts_of
+from faults import FailTimes, Hang, Sleep, SleepMarked, Square, attempts_of
 from helpers import (
     all_gone,
     bp,
@@ -234,9 +234,7 @@ def _check_partial(tmp_path: Path, results: list, payloads: list[str]) -> set[in
 def test_map_deadline_returns_partial_results_and_replaces_the_stopped_workers(
     tmp_path: Path,
 ) -> None:
-    # One job per message: a result is sent as its job ends. (In a batch, a result not sent
-    # yet when its worker is stopped is lost with it: that job comes back "cancelled".)
-    with Pool(SleepMarked(tmp_path, 5.0), procs=2, chunksize=1) as pool:
+    with Pool(SleepMarked(tmp_path, 5.0), procs=2) as pool:
         assert all(r.ok for r in pool.map(["warm1", "warm2"]))
         began = time.monotonic()
         results = pool.map(SLOW_LAST, deadline=1.5)
@@ -254,8 +252,44 @@ def test_map_deadline_returns_partial_results_and_replaces_the_stopped_workers(
 
 
 @pytest.mark.timeout(30)
+def test_a_deadline_keeps_the_results_a_stopped_worker_had_not_sent_yet(tmp_path: Path) -> None:
+    # Timed fast jobs: the next call travels in one batch, and a worker sends its results every
+    # 0.1 s or at the end of the batch. At the deadline, a..e have ended but their results wait
+    # in the worker, which runs slow1: they must come back as they are.
+    payloads = ["a", "b", "c", "d", "e", "slow1", "f", "g"]
+    with Pool(SleepMarked(tmp_path, 5.0), procs=1) as pool:
+        assert all(r.ok for r in pool.map([f"warm{i}" for i in range(8)]))
+        (pid,) = pool.pids()
+        results = pool.map(payloads, deadline=1.0)
+        assert all(r.worker == pid for r in results if r.attempts), "not one batch"
+        assert [(r.payload, r.ok, r.value, r.attempts) for r in results[:5]] == [
+            (p, True, p, 1) for p in payloads[:5]
+        ]
+        cut = [(r.payload, r.error.kind, r.attempts) for r in results[5:]]
+        assert cut == [("slow1", "cancelled", 1), ("f", "cancelled", 0), ("g", "cancelled", 0)]
+        assert not attempts_of(tmp_path, "f") and not attempts_of(tmp_path, "g")
+        wait_for(lambda: all_gone({pid}), 10, "the stopped worker to be gone")
+        assert [r.value for r in pool.map(["after"])] == ["after"]
+        m = pool.metrics()
+    assert (m.succeeded, m.cancelled) == (14, 3)
+    check_invariants(m, cut_short=True)
+
+
+@pytest.mark.timeout(30)
+def test_a_deadline_stops_a_worker_that_cannot_answer_flush() -> None:
+    # The job holds the GIL: the worker's reader thread cannot answer FLUSH, and the grace
+    # timer kills the worker all the same.
+    with Pool(Hang(retries=0), procs=1) as pool:
+        a, gil = pool.map(["a", "gil"], deadline=0.5)
+        assert (a.ok, a.value, gil.error.kind, gil.attempts) == (True, "a", "cancelled", 1)
+        pid = gil.worker
+        wait_for(lambda: all_gone({pid}), 10, "the stopped worker to be gone")
+        assert [r.value for r in pool.map(["b"])] == ["b"]
+
+
+@pytest.mark.timeout(30)
 def test_imap_deadline_is_kept_while_the_caller_does_not_read(tmp_path: Path) -> None:
-    with Pool(SleepMarked(tmp_path, 5.0), procs=2, chunksize=1) as pool:
+    with Pool(SleepMarked(tmp_path, 5.0), procs=2) as pool:
         began = time.monotonic()
         stream = pool.imap(SLOW_LAST, deadline=1.0)
         first = next(stream)

@@ -872,8 +872,11 @@ def test_slow_source_feeds_workers_as_items_arrive(tmp_path: Path) -> None:
     stamps = [
         json.loads(line)["value"] for line in (tmp_path / "out.jsonl").read_text().splitlines()
     ]
-    # The source takes ~2 s; its first item must have run long before the source ended.
-    assert stamps[0] - begun < stamps[-1] - begun - 1.0
+    # The source yields an item every 0.2 s: run as they come, the last items run ~0.2 s apart
+    # (read in a batch, they would run together at the end). Worker start-up, slow on a busy
+    # machine, may bunch the first ones, never the last.
+    assert stamps[-1] - stamps[-4] > 0.3, stamps
+    assert stamps[0] >= begun
 
 
 def test_second_signal_leaves_a_blocking_source(tmp_path: Path) -> None:

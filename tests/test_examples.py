@@ -5,6 +5,7 @@ produced."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from helpers import CLI, PIPELINES_DIR, environ, run
 
 pytestmark = pytest.mark.timeout(120)
 
-SMALL = {"PRIMES_RANGES": 3, "MANDELBROT_TILE": 10, "LOGS_FILES": 3, "LOGS_LINES": 300}
+SMALL = {
+    "PRIMES_RANGES": 3,
+    "MANDELBROT_TILE": 10,
+    "LOGS_FILES": 3,
+    "LOGS_LINES": 300,
+    "FETCH_PAGES": 30,
+    "FETCH_RATE": "100/s",
+}
 WAYS = {
     "batchpool run": lambda path: [*CLI, "run", path, "--procs", "2"],
     "python": lambda path: [sys.executable, path],
@@ -67,3 +75,26 @@ def test_flaky(tmp_path: Path, way: str) -> None:
     code, out = _run("flaky", way, tmp_path)
     assert code == 1
     assert out == "21 of 24 jobs ok, retries included; failed for good: 7, 13, 19\n"
+
+
+@pytest.mark.parametrize("way", ["fork", "forkserver", "spawn", "python"])
+def test_fetch(tmp_path: Path, way: str) -> None:
+    """The site runs in the supervisor; workers of every start method reach it by the URLs
+    the source yields. Page 24 fails once (503) and succeeds on its retry."""
+    path = PIPELINES_DIR / "fetch.py"
+    log = tmp_path / "fetch.log"
+    argv = [*CLI, "run", path, "--procs", "4", "--start-method", way, "--log-file", log]
+    r = run(
+        [sys.executable, path] if way == "python" else argv,
+        cwd=tmp_path,
+        env=environ(**SMALL),
+        timeout=100,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(
+        r"fetched 30 of 30 pages \([\d,]+ bytes\), 1 after a retry; failed for good: none\n",
+        r.stdout,
+    ), r.stdout + (log.read_text() if log.exists() else "")
+    summary = json.loads((tmp_path / "fetch_summary.json").read_text())
+    assert summary["ok"] == 30 and summary["failed"] == [] and summary["retried"] == 1

@@ -119,8 +119,12 @@ def test_cli_run_with_a_result_that_breaks_in_the_parent_ends(tmp_path: Path) ->
 
 def _break_loop(pool: Pool, method: str, after: int = 0) -> None:
     """Fault injection into the engine itself (the one place tests reach inside): the
-    supervisor's ``method`` raises once it has run ``after`` times."""
-    supervisor = pool._supervisor
+    supervisor's ``method`` (``part.method``: of one of its parts) raises once it has run
+    ``after`` times."""
+    supervisor: object = pool._supervisor
+    *parts, method = method.split(".")
+    for part in parts:
+        supervisor = getattr(supervisor, part)
     real = getattr(supervisor, method)
     calls = {"n": 0}
 
@@ -139,7 +143,7 @@ def test_supervisor_death_fails_every_future_and_breaks_the_pool(tmp_path: Path)
     try:
         pool.map([0.0, 0.0])  # the pool works
         pids = pool.pids()
-        _break_loop(pool, "_on_results")  # the first result that comes back
+        _break_loop(pool, "inbox.on_results")  # the first result that comes back
         futures = [pool.submit(0.2) for _ in range(5)]
         for future in futures:
             result = future.result(timeout=20)

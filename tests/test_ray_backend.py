@@ -39,6 +39,7 @@ from faults import (  # noqa: E402
     FailTimes,
     FaultOnUnpickle,
     Hang,
+    Paced,
     RecordPid,
     RefusesPickle,
     SetupFails,
@@ -131,6 +132,31 @@ def test_setup_once_per_actor_teardown_at_stop_and_retirement(tmp_path: Path) ->
     assert all(setups.get(pid) == 1 for pid in pids), setups
     assert all(teardowns.get(pid) == 1 for pid in pids), teardowns  # retired or stopped
     check_gone(set(setups))
+
+
+def test_actors_scale_with_the_backlog_and_retire_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """procs=(1, 2): one actor, a second under a backlog, and back to one once idle; the
+    retired actor ran teardown() and is gone; every job ran once."""
+    from batchpool import scaling
+
+    monkeypatch.setattr(scaling, "MIN_IDLE_CORES", 0.0)  # a shared machine: count CPUs free
+    task = Paced(str(tmp_path), 0.2)
+    with Pool(task, procs=(1, PROCS), idle_timeout=0.5, backend="ray") as pool:
+        wait_for(lambda: len(pool.pids()) == 1, 60, "the first actor")
+        futures = [pool.submit(i) for i in range(16)]
+        wait_for(lambda: len(pool.pids()) == PROCS, 60, "a second actor")
+        results = [f.result(timeout=120) for f in futures]
+        wait_for(lambda: len(pool.pids()) == 1, 60, "one actor again, once idle")
+        m = pool.metrics()
+        assert len(marks_by_pid(tmp_path, "teardown")) == 1  # the retired one stopped cleanly
+    assert (m.scaled_up, m.scaled_down, m.worker_restarts) == (1, 1, 0)
+    assert all(r.ok and r.attempts == 1 for r in results)
+    runs = [line.split()[0] for line in read_lines(tmp_path / "runs")]
+    assert sorted(runs, key=int) == [str(i) for i in range(16)]
+    assert len(marks_by_pid(tmp_path, "teardown")) == PROCS  # the last one at close
+    check_gone(set(marks_by_pid(tmp_path, "setup")))
 
 
 # -- failures --------------------------------------------------------------------------------------

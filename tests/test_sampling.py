@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchpool.sampling import Reservoir
+from batchpool.sampling import BOUNDS, Reservoir
 
 
 @given(st.lists(st.lists(st.floats(0, 1e6), max_size=600), max_size=40), st.integers(1, 64))
@@ -19,6 +19,24 @@ def test_the_sample_is_bounded_and_holds_only_seen_values(batches: list[list[flo
     assert sample.seen == total
     assert len(sample.values) == min(size, total)
     assert set(sample.values) <= seen
+
+
+TIMES = st.floats(0, 1e4) | st.sampled_from(BOUNDS)  # bounds themselves: the edge cases
+
+
+@given(st.lists(st.lists(TIMES, max_size=50), max_size=20))
+def test_the_histogram_counts_every_value_in_its_bucket(batches: list[list[float]]):
+    sample = Reservoir(8)
+    for batch in batches:
+        sample.extend(batch)
+    values = [v for batch in batches for v in batch]
+    upper = [*BOUNDS, float("inf")]
+    expected = [
+        sum(1 for v in values if (i == 0 or v > upper[i - 1]) and v <= upper[i])
+        for i in range(len(upper))
+    ]
+    assert sample.buckets == expected
+    assert abs(sample.total - sum(values)) <= 1e-9 * max(1.0, sum(values))
 
 
 def test_quantiles_of_a_long_stream_stay_near_the_truth():

@@ -260,3 +260,79 @@ def test_every_job_is_answered_once_in_order_up_to_retirement(
         # a message ends at each failure in run(), or where the batch (or the worker) ends
         assert all(o in (OK, UNPICKLABLE) for o in outcomes[:-1])
         assert len(ids) == len(outcomes)
+
+
+# -- FLUSH: another thread sends the results not sent yet, mid-batch ------------------------------
+
+
+class FlushesFirst(RaiseByPayload):
+    """Payload "flush" calls ``runner.flush_finished()`` before it returns, as the local
+    worker's reader thread does when FLUSH arrives while a job runs."""
+
+    runner: Runner
+
+    def run(self, payload: Any) -> Any:
+        if payload == "flush":
+            self.runner.flush_finished()
+        return super().run(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["ok", "permanent", "flush"]), max_size=12),
+    st.one_of(st.none(), st.integers(1, 14)),
+)
+def test_a_flush_mid_batch_sends_the_jobs_that_ended_once_in_order(
+    payloads: list[str], max_tasks: int | None
+) -> None:
+    task = FlushesFirst()
+    run, sent = runner(task, max_tasks=max_tasks)
+    task.runner = run
+    retiring = run.run_batch(jobs(payloads))
+    n = len(payloads) if max_tasks is None else min(len(payloads), max_tasks)
+    expected: list[list[int]] = []  # a flush sends what ended before it, a failure itself
+    pending: list[int] = []
+    for i, payload in enumerate(payloads[:n]):
+        if payload == "flush" and pending:
+            expected.append(pending)
+            pending = []
+        pending.append(i)
+        if payload == "permanent":
+            expected.append(pending)
+            pending = []
+    expected += [pending] if pending else []
+    messages = decoded(sent)
+    assert [m[0] for m in messages] == expected
+    for ids, outcomes, values, _ in messages:
+        assert outcomes == [FATAL if payloads[i] == "permanent" else OK for i in ids]
+        rows = zip(ids, outcomes, values, strict=True)
+        assert all(value == payloads[i] for i, outcome, value in rows if outcome == OK)
+    assert [m[3] for m in messages] == [None] * (len(messages) - 1) + [retiring] * bool(messages)
+
+
+def test_a_flush_from_another_thread_loses_and_repeats_no_result() -> None:
+    """The reader thread flushes in a loop while the batch runs no-op jobs: each job's result
+    leaves exactly once, in order, whole (the loop takes no lock per job)."""
+    run, sent = runner(RaiseByPayload())
+    n = 50_000
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            run.flush_finished()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as it goes: many interleavings
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        run.run_batch(jobs([f"v{i}" for i in range(n)]))
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(switch)
+    messages = decoded(sent)
+    assert len(messages) > 2, "the reader never sent anything: no interleaving tested"
+    assert [i for m in messages for i in m[0]] == list(range(n))
+    assert [v for m in messages for v in m[2]] == [f"v{i}" for i in range(n)]
+    assert all(o == OK for m in messages for o in m[1])

@@ -8,9 +8,16 @@ reached here, by the supervisor's thread:
   cancelled instead of requeued. A worker answers its STEALs in order, so a recall is done with
   a worker once it answered every STEAL sent up to the recall's own (or once it died); until
   then the worker gets no new jobs, so all it holds was there when the recall began.
-- running (a deadline only): the worker is killed and replaced. The expired call's jobs it held
-  end as "cancelled" results at once (their results that it sends before it dies are ignored);
-  the others go back to the queue, free, once it is reaped (its ``killed_for`` charges no job).
+- running (a deadline only): the worker is killed and replaced. First it is asked to FLUSH: a
+  local worker sends the results of a batch every FLUSH_EVERY seconds or at its end, so jobs of
+  the call that ended just before the running one may not be in yet, and they ran to
+  completion. It gets no new jobs meanwhile; it is killed when FLUSHED comes (its RESULTS come
+  ahead: they complete those jobs as usual), or after FLUSH_GRACE seconds (a reader thread stuck
+  behind a job that holds the GIL). Then the expired call's jobs it still holds end as
+  "cancelled" results at once (their results that it sends before it dies are ignored); the
+  others go back to the queue, free, once it is reaped (its ``killed_for`` charges no job). A
+  worker that dies while flushing is a death like any other (``died``). Ray actors are killed
+  at once: an actor's call answers its whole batch, so nothing it ended waits in a buffer.
 
 A ``Deadline`` is the tag of the blocks of one call (see jobs.py): it refuses them at dispatch
 once it has expired, so none of its jobs starts after its deadline, whatever path brought it
@@ -22,12 +29,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from .jobs import Block, JobBook
 from .ledger import UNSURE, WorkerView, find
+from .messages import FLUSH, dumps
 from .results import KIND_CANCELLED, JobError
 from .timers import Timers
 
@@ -37,6 +46,8 @@ PENDING_CANCELLED = JobError(
     KIND_CANCELLED, CANCELLED, "cancelled by cancel_pending() before it started"
 )
 _serials = itertools.count()
+FLUSH_MESSAGE = dumps((FLUSH,))
+FLUSH_GRACE = 0.2  # seconds a worker stopped by a deadline has to send what it finished
 
 
 class Deadline:
@@ -92,6 +103,9 @@ class Cancels:
         self.workers = workers
         self.replies: list[tuple[Future[int], int]] = []  # told after the next delivery
         self.open: list[Recall] = []  # recalls that wait for workers
+        # slot -> the stopping recalls that wait for the worker's FLUSHED, then kill it; its
+        # ("flush", slot) timer kills it if FLUSHED is late
+        self.flushing: dict[int, list[Recall]] = {}
 
     # -- commands ----------------------------------------------------------------------------
     def cancel_pending(self, reply: Future[int]) -> Recall:
@@ -172,6 +186,8 @@ class Cancels:
         want of its jobs (``job_id``: its progress slot when it died). It ran its jobs in the
         order of its ledger: those ahead of the running one had run (their results died with
         it), those behind it had not started."""
+        if self.flushing.pop(w.slot, None) is not None:
+            self.timers.cancel(("flush", w.slot))
         entries, w.recalls = w.recalls, []
         if not entries:
             return
@@ -190,6 +206,18 @@ class Cancels:
             recall.count += block.size
         for _, recall in entries:
             recall.waiting -= 1
+            self._settle(recall)
+
+    def flushed(self, w: WorkerView) -> None:
+        """FLUSHED from ``w``, or its grace timer fired: what it finished is in; stop it."""
+        recalls = self.flushing.pop(w.slot, None)
+        if recalls is None:
+            return
+        self.timers.cancel(("flush", w.slot))
+        w.recalls = [e for e in w.recalls if not (e[0] is None and e[1] in recalls)]
+        for recall in recalls:
+            recall.waiting -= 1
+            self._stop(w, recall)
             self._settle(recall)
 
     # -- the loop's bookkeeping ----------------------------------------------------------------
@@ -220,19 +248,49 @@ class Cancels:
 
     def _reach(self, w: WorkerView, recall: Recall, *, ask: bool) -> None:
         """A stopping recall (a deadline) and the jobs of ``w``'s it wants. If ``w`` runs one
-        of them (or ``ask`` is off, or it is dying), it is killed and they all end now: its
-        death need not be waited for, and results of theirs that it sends meanwhile are
-        ignored. Otherwise those that ran (ahead of the running job in its ledger; their
-        results not sent yet) end now and those not started are asked back."""
+        of them (or ``ask`` is off), it is asked to FLUSH and then stopped (``_stop``); a
+        worker that is dying, or cannot flush, is stopped now. Otherwise those that ran (ahead
+        of the running job in its ledger; their results not sent yet) end now and those not
+        started are asked back."""
         wanted = recall.wanted
         if not any(map(wanted, w.held)):
+            return
+        if w.slot in self.flushing:  # being stopped already: this recall waits for it too
+            self._wait_flushed(w, recall)
             return
         at = _running_at(w, w.proc.running()[0])
         held = list(w.held)
         rest = held if at is None else held[at:]
-        stop = not ask or w.killed_for is not None or wanted(rest[0])
-        for i, block in enumerate(held):
-            if not wanted(block) or not (stop or (at is not None and i < at)):
+        if not ask or w.killed_for is not None or wanted(rest[0]):
+            if w.killed_for is None and w.proc.flushes and w.proc.send(FLUSH_MESSAGE):
+                self.timers.schedule(time.monotonic() + FLUSH_GRACE, ("flush", w.slot), w)
+                self._wait_flushed(w, recall)
+            else:
+                self._stop(w, recall)
+            return
+        for block in held[:at] if at is not None else []:  # they ran
+            if wanted(block):
+                w.remove(block)
+                self.book.cancel_started([block], recall.error)
+                recall.count += block.size
+        if any(map(wanted, rest)):
+            self._ask(w, recall)
+
+    def _wait_flushed(self, w: WorkerView, recall: Recall) -> None:
+        """``w`` gets no new jobs until it is stopped, and its death answers for it."""
+        self.flushing.setdefault(w.slot, []).append(recall)
+        recall.waiting += 1
+        w.recalls.append([None, recall])
+
+    def _stop(self, w: WorkerView, recall: Recall) -> None:
+        """Kill ``w``, and end now the jobs of its that ``recall`` wants: its death need not be
+        waited for, and results of theirs that it sends meanwhile are ignored."""
+        wanted = recall.wanted
+        if not any(map(wanted, w.held)):
+            return  # it ended them all meanwhile
+        at = _running_at(w, w.proc.running()[0])
+        for i, block in enumerate(list(w.held)):
+            if not wanted(block):
                 continue
             w.remove(block)
             if at is not None and i <= at:
@@ -240,10 +298,7 @@ class Cancels:
             else:
                 self.book.cancel_unstarted([block], recall.error)
             recall.count += block.size
-        if not stop:
-            if any(map(wanted, rest)):
-                self._ask(w, recall)
-        elif w.killed_for is None:
+        if w.killed_for is None:
             w.killed_for = (None, recall.error)  # charges no job: see watchdog.charge
             log.info("worker %s killed: %s", w.pid, recall.error.message)
             w.proc.kill()

@@ -12,7 +12,6 @@ import csv
 import importlib
 import importlib.util
 import io
-import logging
 import os
 import re
 import shlex
@@ -21,15 +20,14 @@ import sys
 import sysconfig
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from tqdm import tqdm
 
-from . import __version__
+from . import __version__, logs
 from .backends import BackendUnavailable
 from .durations import parse_duration
 from .formatting import csv_cell, to_json
@@ -44,7 +42,11 @@ from .pipeline import (
 )
 from .progress import summary
 from .rates import parse_rate
+from .serve import INSTALL_HINT
+from .serve import missing as missing_extra
+from .serve.target import Target
 from .stopping import DEADLINE
+from .task import Task
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -63,17 +65,23 @@ class LoadError(click.ClickException):
         return self.message
 
 
-def parse_size(text: str) -> int:
-    """'2GB', '512M', '1.5GiB' -> bytes (units of 1024); at least 1 MB, as a worker's RSS
-    limit under that is always a mistake ('--max-memory 10' meant 10MB, not 10 bytes)."""
+def parse_size(text: str, minimum: int = MIN_MEMORY) -> int:
+    """'2GB', '512M', '1.5GiB' -> bytes (units of 1024); at least 1 MB by default, as a
+    worker's RSS limit under that is always a mistake ('--max-memory 10' meant 10MB, not 10
+    bytes)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
     if not m:
         raise ValueError(f"not a size: {text!r} (try 512MB or 2GB)")
     size = int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
-    if size < MIN_MEMORY:
-        raise ValueError(f"{text!r} is {size} bytes, below 1 MB; did you mean {m.group(1)}MB?")
+    if size < minimum:
+        if minimum == MIN_MEMORY:
+            raise ValueError(f"{text!r} is {size} bytes, below 1 MB; did you mean {m.group(1)}MB?")
+        raise ValueError(f"{text!r} is {size} bytes, below the least allowed, {minimum}")
     return size
 
+
+if TYPE_CHECKING:
+    from .serve.metrics import Exporter
 
 if TYPE_CHECKING:  # click >= 8.4 types a parameter type by what it converts to
     _IntType = click.ParamType[int]
@@ -85,13 +93,16 @@ else:
 class _Size(_IntType):
     name = "SIZE"
 
+    def __init__(self, minimum: int = MIN_MEMORY) -> None:
+        self.minimum = minimum
+
     def convert(
         self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
     ) -> int:
         if isinstance(value, int):
             return value
         try:
-            return parse_size(value)
+            return parse_size(value, self.minimum)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -126,8 +137,49 @@ class _Rate(_FloatType):
         return rate
 
 
+Procs = int | tuple[int, int]
+
+if TYPE_CHECKING:
+    _ProcsType = click.ParamType[Procs]
+else:
+    _ProcsType = click.ParamType
+
+
+class _Procs(_ProcsType):
+    """N workers, or MIN:MAX for a pool that scales between them."""
+
+    name = "N|MIN:MAX"
+
+    def convert(
+        self, value: str | Procs, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Procs:
+        if not isinstance(value, str):
+            return value
+        low, colon, high = value.partition(":")
+        try:
+            bounds = (int(low), int(high)) if colon else (int(low), int(low))
+        except ValueError:
+            self.fail(f"{value!r} is not a number of workers N or a range MIN:MAX", param, ctx)
+        if bounds[0] < 1 or bounds[1] < bounds[0]:
+            self.fail(f"{value!r}: workers must be at least 1, and MIN <= MAX", param, ctx)
+        return bounds if colon else bounds[0]
+
+
 def load_pipeline(spec: str) -> Pipeline:
     """``file.py``, ``file.py:NAME`` or ``package.module:NAME`` -> the Pipeline object."""
+    obj, where, attr, stem, preload = _load_object(spec)
+    if not isinstance(obj, Pipeline):
+        raise LoadError(f"{where} is a {type(obj).__name__}, not a batchpool.Pipeline")
+    if preload:
+        obj.preload = [preload]
+    if obj.name is None:
+        obj.name = default_name(stem, attr)
+    return obj
+
+
+def _load_object(spec: str) -> tuple[Any, str, str, str, tuple[str, str] | None]:
+    """The attribute a spec names (default ``pipeline``): (it, ``target:attr``, attr, the
+    file's or module's stem, the (module name, file) workers import first for a file)."""
     target, _, attr = spec.rpartition(":") if ":" in spec else (spec, "", "")
     attr = attr or "pipeline"
     if target.endswith(".py") or "/" in target or not target:
@@ -136,14 +188,7 @@ def load_pipeline(spec: str) -> Pipeline:
         module, stem, preload = _load_module(target), target.rpartition(".")[2], None
     if not hasattr(module, attr):
         raise LoadError(f"{target}: no attribute {attr!r} (define `{attr} = Pipeline(...)`)")
-    obj = getattr(module, attr)
-    if not isinstance(obj, Pipeline):
-        raise LoadError(f"{target}:{attr} is a {type(obj).__name__}, not a batchpool.Pipeline")
-    if preload:
-        obj.preload = [preload]
-    if obj.name is None:
-        obj.name = default_name(stem, attr)
-    return obj
+    return getattr(module, attr), f"{target}:{attr}", attr, stem, preload
 
 
 def _load_file(file: str) -> tuple[ModuleType, str, tuple[str, str]]:
@@ -222,30 +267,6 @@ def _load_module(target: str) -> ModuleType:
         raise LoadError(f"error importing {target} at {_where(exc)}: {_one_line(exc)}") from None
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    logger = logging.getLogger("batchpool")
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("batchpool: %(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    elif verbose:
-        logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
-    else:
-        logger.setLevel(logging.WARNING)
-
-
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -283,6 +304,45 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _job_options(command: F) -> F:
+    """The options ``run`` and ``serve`` share: how jobs are retried, timed, paced, started."""
+    options = [
+        click.option(
+            "--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks)."
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds per attempt; past it the worker is killed and replaced.",
+        ),
+        click.option(
+            "--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry."
+        ),
+        click.option(
+            "--rate-limit",
+            type=_Rate(),
+            help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number "
+            "per second (overrides tasks).",
+        ),
+        click.option(
+            "--start-method",
+            type=click.Choice(["fork", "forkserver", "spawn"]),
+            help="How workers start [default: forkserver].",
+        ),
+        click.option(
+            "--max-memory",
+            type=_Size(),
+            help="Retire a worker above this RSS, e.g. 2GB (at least 1MB).",
+        ),
+    ]
+    for option in reversed(options):  # as if stacked in this order above the function
+        command = option(command)
+    return command
+
+
 @click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchpool")
 def main() -> None:
@@ -295,28 +355,17 @@ def main() -> None:
 
 @main.command()
 @click.argument("pipeline")
-@click.option("--procs", type=click.IntRange(min=1), help="Worker processes [default: CPU count].")
-@click.option("--retries", type=click.IntRange(min=0), help="Retries per job (overrides tasks).")
 @click.option(
-    "--timeout",
+    "--procs",
+    type=_Procs(),
+    help="Worker processes [default: CPU count]; MIN:MAX scales between them with the backlog.",
+)
+@click.option(
+    "--idle-timeout",
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per attempt; past it the worker is killed and replaced.",
+    help="With --procs MIN:MAX: seconds before an idle worker retires [default: 10].",
 )
-@click.option("--backoff", type=click.FloatRange(min=0), help="Seconds before the first retry.")
-@click.option(
-    "--rate-limit",
-    type=_Rate(),
-    help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number per "
-    "second (overrides tasks).",
-)
-@click.option(
-    "--start-method",
-    type=click.Choice(["fork", "forkserver", "spawn"]),
-    help="How workers start [default: forkserver].",
-)
-@click.option(
-    "--max-memory", type=_Size(), help="Retire a worker above this RSS, e.g. 2GB (at least 1MB)."
-)
+@_job_options
 @click.option(
     "--backend",
     type=click.Choice(["local", "ray"]),
@@ -354,6 +403,17 @@ def main() -> None:
     help="Log retries, crashes and each failed job; -vv also each result and the pool's state.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append timestamped log lines at INFO (retries, crashes, scaling...), even with -q.",
+)
+@click.option(
+    "--metrics-port",
+    metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics while the run lasts "
+    "(HOST: 127.0.0.1 unless given; PORT 0: any free one). Needs the serve extra.",
+)
 def run(pipeline: str, **opts: Any) -> None:
     """Run PIPELINE: path/to/file.py[:NAME] or package.module:NAME (default NAME: pipeline)."""
     if opts["quiet"] and opts["verbose"]:
@@ -373,8 +433,17 @@ def run(pipeline: str, **opts: Any) -> None:
     for option in ("output", "report"):
         if opts[option]:
             _check_writable(opts[option], f"--{option}")
-    _setup_logging(opts["verbose"], opts["quiet"])
+    if opts["idle_timeout"] is not None and not isinstance(opts["procs"], tuple):
+        raise click.UsageError("--idle-timeout is for --procs MIN:MAX")
+    metrics_at = _address(opts["metrics_port"]) if opts["metrics_port"] else None
+    if metrics_at and missing_extra(("prometheus_client",)):
+        _fail(f"--metrics-port needs prometheus_client, which is not installed: {INSTALL_HINT}")
+    try:
+        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
+    except OSError as exc:
+        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
     pipe = load_pipeline(pipeline)
+    exporter = _exporter(metrics_at, pipe, opts["quiet"]) if metrics_at else None
     journal: JournalOption = DEFAULT_JOURNAL
     if opts["no_journal"]:
         journal = None
@@ -390,6 +459,7 @@ def run(pipeline: str, **opts: Any) -> None:
             "start_method",
             "max_memory",
             "address",
+            "idle_timeout",
         )
         if opts[k] is not None
     }
@@ -405,6 +475,7 @@ def run(pipeline: str, **opts: Any) -> None:
             progress=not (opts["no_progress"] or opts["quiet"]),
             output=opts["output"],
             deadline=opts["deadline"],
+            on_pool=exporter.attach if exporter else None,
             **pool_options,
         )
     except JournalError as exc:
@@ -413,6 +484,9 @@ def run(pipeline: str, **opts: Any) -> None:
         _fail(f"invalid settings: {exc}")
     except (BackendUnavailable, ConnectionError) as exc:  # a backend missing or unreachable
         _fail(str(exc))
+    finally:
+        if exporter:
+            exporter.close()
     if report.error:
         click.echo(f"batchpool: run stopped ({report.stopped_by}):\n{report.error}", err=True)
     if not opts["quiet"]:
@@ -433,6 +507,30 @@ def run(pipeline: str, **opts: Any) -> None:
             click.echo(f"batchpool: cannot write --report {opts['report']}: {exc}", err=True)
             code = code or EXIT_USAGE
     sys.exit(code)
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` -> (host, port); the host defaults to the loopback address."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"not a port: {text!r} (try 9100 or 0.0.0.0:9100)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _exporter(address: tuple[str, int], pipe: Pipeline, quiet: bool) -> Exporter:
+    """The metrics server of ``run --metrics-port``, listening before any job runs."""
+    from .serve.metrics import Exporter
+
+    host, port = address
+    try:
+        names = [type(stage).__name__ for stage in pipe.stages]
+        exporter = Exporter(host, port, pipe.name or "pipeline", names)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}")
+    if not quiet:
+        where = f"[{host}]" if ":" in host else host
+        click.echo(f"batchpool: metrics on http://{where}:{exporter.port}/metrics", err=True)
+    return exporter
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -517,6 +615,105 @@ def _export(book: JournalReader, fmt: str, failed: bool, out: io.TextIOBase) -> 
         cells = [row["index"], row["ok"], value]
         cells += [err.get("kind"), err.get("type"), err.get("message"), row["attempts"]]
         writer.writerow([csv_cell(c) for c in cells])
+
+
+def load_target(spec: str) -> Target:
+    """A pipeline (as for ``run``), a Task class (built with no arguments) or a Task."""
+    obj, where, attr, stem, preload = _load_object(spec)
+    if isinstance(obj, Pipeline):
+        name = obj.name or default_name(stem, attr)
+        return Target(name, list(obj.stages), [preload] if preload else list(obj.preload))
+    if isinstance(obj, type) and issubclass(obj, Task):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise LoadError(f"cannot build {where}() with no arguments: {_one_line(exc)}") from None
+    if not isinstance(obj, Task):
+        raise LoadError(f"{where} is a {type(obj).__name__}, not a batchpool.Pipeline or Task")
+    return Target(attr, [obj], [preload] if preload else [])
+
+
+@main.command()
+@click.argument("target")
+@click.option(
+    "--procs",
+    type=_Procs(),
+    help="Worker processes [default: CPU count]; MIN:MAX scales between them with the backlog.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free one; the first line says which).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Jobs queued or running at most; a job past it is refused with 429.",
+)
+@click.option(
+    "--max-body",
+    type=_Size(minimum=1),
+    default="1MB",
+    show_default=True,
+    help="Largest payload accepted; a larger one is refused with 413.",
+)
+@click.option(
+    "--journal",
+    type=click.Path(dir_okay=False),
+    help="Record accepted jobs and their results; a server restarted on it runs the unfinished.",
+)
+@_job_options
+@click.option("-v", "--verbose", count=True, help="Log retries and crashes; -vv also each request.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append timestamped log lines at INFO (retries, crashes, scaling...), even with -q.",
+)
+def serve(target: str, **opts: Any) -> None:
+    """Serve TARGET over HTTP: a pipeline (as for run; its stages serve each request) or a
+    Task (path/to/file.py:ClassName, built with no arguments). See the README's "Serve"."""
+    if opts["quiet"] and opts["verbose"]:
+        raise click.UsageError("-q and -v exclude each other")
+    gone = missing_extra()
+    if gone:
+        _fail(f"serve needs {', '.join(gone)}, which are not installed: {INSTALL_HINT}")
+    from .serve.command import CannotListen, Settings
+    from .serve.command import serve as run_server
+
+    try:
+        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
+    except OSError as exc:
+        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
+    loaded = load_target(target)
+    pool_options = {
+        k: opts[k]
+        for k in ("retries", "timeout", "backoff", "rate_limit", "start_method", "max_memory")
+        if opts[k] is not None
+    }
+    settings = Settings(
+        host=opts["host"],
+        port=opts["port"],
+        procs=opts["procs"],
+        max_queue=opts["max_queue"],
+        max_body=opts["max_body"],
+        journal=opts["journal"],
+        verbose=opts["verbose"],
+        quiet=opts["quiet"],
+        pool_options=pool_options,
+    )
+    try:
+        code = run_server(loaded, settings)
+    except (JournalError, CannotListen) as exc:
+        _fail(str(exc))
+    except (ValueError, TypeError) as exc:  # settings refused when the pool is built
+        _fail(f"invalid settings: {exc}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # python -m batchpool.cli

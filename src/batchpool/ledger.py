@@ -44,6 +44,7 @@ class WorkerView:
         "killed_for",
         "start_error",
         "polled_write",
+        "idle_since",
     )
 
     def __init__(self, proc: Any) -> None:
@@ -67,6 +68,7 @@ class WorkerView:
         self.killed_for: tuple[Block | None, JobError] | None = None  # a timeout kill
         self.start_error: JobError | None = None  # what START_FAILED reported
         self.polled_write = False  # its channel is watched for room to write
+        self.idle_since = 0.0  # when it last ran out of jobs (scaling reads it)
 
     @property
     def open(self) -> bool:

@@ -13,11 +13,17 @@ supervisor -> worker
     (STOP,)                                the sentinel: tear down and exit 0
     (STEAL,)                               hand back every job not started yet (another
                                            worker is idle); answered by RETURNED at once
+    (FLUSH,)                               send the results of the jobs that have ended, now
+                                           (a deadline is about to kill this worker while it
+                                           runs a job); answered at once, by a RESULTS of
+                                           those (none if there are none) and then FLUSHED
 
 worker -> supervisor
     (READY, pid)                           setup() done; send jobs
     (START_FAILED, error)                  task unpickling or setup() raised; exiting
     (RETURNED, job_ids)                    the answer to STEAL: these never started
+    (FLUSHED,)                             the answer to FLUSH: every result of a job that
+                                           ended before it was sent ahead of it
     (EXITING, peak_rss)                    a clean exit (stop, retirement) is under way; the
                                            worker's peak resident memory in bytes
     (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
@@ -55,11 +61,13 @@ from typing import Protocol
 RUN = 1
 STOP = 2
 STEAL = 3
+FLUSH = 4
 READY = 10
 START_FAILED = 11
 RESULTS = 12
 RETURNED = 13
 EXITING = 14
+FLUSHED = 15
 
 OK = 0
 ERROR = 1

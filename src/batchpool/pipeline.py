@@ -20,6 +20,7 @@ from .durations import seconds_setting
 from .formatting import to_json
 from .journal import JournalError, JournalWriter, Outcome, fingerprint
 from .mainguard import check_main_script
+from .pool import Pool
 from .recorder import ReplayedResult
 from .report import RunReport
 from .results import JobResult
@@ -114,7 +115,7 @@ class Pipeline:
 
     def run(
         self,
-        procs: int | None = None,
+        procs: int | tuple[int, int] | None = None,
         *,
         journal: JournalOption = DEFAULT_JOURNAL,
         resume: bool = False,
@@ -155,7 +156,7 @@ class Pipeline:
 
     def _execute(
         self,
-        procs: int | None,
+        procs: int | tuple[int, int] | None,
         *,
         journal: JournalOption,
         resume: bool,
@@ -164,9 +165,11 @@ class Pipeline:
         progress: bool,
         output: str | os.PathLike[str] | None,
         deadline: float | None = None,
+        on_pool: Callable[[Pool], None] | None = None,
         **pool_options: Any,
     ) -> RunReport:
-        """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself."""
+        """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself.
+        ``on_pool`` is shown the run's pool once it exists (``--metrics-port`` reads it)."""
         if deadline is not None:
             deadline = seconds_setting("deadline", deadline)
         check_main_script(self.stages, pool_options)
@@ -195,6 +198,8 @@ class Pipeline:
                     stages=stages,
                     deadline=deadline,
                 )
+                if on_pool is not None:
+                    on_pool(run.pool)
                 report = run.execute()
             except BaseException:  # a refusal too: what ran before it is committed
                 if book is not None:

@@ -19,6 +19,7 @@ from .errors import PoolBroken, PoolClosed
 from .jobs import Block, Delivery
 from .messages import dumps
 from .results import KIND_CANCELLED, JobError, JobResult, Metrics
+from .scaling import Bounds, check, check_idle_timeout
 from .sizing import MAX_BATCH
 from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, check_priority, resolve_policy
@@ -30,6 +31,7 @@ WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), 
 SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
 ANSWER_POLL = 0.5  # seconds between looks at a supervisor that may have ended, while waiting
+IDLE_TIMEOUT = 10.0  # seconds an idle worker of a scaling pool waits before it retires
 
 
 def default_start_method() -> str:
@@ -55,6 +57,15 @@ def broken_message(error: JobError) -> str:
     if error.type == "SupervisorError":
         return error.message
     return f"workers cannot start: {error.type}: {error.message}"
+
+
+def _bounds(procs: Any, idle_timeout: Any) -> Bounds:
+    """``procs`` as (low, high): a plain number N is (N, N), without scaling."""
+    if isinstance(procs, tuple):
+        return check(procs, idle_timeout)
+    n = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
+    assert n is not None
+    return Bounds(n, n, check_idle_timeout(idle_timeout))
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
@@ -201,7 +212,7 @@ class Pool:
     def __init__(
         self,
         task: Task,
-        procs: int | None = None,
+        procs: int | tuple[int, int] | None = None,
         *,
         start_method: str | None = None,
         chunksize: int | str = "auto",
@@ -214,8 +225,11 @@ class Pool:
         start_timeout: float | None = None,
         backend: str = "local",
         address: str | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        """``retries``/``timeout``/``backoff``/``rate_limit`` override the task's
+        """``procs``: workers (default: the CPU count), or ``(min, max)``: start ``min`` and
+        scale with the backlog (scaling.py), an idle worker retiring after ``idle_timeout``
+        seconds. ``retries``/``timeout``/``backoff``/``rate_limit`` override the task's
         (``timeout=None`` removes its timeout); ``start_timeout``: seconds a worker gets to
         start and run ``setup()`` before it is killed and counted as a failed start (default:
         60, or the task's timeout if longer)."""
@@ -236,13 +250,14 @@ class Pool:
             start_timeout=start_timeout,
             backend=backend,
             address=address,
+            idle_timeout=idle_timeout,
         )
 
     @classmethod
     def _for_stages(
         cls,
         tasks: Sequence[Task],
-        procs: int | None = None,
+        procs: int | tuple[int, int] | None = None,
         *,
         preload: Sequence[tuple[str, str]] = (),
         retries: int | None = UNSET,
@@ -268,7 +283,7 @@ class Pool:
     def _open(
         self,
         tasks: list[Task],
-        procs: int | None,
+        procs: int | tuple[int, int] | None,
         *,
         start_method: str | None = None,
         chunksize: int | str = "auto",
@@ -280,11 +295,12 @@ class Pool:
         backend: str = "local",
         address: str | None = None,
         own_signals: bool = False,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
-        procs = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
+        bounds = _bounds(procs, idle_timeout)
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -301,8 +317,11 @@ class Pool:
             tasks_blob = dumps(tasks)
         except Exception as exc:
             raise TypeError(f"the task cannot be pickled for the workers: {exc}") from exc
-        self.procs: int = procs  # type: ignore[assignment]
+        self.procs = bounds.high  # the most workers it may have at once
+        self._bounds = bounds
+        self._scaling = isinstance(procs, tuple)
         self.start_method = method
+        self._backend = backend
         self._policies = policies
         rates = tuple(p.rate for p in policies)
         spec = WorkerSpec(
@@ -311,7 +330,8 @@ class Pool:
         workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
             policies,
-            procs=self.procs,
+            procs=bounds.low,
+            bounds=bounds if self._scaling else None,
             backend=workers,
             # a backend that cannot tell which job of a batch runs fixes the batch size (Ray: 1)
             chunksize=getattr(workers, "chunksize", None)
@@ -514,6 +534,38 @@ class Pool:
     def pids(self) -> list[int]:
         """Pids of the live workers."""
         return self._supervisor.pids()
+
+    def _describe(self) -> str:
+        """Its settings, in one line (the log file's run start)."""
+        b = self._bounds
+        procs = f"procs {b.low}:{b.high} (idle timeout {b.idle_timeout:g} s)"
+        if not self._scaling:
+            procs = f"procs {self.procs}"
+        stages = "; ".join(
+            f"stage {i + 1}: retries {p.retries}, backoff {p.backoff:g} s, "
+            f"timeout {'none' if p.timeout is None else f'{p.timeout:g} s'}"
+            for i, p in enumerate(self._policies)
+        )
+        return f"{procs}, {self.start_method}, backend {self._backend}; {stages}"
+
+    # -- steering ------------------------------------------------------------------------
+    def resize(self, n: int) -> None:
+        """Have ``n`` workers now: new ones start at once; the surplus retires, idle ones now
+        and busy ones after their current job (their queued jobs go back, uncharged).
+
+        A pool of ``procs=N`` keeps ``n`` from then on. A scaling pool ``procs=(min, max)``
+        takes ``n`` within its bounds (ValueError outside them: ``max`` is the most the
+        machine was promised, ``min`` what the pool keeps warm) and goes on scaling from
+        there: idle workers still retire down to ``min``."""
+        self._check_open()
+        b = self._bounds
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"resize needs a number of workers >= 1, got {n!r}")
+        if self._scaling and not b.low <= n <= b.high:
+            raise ValueError(f"resize({n}) is outside this pool's procs=({b.low}, {b.high})")
+        if not self._scaling:
+            self.procs = n
+        self._supervisor.post(("resize", n))
 
     # -- ending --------------------------------------------------------------------------
     def close(self) -> None:

@@ -112,6 +112,9 @@ class StageMetrics:
     crashed: int = 0
     attempt_p50: float | None = None  # seconds, from a bounded sample of attempt times
     attempt_p95: float | None = None
+    # attempts that returned, by time: count per bucket of sampling.BOUNDS (and one above)
+    attempt_buckets: tuple[int, ...] = ()
+    attempt_sum: float = 0.0  # seconds of those attempts, in all
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,9 @@ class Metrics:
     retried: int = 0
     timed_out: int = 0
     crashed: int = 0
-    worker_restarts: int = 0
+    worker_restarts: int = 0  # workers started to replace one that died or retired
+    scaled_up: int = 0  # workers added by autoscaling or resize()
+    scaled_down: int = 0  # workers retired by autoscaling or resize()
     queued: int = 0
     in_flight: int = 0
     workers: int = 0

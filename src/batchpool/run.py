@@ -8,6 +8,8 @@ flags; the loop acts on them between results (``stopping``).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections import deque
@@ -26,6 +28,7 @@ from .stopping import Halt, HardStop, Signals
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
+log = logging.getLogger("batchpool")
 POLL = 0.1  # seconds between looks at stop flags while waiting for results
 SUBMIT_BATCH = 64  # source items per post to the supervisor, at most
 
@@ -75,7 +78,7 @@ class Run:
         pipeline: Pipeline,
         journal: JournalWriter | None,
         *,
-        procs: int | None,
+        procs: int | tuple[int, int] | None,
         pool_options: dict[str, Any],
         resume: bool,
         retry_failed: bool,
@@ -101,6 +104,7 @@ class Run:
         self.window = WINDOW_PER_PROC * self.pool.procs
         self.total = pipeline.total if pipeline.total is not None else length(pipeline.source)
         self.stage_names = [type(stage).__name__ for stage in pipeline.stages]
+        self.name = pipeline.name
         self.progress = Progress(self.total, enabled=progress, metrics=self.pool.metrics)
         deadline_at = None if deadline is None else self.started + deadline
         self.halt = Halt(signals, self.pool, deadline_at)
@@ -115,9 +119,10 @@ class Run:
             if self.journal is not None:
                 self.journal.begin(total=self.total, resume=self.resume, stages=self.stages)
             self.signals.armed = True
+            self._log_start()
             self._loop()
         except HardStop:
-            pass  # pool.terminate() below
+            log.warning("a second signal: stopping now; attempts in flight are cut short")
         except BaseException:
             self.signals.armed = False
             self.pool.terminate()  # attempts cut short are not final: a resume runs them
@@ -141,9 +146,22 @@ class Run:
                 halt.error = halt.error or str(exc)
                 complete = False
         report = self._report(metrics, time.monotonic() - self.started, not complete)
+        _log_end(self.name, report)
         if self.refusal is not None:  # found mid-run, raised once what ran is committed
             raise self.refusal
         return report
+
+    def _log_start(self) -> None:
+        journal = "none" if self.journal is None else str(self.journal.path)
+        resumed = ", resuming" if self.resume else ""
+        log.info(
+            "run %s: started in pid %d; %s; journal %s%s",
+            self.name,
+            os.getpid(),
+            self.pool._describe(),
+            journal,
+            resumed,
+        )
 
     def _shutdown(self) -> None:
         """Close (drain) the pool, or terminate it after a second signal, even mid-drain."""
@@ -249,3 +267,24 @@ class Run:
             stage_names=self.stage_names,
             journal=None if self.journal is None or self.journal.lost else str(self.journal.path),
         )
+
+
+def _log_end(name: str | None, report: RunReport) -> None:
+    m = report.metrics
+    stopped = f"; stopped by {report.stopped_by}" if report.stopped_by else ""
+    log.info(
+        "run %s: ended after %.2f s: %d ok, %d failed, %d skipped; %d retries, %d timeouts, "
+        "%d crashes, %d worker restarts, scaled up %d and down %d%s",
+        name,
+        report.elapsed,
+        report.succeeded,
+        report.failed,
+        report.skipped,
+        m.retried,
+        m.timed_out,
+        m.crashed,
+        m.worker_restarts,
+        m.scaled_up,
+        m.scaled_down,
+        stopped,
+    )

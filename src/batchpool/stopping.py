@@ -106,6 +106,7 @@ class Halt:
             return False
         if not self._signal_seen:
             self._signal_seen = True
+            log.info("%s received: intake stops, running attempts drain", self.signals.reason)
             self.first(self.signals.reason, None)
             if not self.signals.hard:  # after a second signal there is nothing left to finish
                 running = self.pool.metrics().in_flight

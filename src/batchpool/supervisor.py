@@ -6,7 +6,8 @@
                                  loop (_step):
                                    Watch.wait    wakeup, channels, pidfds, next timer
                                    1. commands   new jobs, cancels, close, drain, terminate
-                                   2. messages   READY, START_FAILED, RESULTS  <-- own channel
+                                   2. messages   RESULTS, READY, RETURNED...  <-- own channel
+                                                 (inbox.py)
                                    3. deaths     the running job: crash/timeout attempt
                                                  (watchdog.py); the rest requeued, free
                                    4. timers     retries due; attempt deadlines (watchdog.py);
@@ -14,21 +15,22 @@
                                                  call deadlines (cancelling.py)
                                    5. workers    replace the dead and the retired (workforce.py)
                                    6. dispatch   batches sized by sizing.BatchSizer -->
-                                                 (dispatch.py)
+                                                 (dispatch.py); then, for procs=(min, max),
+                                                 grow under a backlog (scaler.py)
                                    7. publish    the counters metrics() reads
                                    8. deliver    final JobResults, to their consumers (outbox.py)
 
-This module is the loop and the messages; each step's work lives with its owner, one object
-each, all touched by this thread only: jobs.JobBook (job state; its scheduler.Scheduler orders
-the queue), dispatch.Dispatcher (who gets which jobs), watchdog.Watchdog (attempt deadlines, and
-which job a death charges), workforce.Workforce (the worker processes), outbox.Outbox (how jobs
-leave). Jobs travel in blocks (jobs.Block: a run of jobs that share their way, so the loop pays
-per block, not per job); what a worker holds is its ledger.WorkerView. Nothing in the loop
-blocks: channels queue what a worker cannot take yet (channel.py), so a job stuck in C code
-holding its worker's GIL cannot stop the timer that kills it. Other threads read what step 7
-publishes, never a half-made change, and never wait for the loop.
-Cancellations that reach into workers' hands (cancel_pending(), deadlines) are
-cancelling.Cancels'.
+This module is the loop; each step's work lives with its owner, one object each, all touched
+by this thread only: jobs.JobBook (job state; its scheduler.Scheduler orders the queue),
+inbox.Inbox (what workers say), dispatch.Dispatcher (who gets which jobs), watchdog.Watchdog
+(attempt deadlines, and which job a death charges), workforce.Workforce (the worker
+processes; scaler.Scaler sizes it for procs=(min, max)), cancelling.Cancels (cancellations
+that reach into workers' hands: cancel_pending(), deadlines), outbox.Outbox (how jobs leave).
+Jobs travel in blocks (jobs.Block: a run of jobs that share their way, so the loop pays per
+block, not per job); what a worker holds is its ledger.WorkerView. Nothing in the loop blocks:
+channels queue what a worker cannot take yet (channel.py), so a job stuck in C code holding its
+worker's GIL cannot stop the timer that kills it. Other threads read what step 7 publishes,
+never a half-made change, and never wait for the loop.
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ from typing import Any, cast
 
 from .cancelling import Cancels
 from .dispatch import Dispatcher
+from .inbox import Inbox
 from .jobs import Block, Counts, JobBook
 from .ledger import WorkerView
-from .messages import EXITING, OK, READY, RESULTS, RETURNED, SPLIT, START_FAILED, loads
 from .outbox import Outbox
 from .processes import block_group_signals
 from .registry import LIVE
 from .results import KIND_ERROR, JobError, Metrics, StageMetrics, WorkerStats
 from .sampling import Reservoir
+from .scaler import SCALE, Scaler
+from .scaling import Bounds
 from .sizing import BatchSizer
 from .task import Policy
 from .timers import Timers
@@ -60,12 +64,12 @@ from .workforce import Workforce
 
 log = logging.getLogger("batchpool")
 # ("submit", blocks), ("submit_until", blocks, deadline), ("cancel", block),
-# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ...
+# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ("resize", n), ...
 Command = tuple[Any, ...]
 SUBMITS = ("submit", "submit_until")
 # what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
-# restarts, peak RSS
-View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int]
+# restarts, peak RSS, scaled up, scaled down
+View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int, int, int]
 
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
 
@@ -80,21 +84,44 @@ class Supervisor:
         chunksize: int | None,
         max_tasks: int | None,
         start_timeout: float,
+        bounds: Bounds | None = None,
     ) -> None:
+        """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
         self.book = JobBook(policies, random.random)
         self.sizer = BatchSizer(len(policies), chunksize)  # pool.py reads its byte estimate
-        self.timers = Timers()  # ("watch"|"stop"|"start", slot), "rss"
+        self.timers = Timers()  # ("watch"|"stop"|"start"|"flush", slot), "rss"
         self.commands: Commands[Command] = Commands()
         self.watch: Watch[WorkerView] = Watch(self.commands.fileno())
         self.dispatcher = Dispatcher(self.book, self.sizer, max_tasks)
         self.watchdog = Watchdog(policies, self.timers, self.book)
         self.workforce = Workforce(
-            backend, procs, start_timeout, self.timers, self.watch, give_up=self._break
+            backend,
+            procs,
+            start_timeout,
+            self.timers,
+            self.watch,
+            give_up=self._break,
+            take_back=self.dispatcher.take_back_prefetched,
+            high=bounds.high if bounds else None,
         )
         self.workers = self.workforce.workers  # slot -> worker; the same dict, for short lines
         self.outbox = Outbox(self.book)
         self.cancels = Cancels(self.book, self.timers, self.workers)
+        self.scaler = (
+            None
+            if bounds is None
+            else Scaler(bounds, self.workforce, self.book, self.timers, time.monotonic())
+        )
         self.samples = [Reservoir() for _ in policies]  # attempt times per stage
+        self.inbox = Inbox(
+            self.book,
+            self.sizer,
+            self.samples,
+            self.workforce,
+            self.cancels,
+            self.scaler,
+            self.watch,
+        )
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
@@ -180,8 +207,8 @@ class Supervisor:
         for w in writable:
             w.proc.channel.flush()  # False: it died; its sentinel tells
         for w in readable:
-            self._read(w, now)
-        self._run_commands()
+            self.inbox.read(w, now)
+        self._run_commands(now)
         if self.terminating:
             return True
         for w in dead:
@@ -195,13 +222,15 @@ class Supervisor:
             self.book.fail_unsent(self.broken)
         self._start_workers(now)
         self._dispatch(now)
+        if self.scaler is not None and not self.draining and self.scaler.after_dispatch(now):
+            self._start_workers(now)
         for w in self.workers.values():
             self.watch.want_write(w, w.proc.channel.wants_write)
         if not self.closing or self.book.unfinished or self.commands:
             return False
         return self.workforce.stop(now)  # closed and nothing left: done once workers are gone
 
-    def _run_commands(self) -> None:
+    def _run_commands(self, now: float) -> None:
         new: list[Block] = []  # the blocks of consecutive submits, added at once
         while (command := self.commands.pop()) is not None:
             kind = command[0]
@@ -224,6 +253,8 @@ class Supervisor:
                 self.closing = True
             elif kind == "drain":
                 self.draining = True
+            elif kind == "resize":
+                self.workforce.resize(command[1], now, fixed=self.scaler is None)
             elif kind == "terminate":
                 self._terminate()
                 return
@@ -239,74 +270,13 @@ class Supervisor:
             [(w.pid, w.jobs, w.busy, w.rss) for w in self.workers.values()],
             self.workforce.restarts,
             self.workforce.peak_rss,
+            self.workforce.scaled_up,
+            self.workforce.scaled_down,
         )
-
-    # -- messages from workers -----------------------------------------------------------------
-    def _read(self, w: WorkerView, now: float) -> None:
-        try:
-            frames = w.proc.channel.receive()
-        except EOFError:  # a dying worker's pipe; its sentinel reports the death
-            self.watch.forget(w.proc.channel.fileno())
-            return
-        for frame in frames:
-            try:
-                message = loads(frame)
-            except BaseException:  # not ours to trust: a frame from a broken writer
-                log.debug("unreadable message from worker %s", w.pid, exc_info=True)
-                continue
-            self._on_message(w, message, now)
-
-    def _on_message(self, w: WorkerView, message: tuple[Any, ...], now: float) -> None:
-        tag = message[0]
-        if tag == RESULTS:
-            _, ids, outcomes, elapsed, blob, retiring = message
-            self._on_results(w, ids, outcomes, elapsed, blob, now)
-            if retiring:
-                log.debug("worker %s retires (%s)", w.pid, retiring)
-                w.retiring = True
-                self.cancels.give_back(w, w.take_all())
-        elif tag == READY:
-            self.workforce.ready(w)
-        elif tag == RETURNED:  # the answer to a STEAL: to the front of the queue, free
-            self.cancels.returned(w, message[1])  # unless a cancellation wants them
-        elif tag == START_FAILED:
-            w.start_error = JobError(KIND_ERROR, *message[1])
-        elif tag == EXITING:
-            self.workforce.exiting(message[1])
-
-    def _on_results(
-        self,
-        w: WorkerView,
-        ids: list[int],
-        outcomes: list[int],
-        elapsed: list[float],
-        blob: bytes,
-        now: float,
-    ) -> None:
-        blocks = w.answered(ids)
-        if not blocks:
-            return
-        w.stealing = False
-        try:
-            values = loads(blob)
-        except BaseException as exc:  # a value that pickled in the worker but cannot load here
-            self.book.unloadable([b for b in blocks if b is not None], exc, now)
-            return
-        stage = blocks[0].stage if blocks[0] is not None else 0
-        if outcomes.count(OK) == len(ids) and None not in blocks:  # the common case
-            self.book.complete_all(cast("list[Block]", blocks), values, elapsed)
-        else:
-            w.assigned -= self.book.settle(blocks, outcomes, elapsed, values, now)
-        total = sum(elapsed)
-        w.jobs += len(ids)
-        w.busy += total
-        if outcomes[0] != SPLIT:  # split jobs did not run: nothing was timed
-            self.samples[stage].extend(elapsed)
-            self.sizer.timed(stage, total, len(ids))
 
     # -- deaths, timers, workers, dispatch: the owners' work, in the loop's order ---------------
     def _on_exit(self, w: WorkerView, now: float) -> None:
-        self._read(w, now)  # results it sent before dying still count
+        self.inbox.read(w, now)  # results it sent before dying still count
         job_id, started_at = w.proc.running()
         code = self.workforce.reap(w)
         self.cancels.died(w, job_id)
@@ -319,6 +289,9 @@ class Supervisor:
             if key == "rss":
                 self.workforce.sample_rss()
                 self.timers.schedule(now + RSS_EVERY, "rss")
+            if key in ("rss", SCALE):
+                if self.scaler is not None and not self.draining:
+                    self.scaler.tick(now)
                 continue
             kind, slot = cast("tuple[str, int]", key)
             if kind == "deadline":
@@ -333,6 +306,8 @@ class Supervisor:
                 self.workforce.start_overdue(w)
             elif kind == "stop":
                 self.workforce.stop_overdue(w)
+            elif kind == "flush":
+                self.cancels.flushed(w)
 
     def _start_workers(self, now: float) -> None:
         if self.broken is not None or self.terminating:
@@ -366,9 +341,15 @@ class Supervisor:
 
 
 def _metrics(view: View, samples: list[Reservoir], elapsed: float) -> Metrics:
-    stages, queued, sent, workers, restarts, peak = view
+    stages, queued, sent, workers, restarts, peak, scaled_up, scaled_down = view
     per_stage = [
-        StageMetrics(*counts, sample.quantile(0.5), sample.quantile(0.95))
+        StageMetrics(
+            *counts,
+            sample.quantile(0.5),
+            sample.quantile(0.95),
+            tuple(sample.buckets),
+            sample.total,
+        )
         for counts, sample in zip(stages, samples, strict=True)
     ]
     return Metrics(
@@ -381,6 +362,8 @@ def _metrics(view: View, samples: list[Reservoir], elapsed: float) -> Metrics:
         timed_out=sum(s.timed_out for s in per_stage),
         crashed=sum(s.crashed for s in per_stage),
         worker_restarts=restarts,
+        scaled_up=scaled_up,
+        scaled_down=scaled_down,
         queued=queued,
         in_flight=sent,
         workers=len(workers),

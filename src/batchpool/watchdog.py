@@ -71,7 +71,7 @@ class Watchdog:
             running, error = w.killed_for
             if running not in w.held:
                 running = None  # its result made it out before the kill
-        elif w.held and not w.stopping:
+        elif w.held:  # a stopped worker answers all it holds first: it died running one
             running = self._blame(w, job_id)
             message = f"worker {w.pid} died while running the job: {describe_exit(code)}"
             error = JobError(KIND_CRASH, "WorkerCrashed", message, "", code)

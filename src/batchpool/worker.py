@@ -3,7 +3,8 @@
 Never imports the supervisor. What a worker decides on its own (start-up, job semantics,
 retirement, teardown) lives in workercore.py, shared with the Ray actor; this module is the
 local transport around it: signals and the process group, the lifeline to the supervisor's
-process, a mailbox thread that drains the pipe and answers STEAL, the shared progress slots.
+process, a mailbox thread that drains the pipe and answers STEAL and FLUSH, the shared progress
+slots.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ import struct
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from multiprocessing.connection import Connection, wait
 from typing import Final, Literal, NoReturn
 
-from .messages import EXITING, RETURNED, RUN, STEAL, STOP, ProgressSlots, dumps, loads
+from .messages import (
+    EXITING,
+    FLUSH,
+    FLUSHED,
+    RETURNED,
+    RUN,
+    STEAL,
+    STOP,
+    ProgressSlots,
+    dumps,
+    loads,
+)
 from .processes import GROUP_SIGNALS
 from .rates import Gate, GateSpec, open_gates
 from .task import Task
@@ -137,8 +149,10 @@ def _serve(
     gates: dict[int, Gate],
 ) -> None:
     box = _Mailbox(conn)
-    threading.Thread(target=box.read, name="batchpool-reader", daemon=True).start()
     runner = Runner(tasks, box.send, retirement, progress, slot, FLUSH_EVERY, gates)
+    threading.Thread(
+        target=box.read, args=(runner.flush_finished,), name="batchpool-reader", daemon=True
+    ).start()
     while (message := box.next()) is not None:  # None: STOP, or the supervisor's end closed
         _, ids, stages, blob = message
         # Unpacked jobs wait in the mailbox, where STEAL can still hand them back.
@@ -171,8 +185,9 @@ class _Mailbox:
     """Messages received and jobs not started, shared by the main thread and the reader thread.
 
     The reader thread always drains the pipe, so the supervisor can queue the next batch while
-    this worker is busy without ever blocking on a full pipe; and it answers STEAL at once,
-    handing back jobs that wait behind a long one, even while run() is inside C code.
+    this worker is busy without ever blocking on a full pipe; and it answers STEAL and FLUSH at
+    once, even while run() is inside C code (that releases the GIL): STEAL hands back jobs that
+    wait behind a long one, FLUSH sends the results of the jobs that ended before it.
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -188,7 +203,8 @@ class _Mailbox:
         with self.send_lock:
             self.conn.send_bytes(blob)
 
-    def read(self) -> None:
+    def read(self, flush_finished: Callable[[], None]) -> None:
+        """The reader thread: ``flush_finished`` sends the results not sent yet (FLUSH)."""
         while True:
             try:
                 message = loads(self.conn.recv_bytes())
@@ -202,6 +218,9 @@ class _Mailbox:
                     self.cond.notify()
             elif message[0] == STEAL:
                 self._give_back()
+            elif message[0] == FLUSH:
+                flush_finished()
+                self.send((FLUSHED,))
             else:
                 with self.cond:
                     self.ended = True

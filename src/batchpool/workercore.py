@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -162,6 +163,12 @@ class Runner:
     the default, a list nobody reads. ``flush_every``: seconds after which a long batch sends
     the results it has so far. ``gates``: per rate-limited stage, where its jobs take their
     start (rates.Gate), right before the progress slot names them.
+
+    ``flush_finished()`` may be called from another thread while a batch runs (the local
+    worker's mailbox thread, for FLUSH): it sends the results that wait in ``out``. The loop
+    takes no lock per job for it: a row's ``values`` column is appended last, so the first
+    ``len(values)`` rows are complete, and ``out.sent`` says how many are gone; both senders
+    take ``lock`` once per message, and send under it, so results leave in the order of jobs.
     """
 
     __slots__ = (
@@ -173,6 +180,8 @@ class Runner:
         "started_at",
         "flush_every",
         "gates",
+        "out",
+        "lock",
     )
 
     def __init__(
@@ -192,6 +201,8 @@ class Runner:
         self.job_at, self.started_at = progress_slot(slot)
         self.flush_every = flush_every
         self.gates = gates or {}
+        self.out = _Results()  # the batch's results not sent yet
+        self.lock = threading.Lock()
 
     def unpack(self, ids: list[int], stages: list[int], blob: bytes | bytearray) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
@@ -228,7 +239,7 @@ class Runner:
         job_at, started_at = self.job_at, self.started_at
         counted = retirement.counts_jobs  # else after_job() is a no-op: skip it per job
         clock = time.monotonic_ns
-        out = _Results()
+        out = self.out = _Results()
         add_id, add_outcome, add_elapsed, add_value = out.appenders()
         flushed = clock()
         flush_ns = flush_every * 1e9
@@ -250,14 +261,14 @@ class Runner:
             add_id(job_id)
             add_outcome(outcome)
             add_elapsed((end - start) / 1e9)
-            add_value(value)
+            add_value(value)  # last: the row is complete (see flush_finished)
             if counted and retirement.after_job(end / 1e9):
                 break
             # A failure is reported at once: its backoff starts now, and a crash of a later
             # job of the batch cannot lose the record of this attempt.
             if outcome != OK or end - flushed > flush_ns:
                 self._flush(out)
-                out = _Results()
+                out = self.out = _Results()
                 add_id, add_outcome, add_elapsed, add_value = out.appenders()
                 flushed = end
         if out.ids:
@@ -273,25 +284,52 @@ class Runner:
                 gate.wait()
             yield job
 
+    def flush_finished(self) -> None:
+        """From another thread: send the results of the jobs that have ended and are not sent
+        yet (if any), whatever the loop is doing meanwhile."""
+        with self.lock:
+            out = self.out
+            end = len(out.values)  # complete rows: values go in last
+            if end > out.sent:
+                self.send(out.rows(end).message(None))
+
     def _flush(self, out: _Results) -> None:
-        """Send results; the slot says FLUSHING, so a death or hang in pickling is attributed."""
+        """Send the results not sent yet, and why the worker retires if it does; the slot
+        says FLUSHING, so a death or hang in pickling is attributed."""
         progress = self.progress
         progress[self.started_at] = time.monotonic_ns()
         progress[self.job_at] = FLUSHING
-        self.send(out.message(self.retirement.reason))
+        reason = self.retirement.reason
+        with self.lock:
+            part = out.rows(len(out.values)) if out.sent else out
+            out.sent = len(out.values)
+            if part.ids or reason:
+                self.send(part.message(reason))
         progress[self.job_at] = IDLE
 
 
 class _Results:
     """Results of one message, pickled together; an unpicklable value fails its job alone."""
 
-    __slots__ = ("ids", "outcomes", "elapsed", "values")
+    __slots__ = ("ids", "outcomes", "elapsed", "values", "sent")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.outcomes: list[int] = []
         self.elapsed: list[float] = []
         self.values: list[Any] = []
+        self.sent = 0  # rows sent already (Runner.flush_finished)
+
+    def rows(self, end: int) -> _Results:
+        """A copy of the rows not sent yet, up to ``end``, from now on sent. A copy: the
+        running batch may append to these lists meanwhile."""
+        part = _Results()
+        start, self.sent = self.sent, end
+        part.ids = self.ids[start:end]
+        part.outcomes = self.outcomes[start:end]
+        part.elapsed = self.elapsed[start:end]
+        part.values = self.values[start:end]
+        return part
 
     def appenders(
         self,

@@ -1,14 +1,19 @@
 """The pool's worker processes: started into empty slots, killed when they will not start or
 will not stop, and given up on when starts keep failing.
 
-How many workers should be alive is decided here (``fill``: today one per slot of ``procs``);
-the supervisor decides only when starting any is allowed. The jobs a worker holds are not this
-module's business: ``kill_all`` hands them back and the caller settles them.
+How many workers should be alive is decided here: ``fill`` keeps ``target`` workers serving
+(those stopping do not count) and never more than ``high`` alive (those do); ``resize`` and
+``grow`` move the target (pool.resize(), autoscaling: scaler.py), ``retire`` stops one worker
+cleanly, at once when it is idle, after its current job when busy. The supervisor decides only
+when starting any is allowed. The jobs a worker holds are not this module's business:
+``kill_all`` hands them back and the caller settles them.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -36,13 +41,23 @@ class Workforce:
         timers: Timers,
         watch: Watch[WorkerView],
         give_up: Callable[[JobError], None],
+        take_back: Callable[[list[WorkerView]], None],
+        high: int | None = None,
     ) -> None:
         self.backend = backend  # see backends/__init__.py
-        self.procs = procs
+        self.initial = procs
+        self.target = procs  # workers serving: alive and not stopping
+        self.high = high or procs  # the most alive at once, stopping ones included
+        self.stopping = 0  # workers alive that were asked to stop
+        self.scaled_up = 0
+        self.scaled_down = 0
+        self.growth: deque[str] = deque()  # why each start owed to scaling is wanted
+        self.lost: deque[str] = deque()  # workers gone on their own, for their replacement's log
         self.start_timeout = start_timeout
         self.timers = timers  # ("start"|"stop", slot) are ours; forget() cancels ("watch", slot)
         self.watch = watch
         self.give_up = give_up  # breaks the pool, once: starts keep failing
+        self.take_back = take_back  # STEAL: jobs waiting in a worker's mailbox come back, free
         self.workers: dict[int, WorkerView] = {}  # slot -> worker
         self.starts = 0
         self.start_failures = 0
@@ -51,27 +66,88 @@ class Workforce:
 
     @property
     def restarts(self) -> int:
-        return max(0, self.starts - self.procs)
+        return max(0, self.starts - self.initial - self.scaled_up)
 
     # -- starting ------------------------------------------------------------------------------
     def fill(self, now: float) -> None:
-        """Start a worker in every empty slot."""
-        for slot in [s for s in range(self.procs) if s not in self.workers]:
+        """Start workers into free slots until ``target`` serve, within ``high`` alive."""
+        workers = self.workers
+        missing = min(self.target - len(workers) + self.stopping, self.high - len(workers))
+        if missing <= 0:
+            return
+        free = (s for s in itertools.count() if s not in workers)
+        for slot in itertools.islice(free, missing):
             if self.gave_up:
                 return
             self.starts += 1
+            why = self.growth.popleft() if self.growth else None
             try:
                 proc = self.backend.start_worker(slot)
             except Exception as exc:
                 log.error("could not start a worker: %r", exc)
                 self.start_failed(JobError(KIND_ERROR, type(exc).__name__, str(exc)))
                 continue
-            w = self.workers[slot] = WorkerView(proc)
+            w = workers[slot] = WorkerView(proc)
             self.watch.add(w)
             self.timers.schedule(now + self.start_timeout, ("start", slot))
+            if why is not None:
+                self.scaled_up += 1
+                log.info("scaling: worker %s started (%d alive): %s", w.pid, len(workers), why)
+            elif self.lost:
+                log.info("worker %s replaces worker %s", w.pid, self.lost.popleft())
 
-    def ready(self, w: WorkerView) -> None:
+    # -- how many ------------------------------------------------------------------------------
+    def serving(self) -> list[WorkerView]:
+        return [w for w in self.workers.values() if not w.stopping]
+
+    def grow(self, why: str) -> None:
+        """One more worker: fill() starts it."""
+        self.target += 1
+        self.growth.append(why)
+
+    def resize(self, n: int, now: float, *, fixed: bool) -> None:
+        """Serve ``n`` workers from now on (``fixed``: a pool of procs=N, whose most alive
+        becomes ``n`` too); the surplus retires, those without jobs first."""
+        if fixed:
+            self.high = n
+        serving = self.serving()
+        # starts still owed to workers that died (restarts), and those owed to scaling
+        replacing = min(max(0, self.target - len(serving) - len(self.growth)), n)
+        owed = max(0, n - len(serving) - replacing)
+        why = f"resize({n})"
+        while len(self.growth) > owed:
+            self.growth.pop()
+        self.growth.extend([why] * (owed - len(self.growth)))
+        for w in by_idleness(serving)[: max(0, len(serving) - n)]:
+            self.retire(w, now, why)
+        self.target = n
+
+    def retire(self, w: WorkerView, now: float, why: str) -> None:
+        """Stop ``w`` cleanly, uncounted from the target: an idle worker stops now, a busy
+        one once its jobs are done (STOP waits behind them in its mailbox)."""
+        self.target -= 1
+        self.scaled_down += 1
+        self.take_back([w])  # before STOP, which ends what the worker reads
+        self.stop_one(w, now)
+        serving = len(self.workers) - self.stopping
+        log.info("scaling: worker %s retires (%d serving): %s", w.pid, serving, why)
+
+    def stop_one(self, w: WorkerView, now: float) -> None:
+        w.stopping = True
+        self.stopping += 1
+        w.proc.send(STOP_MESSAGE)
+        if not w.holding:
+            self.timers.schedule(now + STOP_GRACE, ("stop", w.slot))
+
+    def idle(self, w: WorkerView, now: float) -> None:
+        """``w`` holds no job any more: a stopping worker's grace for teardown() starts."""
+        w.idle_since = now
+        if w.stopping and ("stop", w.slot) not in self.timers:
+            self.timers.schedule(now + STOP_GRACE, ("stop", w.slot))
+
+    def ready(self, w: WorkerView, now: float) -> None:
         w.ready = True
+        w.idle_since = now
         self.start_failures = 0
         self.timers.cancel(("start", w.slot))
 
@@ -92,8 +168,8 @@ class Workforce:
             self.give_up(error)
 
     # -- memory --------------------------------------------------------------------------------
-    def sample_rss(self) -> None:
-        for w in self.workers.values():
+    def sample_rss(self, workers: Any = None) -> None:
+        for w in self.workers.values() if workers is None else workers:
             rss = w.proc.rss()
             if rss is not None:
                 w.rss = rss
@@ -113,6 +189,9 @@ class Workforce:
 
     def exited(self, w: WorkerView, code: int | None) -> None:
         """A worker that died before it was ready is a failed start."""
+        if not w.stopping:
+            why = "retired" if w.retiring else describe_exit(code)
+            self.lost.append(f"{w.pid} ({why})")
         if not w.ready and not w.stopping:
             message = f"worker {w.pid} died before it was ready: {describe_exit(code)}"
             self.start_failed(
@@ -123,9 +202,7 @@ class Workforce:
         """Ask every worker to stop (they run teardown()); True once none is left."""
         for w in self.workers.values():
             if not w.stopping:
-                w.stopping = True
-                w.proc.send(STOP_MESSAGE)
-                self.timers.schedule(now + STOP_GRACE, ("stop", w.slot))
+                self.stop_one(w, now)
         return not self.workers
 
     def stop_overdue(self, w: WorkerView) -> None:
@@ -157,6 +234,14 @@ class Workforce:
     def forget(self, w: WorkerView) -> None:
         """Stop watching a worker: its descriptors close when it is reaped."""
         del self.workers[w.slot]
+        if w.stopping:
+            self.stopping -= 1
         for key in (("watch", w.slot), ("stop", w.slot), ("start", w.slot)):
             self.timers.cancel(key)
         self.watch.remove(w)
+
+
+def by_idleness(workers: list[WorkerView]) -> list[WorkerView]:
+    """The order to retire workers in: without jobs first (starting ones, then the longest
+    idle), busy ones last."""
+    return sorted(workers, key=lambda w: (w.holding > 0, w.ready, w.idle_since))

@@ -13,6 +13,7 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
                                    attribution inside a batch
     handle.rss() -> int | None     resident memory in bytes, if known
     handle.kill()                  now, with SIGKILL semantics (timeouts, terminate)
+    handle.flushes                 whether it answers FLUSH (see cancelling.py)
     handle.reap() -> int | None    after the sentinel fired: the exit code (negative: signal)
 
 ``backend.start_worker(slot)`` returns a started handle; ``backend.close()`` releases what the
@@ -70,6 +71,8 @@ class WorkerHandle(Protocol):
     def rss(self) -> int | None: ...
     def kill(self) -> None: ...
     def reap(self) -> int | None: ...
+    @property
+    def flushes(self) -> bool: ...
 
 
 class Backend(Protocol):

@@ -57,8 +57,12 @@ class LocalBackend:
         # worker held can wedge the supervisor.
         self.progress: ProgressSlots = self.ctx.RawArray("q", 2 * procs)
         self.gates = GateFiles(spec.rates)
+        self.slots = procs
 
     def start_worker(self, slot: int) -> LocalWorker:
+        if slot >= self.slots:  # a pool resized past its size: a larger array for the new
+            self.slots = slot + 1  # (the workers started before keep theirs)
+            self.progress = self.ctx.RawArray("q", 2 * self.slots)
         block_group_signals()  # again: a resource tracker restarted here unblocked them
         if self.forkserver and self.spec.own_signals:  # (re)started immune to group signals
             start_forkserver_ignoring_signals()
@@ -91,6 +95,7 @@ class LocalWorker:
     platform has one: readable when the process itself has exited."""
 
     __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
+    flushes = True  # its mailbox thread answers FLUSH with the results it has not sent
 
     def __init__(
         self,

@@ -312,6 +312,10 @@ class RayWorker:
     keeps submissions in queue order, which is the order the actor runs them in.
     """
 
+    # No FLUSH: an actor's call answers its whole batch (and a batch is one job), so a deadline
+    # kills it at once; nothing it finished waits unsent.
+    flushes = False
+
     def __init__(self, backend: RayBackend, slot: int) -> None:
         self.slot = slot
         self.conn, self._out = Pipe(duplex=False)

@@ -1,0 +1,52 @@
+"""The machine's CPU and memory, as the scaling policy reads them (scaling.Machine).
+
+psutil is read at most once per EVERY seconds, whatever the number of loop passes that ask:
+between reads the last reading stands. CPU busy is this probe's own delta of the machine's CPU
+times, not ``psutil.cpu_percent()``, whose one module-wide baseline any other caller in the
+process would reset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+
+from .scaling import Machine
+
+EVERY = 1.0  # seconds between psutil reads
+
+
+class Headroom:
+    def __init__(self, now: float) -> None:
+        self.cores = os.cpu_count() or 1
+        self._times = psutil.cpu_times()
+        self._at = now
+        # Until a first interval is measured: the 1-minute load average, per core.
+        self._machine = self._read(min(1.0, os.getloadavg()[0] / self.cores))
+
+    def machine(self, now: float) -> Machine:
+        """The current reading, at most EVERY seconds old."""
+        if now - self._at >= EVERY:
+            times = psutil.cpu_times()
+            total = _total(times) - _total(self._times)
+            idle = _idle(times) - _idle(self._times)
+            busy = 1.0 - idle / total if total > 0 else 0.0
+            self._times, self._at = times, now
+            self._machine = self._read(min(1.0, max(0.0, busy)))
+        return self._machine
+
+    def _read(self, busy: float) -> Machine:
+        memory = psutil.virtual_memory()
+        return Machine(busy, self.cores, memory.available, memory.total)
+
+
+def _total(times: Any) -> float:
+    """Seconds of CPU time in all (Linux counts guest time inside user time already)."""
+    return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _idle(times: Any) -> float:
+    """Seconds the CPUs had nothing to run (waiting on I/O counts: a worker could run)."""
+    return float(getattr(times, "idle", 0.0) + getattr(times, "iowait", 0.0))

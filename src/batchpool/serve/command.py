@@ -1,0 +1,171 @@
+"""``batchpool serve``, once the CLI has checked its options and loaded its target: the journal,
+the socket, the pool, the service and uvicorn, opened in the order that refuses a bad setting
+before anything starts, and closed so that no worker outlives the command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import uvicorn
+
+from ..pool import Pool
+from ..results import Metrics
+from .app import build_app
+from .metrics import PoolCollector, registry
+from .server import Server, bind
+from .service import Service
+from .store import ServeJournal
+from .target import Target
+
+log = logging.getLogger("batchpool")
+
+
+class CannotListen(Exception):
+    """The address is taken, or not this machine's: one line for the CLI."""
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    procs: int | tuple[int, int] | None = None  # N, or (MIN, MAX) to scale
+    max_queue: int = 1000
+    max_body: int = 1024**2
+    journal: str | PathLike[str] | None = None
+    verbose: int = 0
+    quiet: bool = False
+    pool_options: dict[str, Any] = field(default_factory=dict)
+
+
+def serve(target: Target, settings: Settings) -> int:
+    """Serve until a signal; the exit code (0 after a drain). Raises JournalError, CannotListen
+    or ValueError/TypeError (pool settings) before serving anything."""
+    started = time.monotonic()
+    journal, sock, pool = _open(target, settings)
+    service = Service(pool, max_queue=settings.max_queue, journal=journal)
+    server: Server | None = None
+    try:
+        resumed = service.resume()
+        collector = PoolCollector(target.name, [type(s).__name__ for s in target.stages])
+        collector.snapshot = pool.metrics
+        app = build_app(service, registry(collector), settings.max_body)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=settings.verbose >= 2,
+            lifespan="off",
+            timeout_graceful_shutdown=None,
+            server_header=False,
+        )
+        _route_uvicorn_logs()
+        server = Server(config, service)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        _announce(target, settings, pool, url, journal, resumed)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if server is None or server.signal is None or server.hard:
+            service.terminate()  # no drain asked for (or cut short): stop now
+        else:
+            service.drain()  # done already, unless uvicorn stopped on its own: a no-op then
+    how = "" if server.signal is None else f"; stopped by {server.signal.name}"
+    if server.hard:
+        how += " twice, at once"
+    _log_end(target, pool.metrics(), time.monotonic() - started, how)
+    if server.hard:
+        assert server.signal is not None
+        return 128 + int(server.signal)
+    return 0 if server.started else 1
+
+
+def _open(target: Target, settings: Settings) -> tuple[ServeJournal | None, socket.socket, Pool]:
+    """The journal, the listening socket, the pool: each refusal closes what was opened."""
+    journal = ServeJournal(settings.journal, target.name) if settings.journal else None
+    try:
+        try:
+            sock = bind(settings.host, settings.port)
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise CannotListen(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        try:
+            pool = Pool._for_stages(
+                target.stages, settings.procs, preload=target.preload, **settings.pool_options
+            )
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    return journal, sock, pool
+
+
+def _announce(
+    target: Target,
+    settings: Settings,
+    pool: Pool,
+    url: str,
+    journal: ServeJournal | None,
+    resumed: int,
+) -> None:
+    """Where it listens, on the terminal (unless -q: the tests read the port there) and, with
+    its settings, in the log (--log-file)."""
+    procs = settings.procs or pool.procs
+    if isinstance(procs, tuple):
+        workers = f"{procs[0]} to {procs[1]} workers"
+    else:
+        workers = f"{procs} worker{'s' if procs != 1 else ''}"
+    lines = [f"serving {target.name} with {workers} on {url}"]
+    if journal is not None:
+        lines.append(f"journal {journal.path}: {resumed} accepted jobs resumed")
+    if not settings.quiet:
+        for line in lines:
+            print(f"batchpool: {line}", file=sys.stderr, flush=True)
+    where = "none" if journal is None else f"{journal.path}, {resumed} accepted jobs resumed"
+    log.info(
+        "serve %s: started in pid %d on %s; %s; max queue %d; journal %s",
+        target.name,
+        os.getpid(),
+        url,
+        pool._describe(),
+        settings.max_queue,
+        where,
+    )
+
+
+def _log_end(target: Target, m: Metrics, elapsed: float, how: str) -> None:
+    log.info(
+        "serve %s: ended after %.2f s: %d jobs accepted, %d ok, %d failed, %d cancelled; "
+        "%d retries, %d timeouts, %d crashes, %d worker restarts, scaled up %d and down %d%s",
+        target.name,
+        elapsed,
+        m.submitted,
+        m.succeeded,
+        m.failed,
+        m.cancelled,
+        m.retried,
+        m.timed_out,
+        m.crashed,
+        m.worker_restarts,
+        m.scaled_up,
+        m.scaled_down,
+        how,
+    )
+
+
+def _route_uvicorn_logs() -> None:
+    """uvicorn's lines (errors; with -vv each request) through batchpool's handlers, each
+    keeping its own level (the log file takes INFO whatever the terminal's)."""
+    logger = logging.getLogger("uvicorn")
+    logger.handlers = list(logging.getLogger("batchpool").handlers)
+    logger.propagate = False
+    logger.setLevel(logging.getLogger("batchpool").level)
