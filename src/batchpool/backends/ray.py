@@ -312,8 +312,9 @@ class RayWorker:
     keeps submissions in queue order, which is the order the actor runs them in.
     """
 
-    # No FLUSH: an actor's call answers its whole batch (and a batch is one job), so a deadline
-    # kills it at once; nothing it finished waits unsent.
+    # No FLUSH: an actor's call answers its whole batch at its end, so a deadline kills it at
+    # once; what a batch it was running had finished comes back "cancelled" (one job per call,
+    # chunksize=1, keeps every finished result).
     flushes = False
 
     def __init__(self, backend: RayBackend, slot: int) -> None:
