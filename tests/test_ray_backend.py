@@ -159,6 +159,25 @@ def test_actors_scale_with_the_backlog_and_retire_when_idle(
     check_gone(set(marks_by_pid(tmp_path, "setup")))
 
 
+def test_an_actor_waiting_for_room_holds_up_nothing() -> None:
+    """Three actors on two CPUs: the third waits for room in Ray, not in the supervisor (it
+    once waited there, up to the start timeout, before any job was sent)."""
+    began = time.monotonic()
+    with Pool(Square(), PROCS + 1, backend="ray", start_timeout=60) as pool:
+        results = pool.map(range(40))
+        took = time.monotonic() - began
+        m = pool.metrics()
+        # those placed (CPUs of the module's earlier pools may still be freeing up); the
+        # third has no process yet
+        assert 1 <= len(pool.pids()) <= PROCS
+        assert m.workers == PROCS + 1
+    assert took < 60  # served before the waiting actor's start timeout
+    assert [r.value for r in results] == [i * i for i in range(40)]
+    assert len({r.worker for r in results}) <= PROCS
+    assert m.worker_restarts == 0 and m.failed == 0
+    check_invariants(m)
+
+
 # -- failures --------------------------------------------------------------------------------------
 
 
@@ -373,11 +392,14 @@ def test_terminate_kills_the_actors(tmp_path: Path) -> None:
 def test_cancel_pending_and_future_cancel_on_actors(tmp_path: Path) -> None:
     with ray_pool(SleepMarked(tmp_path, 2.0)) as pool:
         running = [pool.submit(f"slow{i}") for i in range(PROCS)]
-        queued = [pool.submit(f"q{i}") for i in range(6)]
+        # Actors start one by one (the first one ready takes both, until the other steals
+        # one): the jobs to cancel come once both are busy.
         busy = lambda: len(list(tmp_path.glob("slow*.attempt.*"))) >= PROCS  # noqa: E731
         wait_for(busy, 60, "both actors busy")
+        queued = [pool.submit(f"q{i}") for i in range(6)]
         assert queued[-1].cancel()  # queued: each actor holds one job besides the running one
-        # A job already handed to an actor's own queue (Ray's) cannot be taken back: it runs.
+        # A call submitted to an actor (in Ray's queue) cannot be taken back; a lone job is
+        # submitted only to an idle actor, so these wait in the handles and all come back.
         n = pool.cancel_pending()
         cancelled = [f for f in queued[:-1] if f.cancelled()]
         assert len(cancelled) == n >= 1

@@ -66,6 +66,7 @@ from ..messages import (
     IDLE,
     RETURNED,
     RUN,
+    STARTED,
     STEAL,
     STOP,
     UNPACKING,
@@ -86,14 +87,13 @@ atexit.register(terminate_all_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
-START_TIMEOUT = 60.0  # seconds for Ray to place and start an actor before the start fails
 IDLE_PING = 1.0  # seconds: an idle actor is pinged: a death between jobs is seen, charged to none
 DEATH_WAIT = 10.0  # seconds a killed actor gets to be reported dead
 RSS_EVERY = 0.5  # seconds between the actor's samples of its own memory
 EXIT_KILLED = -signal.SIGKILL
 
 # kinds of call
-_SETUP, _RUN, _PING, _STOP = "setup", "run", "ping", "stop"
+_DESCRIBE, _SETUP, _RUN, _PING, _STOP = "describe", "setup", "run", "ping", "stop"
 
 
 class _Actor:
@@ -264,10 +264,9 @@ class RayBackend:
         if cpus < procs:
             log.warning(
                 "the Ray cluster has %g CPUs for %d workers: workers beyond them wait for "
-                "room, and fail to start after %g s",
+                "room, and fail to start after the pool's start_timeout",
                 cpus,
                 procs,
-                START_TIMEOUT,
             )
 
     def start_worker(self, slot: int) -> RayWorker:
@@ -332,27 +331,18 @@ class RayWorker:
         self._ended = False
         self._rss: int | None = None
         self.exitcode: int | None = None
-        self.pid = 0
-        self._proc: psutil.Process | None = None
+        self._kill_code: int | None = EXIT_KILLED  # what reap() says after a kill
+        self.pid = 0  # known once Ray placed the actor (STARTED)
+        self._node = backend.node_id
+        self._placed = False
+        self._proc: psutil.Process | None = None  # the actor's process, where it is ours too
         try:
-            # Ray types remote() as "a handle or the class" (for methods typed by its
-            # @ray.method); on an actor class it returns a handle.
+            # Returns at once: Ray places the actor when the cluster has room, and the calls
+            # below wait in Ray meanwhile. Ray types remote() as "a handle or the class" (for
+            # methods typed by its @ray.method); on an actor class it returns a handle.
             self.actor: ActorHandle[_Actor] = backend.actor_class.remote()  # type: ignore[assignment]
         except BaseException:
             self._close_ends()
-            raise
-        try:
-            self.pid, node = ray.get(self.actor.describe.remote(), timeout=START_TIMEOUT)
-            # On this node, the process itself tells when the actor is dead, Ray or no Ray.
-            self._proc = psutil.Process(self.pid) if node == backend.node_id else None
-        except BaseException as exc:
-            self._kill_actor()
-            self._close_ends()
-            if isinstance(exc, ray.exceptions.GetTimeoutError):
-                raise RuntimeError(
-                    f"Ray did not start a worker within {START_TIMEOUT:g} s (are there free "
-                    "CPUs in the cluster?)"
-                ) from None
             raise
         spec = backend.spec
         setup = (
@@ -364,7 +354,7 @@ class RayWorker:
             spec.max_memory,
             backend.gates.specs,  # actors of this machine share its workers' gates
         )
-        self._calls.append(_Call(_SETUP, setup))
+        self._calls.extend([_Call(_DESCRIBE), _Call(_SETUP, setup)])
         self._submit()
         self._thread = threading.Thread(
             target=self._serve, name=f"batchpool-ray-{slot}", daemon=True
@@ -391,11 +381,19 @@ class RayWorker:
                 if self._leaving:
                     return True
                 self._leaving = True
-                self._calls.append(_Call(_STOP))
+                if not self._placed:  # no setup() ran, no teardown() is owed: stop waiting
+                    self._kill_code = 0  # for room, and end as a stopped worker does
+                    self._killing = True
+                    self._cond.notify_all()
+                else:
+                    self._calls.append(_Call(_STOP))
             else:
                 log.debug("ray worker %s: unknown message %r", self.pid, tag)
                 return True
-        self._submit()
+        if self._killing:
+            self._kill_actor()
+        else:
+            self._submit()
         return True
 
     def running(self) -> tuple[int, float]:
@@ -505,14 +503,14 @@ class RayWorker:
                 self._write(reply)
             if call is None:
                 if killing:
-                    return self._await_death(EXIT_KILLED)
+                    return self._await_death(self._kill_code)
                 continue
             assert call.future is not None  # _next hands out answered calls only
             try:
                 value = call.future.result()
             except Exception as exc:
                 if killing or self._killing:
-                    return self._await_death(EXIT_KILLED)
+                    return self._await_death(self._kill_code)
                 if call.kind == _STOP:  # exit_actor(): the call never answers
                     return self._await_death(0)
                 detail = str(exc).strip().splitlines()
@@ -558,6 +556,14 @@ class RayWorker:
                     self._calls = deque(c for c in self._calls if c.at)
                     self._calls.append(_Call(_STOP))
                 self._submit()
+            return _CONTINUE
+        if call.kind == _DESCRIBE:
+            pid, node = value
+            with self._cond:
+                self.pid, self._placed = pid, True
+            # On this node, the process itself tells when the actor is dead, Ray or no Ray.
+            self._proc = _process(pid) if node == self._node else None
+            self._write(dumps((STARTED, pid)))
             return _CONTINUE
         if call.kind == _SETUP:
             message, self._rss, ok = value
@@ -632,6 +638,13 @@ def _local_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None  # gone already: Ray will say so
 
 
 def _alive(proc: psutil.Process) -> bool:
