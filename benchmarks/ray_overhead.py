@@ -3,10 +3,12 @@
     python benchmarks/ray_overhead.py [--procs 2] [--repeat 3]
 
 Same machine, same procs, same tasks (benchmarks/workloads.py): a no-op (per-job overhead),
-a CPU-bound job calibrated to 10 ms, and a 10 ms sleep (dispatch latency without CPU
+CPU-bound jobs calibrated to 1 ms and 10 ms, and a 10 ms sleep (dispatch latency without CPU
 contention). Ray gets a local instance with ``procs`` CPUs, started once and not timed (nor is
 pool construction: actors start once per pool); each cell warms its pool up, then times one
-``map``. Medians over repeats, local and Ray interleaved. About a minute on 2 cores.
+``map``. Medians over repeats, local and Ray interleaved; the last column holds Ray to the
+targets of issue 15 (no-op >= 20,000 jobs/s, 1 ms >= 0.85x local, 10 ms >= 0.95x local).
+About two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ def cell(backend: str, task: batchpool.Task, payloads: list, procs: int) -> tupl
     return built, len(payloads) / took
 
 
+def verdict(target: tuple[float | None, float | None] | None, ray: float, local: float) -> str:
+    """ "met" or "missed" against a target of jobs/s or of a share of local's; "" without."""
+    if target is None:
+        return ""
+    rate, share = target
+    goal = f">= {rate:.0f}/s" if rate is not None else f">= {share:.2f}x"
+    met = ray >= rate if rate is not None else share is not None and ray >= share * local
+    return f"{goal}: {'met' if met else 'missed'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--noop-jobs", type=int, default=2000)
-    parser.add_argument("--jobs-10ms", type=int, default=200)
+    parser.add_argument("--noop-jobs", type=int, default=40000)
+    parser.add_argument("--jobs-1ms", type=int, default=2000)
+    parser.add_argument("--jobs-10ms", type=int, default=400)
     args = parser.parse_args()
 
     import ray
@@ -64,12 +77,14 @@ def main() -> None:
     )
     ray_init = time.perf_counter() - t0
     cal = calibrate()
-    loops = cal.loops(10.0)
     workloads = [
         ("no-op", CallTask(noop), list(range(args.noop_jobs))),
-        ("cpu 10 ms", CallTask(spin), [loops] * args.jobs_10ms),
+        ("cpu 1 ms", CallTask(spin), [cal.loops(1.0)] * args.jobs_1ms),
+        ("cpu 10 ms", CallTask(spin), [cal.loops(10.0)] * args.jobs_10ms),
         ("sleep 10 ms", CallTask(sleep10ms), list(range(args.jobs_10ms))),
     ]
+    # (jobs/s, or None) and (share of local, or None) that Ray must reach
+    targets = {"no-op": (20000.0, None), "cpu 1 ms": (None, 0.85), "cpu 10 ms": (None, 0.95)}
     rates: dict[tuple[str, str], list[float]] = {}
     builds: dict[str, list[float]] = {"local": [], "ray": []}
     started = time.perf_counter()
@@ -84,13 +99,14 @@ def main() -> None:
 
     ideal = args.procs / 0.010
     print(f"procs={args.procs}, repeat={args.repeat}, medians (min-max) of jobs/s")
-    print(f"{'workload':<12} {'local':>22} {'ray':>22} {'ray/local':>10}")
+    print(f"{'workload':<12} {'local':>22} {'ray':>22} {'ray/local':>10}  target")
     for name, _, _ in workloads:
         local, ray_ = rates[(name, "local")], rates[(name, "ray")]
         ml, mr = statistics.median(local), statistics.median(ray_)
         print(
-            f"{name:<12} {ml:>9.0f} ({min(local):>5.0f}-{max(local):>5.0f}) "
-            f"{mr:>9.0f} ({min(ray_):>5.0f}-{max(ray_):>5.0f}) {mr / ml:>10.2f}"
+            f"{name:<12} {ml:>9.0f} ({min(local):>6.0f}-{max(local):>6.0f}) "
+            f"{mr:>9.0f} ({min(ray_):>6.0f}-{max(ray_):>6.0f}) {mr / ml:>10.2f}  "
+            f"{verdict(targets.get(name), mr, ml)}"
         )
     print(f"(10 ms jobs: at most {ideal:.0f} jobs/s on {args.procs} workers)")
     print(

@@ -3,6 +3,8 @@
     RESULTS       answered jobs: completed together (jobs.JobBook), or settled one by one where
                   an attempt failed; timed for batch sizing and the p50/p95 sample; a retiring
                   worker's unstarted jobs go back (or to a cancellation that wants them)
+    STARTED       a worker the backend started late (a Ray actor) has a process now
+                  (workforce.py)
     READY         a worker finished setup() (workforce.py; scaler.py counts it)
     RETURNED      the answer to a STEAL: unstarted jobs, back to the queue, free, unless a
                   cancellation wants them (cancelling.py)
@@ -22,7 +24,18 @@ from typing import Any, cast
 from .cancelling import Cancels
 from .jobs import Block, JobBook
 from .ledger import WorkerView
-from .messages import EXITING, FLUSHED, OK, READY, RESULTS, RETURNED, SPLIT, START_FAILED, loads
+from .messages import (
+    EXITING,
+    FLUSHED,
+    OK,
+    READY,
+    RESULTS,
+    RETURNED,
+    SPLIT,
+    START_FAILED,
+    STARTED,
+    loads,
+)
 from .results import KIND_ERROR, JobError
 from .sampling import Reservoir
 from .scaler import Scaler
@@ -89,6 +102,8 @@ class Inbox:
                 self._idle(w, now)
         elif tag == START_FAILED:
             w.start_error = JobError(KIND_ERROR, *message[1])
+        elif tag == STARTED:
+            self.workforce.started(w, message[1], now)
         elif tag == EXITING:
             self.workforce.exiting(message[1])
         elif tag == FLUSHED:

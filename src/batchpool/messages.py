@@ -19,6 +19,9 @@ supervisor -> worker
                                            those (none if there are none) and then FLUSHED
 
 worker -> supervisor
+    (STARTED, pid)                         the worker's process exists now: sent only where it
+                                           comes later than start_worker() returns (a Ray
+                                           actor, once Ray placed it); its start clock begins
     (READY, pid)                           setup() done; send jobs
     (START_FAILED, error)                  task unpickling or setup() raised; exiting
     (RETURNED, job_ids)                    the answer to STEAL: these never started
@@ -68,6 +71,7 @@ RESULTS = 12
 RETURNED = 13
 EXITING = 14
 FLUSHED = 15
+STARTED = 16
 
 OK = 0
 ERROR = 1

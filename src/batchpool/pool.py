@@ -532,7 +532,7 @@ class Pool:
         return self._supervisor.snapshot()
 
     def pids(self) -> list[int]:
-        """Pids of the live workers."""
+        """Pids of the live workers (not of Ray actors waiting for room in the cluster)."""
         return self._supervisor.pids()
 
     def _describe(self) -> str:

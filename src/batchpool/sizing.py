@@ -23,7 +23,7 @@ class BatchSizer:
     bytes per job (the last message's)."""
 
     def __init__(self, stages: int, chunksize: int | None) -> None:
-        self.chunksize = chunksize  # fixed by the user, or by a backend (Ray: 1)
+        self.chunksize = chunksize  # fixed by the user, or by a backend
         self.job_time: list[float | None] = [None] * stages
         self.job_bytes: list[int] = [0] * stages
 

@@ -148,7 +148,7 @@ class Supervisor:
         return _metrics(self._view, self.samples, elapsed)
 
     def pids(self) -> list[int]:
-        return [w[0] for w in self._view[3]]
+        return [w[0] for w in self._view[3] if w[0]]  # 0: an actor Ray has not placed yet
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:

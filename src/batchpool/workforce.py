@@ -145,6 +145,13 @@ class Workforce:
         if w.stopping and ("stop", w.slot) not in self.timers:
             self.timers.schedule(now + STOP_GRACE, ("stop", w.slot))
 
+    def started(self, w: WorkerView, pid: int, now: float) -> None:
+        """A worker started late (a Ray actor, placed once the cluster had room for it) has a
+        process: its pid, and its start_timeout from now on."""
+        w.pid = pid
+        if not w.ready:
+            self.timers.schedule(now + self.start_timeout, ("start", w.slot))
+
     def ready(self, w: WorkerView, now: float) -> None:
         w.ready = True
         w.idle_since = now

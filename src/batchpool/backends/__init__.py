@@ -1,7 +1,8 @@
 """Where workers run. The supervisor keeps every decision (dispatch, retries, timeouts, the
 journal); a backend only starts workers and gives the supervisor a handle to each:
 
-    handle.slot, handle.pid        which worker (pid: for JobResult.worker and the logs)
+    handle.slot, handle.pid        which worker (pid: for JobResult.worker and the logs; 0
+                                   until a worker started late says STARTED, see below)
     handle.channel                 a channel.Channel: the worker's messages (receive()), and
                                    what waits to be written to it (wants_write, flush())
     handle.sentinel                a descriptor that becomes readable when the worker is dead
@@ -16,9 +17,12 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.flushes                 whether it answers FLUSH (see cancelling.py)
     handle.reap() -> int | None    after the sentinel fired: the exit code (negative: signal)
 
-``backend.start_worker(slot)`` returns a started handle; ``backend.close()`` releases what the
-backend holds; ``backend.chunksize`` (None, or an int) fixes the jobs per RUN message where the
-backend cannot report which job of a batch is running (Ray: 1). Messages are those of
+``backend.start_worker(slot)`` returns a handle at once, never waiting for the worker: a local
+process is started by then; a Ray actor is placed when the cluster has room, and its handle
+says STARTED (messages.py) with its pid then. ``backend.close()`` releases what the backend
+holds; ``backend.chunksize`` (None, or an int) fixes the jobs per RUN message where the
+backend needs it (today none does: a Ray worker names no job inside a batch, and its jobs
+rerun alone when it dies in one). Messages are those of
 batchpool.messages, whatever carries them. ``Backend`` and ``WorkerHandle`` below say the same
 to the type checker.
 

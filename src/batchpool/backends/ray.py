@@ -4,14 +4,21 @@ Each worker is one actor (``num_cpus=1``, ``max_restarts=0``, ``max_task_retries
 counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs once per actor and
 ``teardown()`` at a clean stop. The supervisor sees the usual handle (backends/__init__.py):
 
-    send(RUN)      queued in the handle; at most DEPTH calls are submitted to the actor at a
-                   time (``actor.run.remote``), the rest can still be handed back by STEAL
+    send(RUN)      queued in the handle as one call of a batch of jobs, sized by the
+                   supervisor as for local workers (sizing.BatchSizer); at most DEPTH calls
+                   are submitted to the actor at a time (``actor.run.remote``), the rest can
+                   still be handed back by STEAL
     a thread       per handle: waits for the calls to complete (their futures), writes each
                    RESULTS message to ``conn`` (a pipe) as the actor produced it, and closes
                    the write end of the ``sentinel`` pipe once the actor is dead
-    running()      the oldest unanswered call: an actor runs its calls one at a time, in order,
-                   and a Ray pool sends one job per call (``chunksize = 1``), so a crash or a
-                   timeout is charged to exactly the job that was running
+    running()      a lone job (a call of one job) while nothing else is in flight: the
+                   actor is sent nothing behind it until it answers, so a crash or a timeout
+                   is charged to exactly that job (see RayWorker.running for why). A batch
+                   names none (messages.UNPACKING): an actor that dies or times out in one
+                   has each job it had not answered rerun alone (ledger.attribute), and only
+                   the one that kills it again is charged. A batch's deadline runs from its
+                   start, with the timeout of one job: a batch of ~0.1 s (sizing.py) that
+                   overstays it is killed and its jobs rerun alone, charged nothing
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
@@ -59,8 +66,10 @@ from ..messages import (
     IDLE,
     RETURNED,
     RUN,
+    STARTED,
     STEAL,
     STOP,
+    UNPACKING,
     Results,
     dumps,
     loads,
@@ -78,14 +87,13 @@ atexit.register(terminate_all_at_exit)
 
 DEPTH = 2  # calls submitted to an actor at once: the next job waits in its queue, not in ours
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
-START_TIMEOUT = 60.0  # seconds for Ray to place and start an actor before the start fails
 IDLE_PING = 1.0  # seconds: an idle actor is pinged: a death between jobs is seen, charged to none
 DEATH_WAIT = 10.0  # seconds a killed actor gets to be reported dead
 RSS_EVERY = 0.5  # seconds between the actor's samples of its own memory
 EXIT_KILLED = -signal.SIGKILL
 
 # kinds of call
-_SETUP, _RUN, _PING, _STOP = "setup", "run", "ping", "stop"
+_DESCRIBE, _SETUP, _RUN, _PING, _STOP = "describe", "setup", "run", "ping", "stop"
 
 
 class _Actor:
@@ -124,13 +132,12 @@ class _Actor:
         self.runner = workercore.Runner(tasks, self._keep, self.retirement, gates=open_gates(gates))
         return dumps(hello), self.retirement.sample(time.monotonic()), True
 
-    def run(
-        self, ids: list[int], stages: list[int], blob: bytes
-    ) -> tuple[list[bytes], bool, int | None] | None:
+    def run(self, header: bytes, blob: bytes) -> tuple[list[bytes], bool, int | None] | None:
         """The RESULTS messages of one RUN message, whether the actor retires, its RSS."""
         runner = self.runner
         if runner is None or self.retirement.reason:  # queued behind a retirement (or a
             return None  # failed setup): the supervisor requeued these jobs
+        _, ids, stages = loads(header)
         runner.run_batch(runner.unpack(ids, stages, blob))
         messages, self.outbox = self.outbox, []
         return messages, self.retirement.reason is not None, self.retirement.rss
@@ -237,7 +244,7 @@ def _check_reachable(address: str) -> None:
 class RayBackend:
     """Starts one actor per worker slot; owns the Ray connection if it made it."""
 
-    chunksize = 1  # one job per call: running() then names the job in progress exactly
+    chunksize = None  # batches, sized by the supervisor: see the module docstring
 
     def __init__(self, procs: int, spec: WorkerSpec, address: str | None = None) -> None:
         self.spec = spec
@@ -257,10 +264,9 @@ class RayBackend:
         if cpus < procs:
             log.warning(
                 "the Ray cluster has %g CPUs for %d workers: workers beyond them wait for "
-                "room, and fail to start after %g s",
+                "room, and fail to start after the pool's start_timeout",
                 cpus,
                 procs,
-                START_TIMEOUT,
             )
 
     def start_worker(self, slot: int) -> RayWorker:
@@ -278,12 +284,18 @@ class RayBackend:
 class _Call:
     """One call to the actor: queued (future None), then submitted."""
 
-    __slots__ = ("kind", "args", "job", "future", "at")
+    __slots__ = ("kind", "args", "job", "ids", "lone", "future", "at")
 
-    def __init__(self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE) -> None:
+    def __init__(
+        self, kind: str, args: tuple[Any, ...] = (), job: int = IDLE, ids: list[int] | None = None
+    ) -> None:
         self.kind = kind
         self.args = args  # for the actor's method ``kind``
-        self.job = job
+        self.job = job  # a lone job's id
+        self.ids = ids or []  # a RUN's jobs
+        # A RUN of one job: it goes to an actor with nothing else in flight, and nothing is
+        # submitted behind it until it is answered (see RayWorker.running).
+        self.lone = len(self.ids) == 1
         self.future: Future[Any] | None = None  # set once submitted
         self.at = 0.0  # monotonic time it was submitted; 0: still ours (STEAL may take it)
 
@@ -299,8 +311,9 @@ class RayWorker:
     keeps submissions in queue order, which is the order the actor runs them in.
     """
 
-    # No FLUSH: an actor's call answers its whole batch (and a batch is one job), so a deadline
-    # kills it at once; nothing it finished waits unsent.
+    # No FLUSH: an actor's call answers its whole batch at its end, so a deadline kills it at
+    # once; what a batch it was running had finished comes back "cancelled" (one job per call,
+    # chunksize=1, keeps every finished result).
     flushes = False
 
     def __init__(self, backend: RayBackend, slot: int) -> None:
@@ -311,34 +324,25 @@ class RayWorker:
         self._cond = threading.Condition(threading.Lock())
         self._submitting = threading.Lock()
         self._calls: deque[_Call] = deque()  # oldest first; the first DEPTH are submitted
+        self._last_done = 0.0  # time.monotonic() of the latest answer
         self._replies: list[bytes] = []  # RETURNED messages for the thread to write
-        self._last_done = time.monotonic()  # when the previous call's answer came
         self._killing = False
         self._leaving = False  # stopping or retiring: no more jobs
         self._ended = False
         self._rss: int | None = None
         self.exitcode: int | None = None
-        self.pid = 0
-        self._proc: psutil.Process | None = None
+        self._kill_code: int | None = EXIT_KILLED  # what reap() says after a kill
+        self.pid = 0  # known once Ray placed the actor (STARTED)
+        self._node = backend.node_id
+        self._placed = False
+        self._proc: psutil.Process | None = None  # the actor's process, where it is ours too
         try:
-            # Ray types remote() as "a handle or the class" (for methods typed by its
-            # @ray.method); on an actor class it returns a handle.
+            # Returns at once: Ray places the actor when the cluster has room, and the calls
+            # below wait in Ray meanwhile. Ray types remote() as "a handle or the class" (for
+            # methods typed by its @ray.method); on an actor class it returns a handle.
             self.actor: ActorHandle[_Actor] = backend.actor_class.remote()  # type: ignore[assignment]
         except BaseException:
             self._close_ends()
-            raise
-        try:
-            self.pid, node = ray.get(self.actor.describe.remote(), timeout=START_TIMEOUT)
-            # On this node, the process itself tells when the actor is dead, Ray or no Ray.
-            self._proc = psutil.Process(self.pid) if node == backend.node_id else None
-        except BaseException as exc:
-            self._kill_actor()
-            self._close_ends()
-            if isinstance(exc, ray.exceptions.GetTimeoutError):
-                raise RuntimeError(
-                    f"Ray did not start a worker within {START_TIMEOUT:g} s (are there free "
-                    "CPUs in the cluster?)"
-                ) from None
             raise
         spec = backend.spec
         setup = (
@@ -350,7 +354,7 @@ class RayWorker:
             spec.max_memory,
             backend.gates.specs,  # actors of this machine share its workers' gates
         )
-        self._calls.append(_Call(_SETUP, setup))
+        self._calls.extend([_Call(_DESCRIBE), _Call(_SETUP, setup)])
         self._submit()
         self._thread = threading.Thread(
             target=self._serve, name=f"batchpool-ray-{slot}", daemon=True
@@ -369,7 +373,7 @@ class RayWorker:
                     return False
                 ids = message[1]
                 job = ids[0] if len(ids) == 1 else IDLE
-                self._calls.append(_Call(_RUN, (message[1], message[2], payloads), job))
+                self._calls.append(_Call(_RUN, (blob, payloads), job, ids))
             elif tag == STEAL:
                 self._steal()
                 return True
@@ -377,23 +381,39 @@ class RayWorker:
                 if self._leaving:
                     return True
                 self._leaving = True
-                self._calls.append(_Call(_STOP))
+                if not self._placed:  # no setup() ran, no teardown() is owed: stop waiting
+                    self._kill_code = 0  # for room, and end as a stopped worker does
+                    self._killing = True
+                    self._cond.notify_all()
+                else:
+                    self._calls.append(_Call(_STOP))
             else:
                 log.debug("ray worker %s: unknown message %r", self.pid, tag)
                 return True
-        self._submit()
+        if self._killing:
+            self._kill_actor()
+        else:
+            self._submit()
         return True
 
     def running(self) -> tuple[int, float]:
+        """The job in progress, named only where no other call can be: a lone job, alone in
+        the actor. When an actor dies, Ray fails every call it had not answered, and the
+        answer of one it completed can be lost with it (its reply still in flight): the
+        oldest failed call is not always the one that ran. So a lone job goes to an actor
+        with nothing else in flight and nothing follows it until it is answered. A batch in
+        flight names none (UNPACKING), with its start: when the previous call was answered,
+        if that was after it was submitted."""
         with self._cond:
             for call in self._calls:
-                # A ping returns at once; when the actor dies, Ray may fail its answer too,
-                # though the death hit the job submitted behind it.
-                if call.kind == _PING:
+                if not call.at:
+                    break
+                if call.kind == _PING:  # answers at once: what runs is behind it
                     continue
-                if call.kind == _RUN and call.at:
-                    return call.job, max(call.at, self._last_done)
-                break
+                if call.kind != _RUN:
+                    break
+                start = max(call.at, self._last_done)
+                return (call.job, start) if call.lone else (UNPACKING, start)
             return IDLE, 0.0
 
     def rss(self) -> int | None:
@@ -423,11 +443,13 @@ class RayWorker:
             with self._cond:
                 todo = []
                 for i, call in enumerate(self._calls):
-                    if i >= DEPTH:
+                    if i >= DEPTH or (call.lone and i):  # a lone job waits for the others
                         break
                     if not call.at:
                         call.at = time.monotonic()
                         todo.append(call)
+                    if call.lone:  # and nothing goes behind it
+                        break
             for call in todo:
                 try:
                     if not ray.is_initialized():
@@ -449,7 +471,7 @@ class RayWorker:
         ids: list[int] = []
         for call in self._calls:
             if call.kind == _RUN and not call.at:
-                ids.extend(call.args[0])
+                ids.extend(call.ids)
             else:
                 kept.append(call)
         self._calls = kept
@@ -481,14 +503,14 @@ class RayWorker:
                 self._write(reply)
             if call is None:
                 if killing:
-                    return self._await_death(EXIT_KILLED)
+                    return self._await_death(self._kill_code)
                 continue
             assert call.future is not None  # _next hands out answered calls only
             try:
                 value = call.future.result()
             except Exception as exc:
                 if killing or self._killing:
-                    return self._await_death(EXIT_KILLED)
+                    return self._await_death(self._kill_code)
                 if call.kind == _STOP:  # exit_actor(): the call never answers
                     return self._await_death(0)
                 detail = str(exc).strip().splitlines()
@@ -534,6 +556,14 @@ class RayWorker:
                     self._calls = deque(c for c in self._calls if c.at)
                     self._calls.append(_Call(_STOP))
                 self._submit()
+            return _CONTINUE
+        if call.kind == _DESCRIBE:
+            pid, node = value
+            with self._cond:
+                self.pid, self._placed = pid, True
+            # On this node, the process itself tells when the actor is dead, Ray or no Ray.
+            self._proc = _process(pid) if node == self._node else None
+            self._write(dumps((STARTED, pid)))
             return _CONTINUE
         if call.kind == _SETUP:
             message, self._rss, ok = value
@@ -608,6 +638,13 @@ def _local_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None  # gone already: Ray will say so
 
 
 def _alive(proc: psutil.Process) -> bool:
