@@ -420,6 +420,7 @@ def test_an_interrupted_post_loses_no_wakeup(monkeypatch: pytest.MonkeyPatch) ->
 
 
 SPAWN_INTERRUPT = """
+import faulthandler
 import sys
 import time
 from batchpool import Pool
@@ -430,6 +431,7 @@ if __name__ == "__main__":
     try:
         while len(pool.pids()) < 4:  # spawned, still importing: none is ready this soon
             time.sleep(0.001)
+        faulthandler.dump_traceback_later(20, exit=True)  # a hang says where it is
         print("started", flush=True)
         pool.map(range(10))
         time.sleep(60)  # the Ctrl-C ends this
