@@ -4,6 +4,7 @@ process-leak check."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Generator
@@ -47,6 +48,15 @@ def _fail_instead(report: pytest.CollectReport | pytest.TestReport) -> None:
     reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)  # (path, line, text)
     report.outcome = "failed"
     report.longrepr = f"{reason}; CI is set, so this fails: pip install -e '.[test]'"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children get a terminal's Ctrl-C: a suite started in the background by a shell
+    without job control (``.ci/run &``) ignores SIGINT, every process it starts inherits the
+    ignore, and a Python script then never raises KeyboardInterrupt. A Python handler is not
+    inherited across exec: with it installed here, children start with the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True)
