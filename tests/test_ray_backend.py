@@ -43,6 +43,7 @@ from faults import (  # noqa: E402
     RecordPid,
     RefusesPickle,
     SetupFails,
+    Sleep,
     SleepMarked,
     Square,
     attempts_of,
@@ -178,6 +179,30 @@ def test_an_actor_waiting_for_room_holds_up_nothing() -> None:
     check_invariants(m)
 
 
+def test_missing_room_is_missing_capacity_while_others_serve() -> None:
+    """Three actors on two CPUs, a start timeout of 1 s: the third waits for room the whole
+    run (4 s of jobs) while the two serve. It once failed a start per timeout, and three
+    failed starts broke the pool, failing the jobs still queued."""
+    with Pool(Sleep(0.25), PROCS + 1, backend="ray", start_timeout=1.0) as pool:
+        results = run_jobs(pool, range(32), timeout=120)
+        m = pool.metrics()
+        assert m.workers == PROCS + 1  # still waiting, never given up on
+    assert all(r.ok and r.attempts == 1 for r in results), results
+    assert m.worker_restarts == 0
+    check_invariants(m)
+
+
+def test_a_pool_without_room_for_any_actor_gives_up() -> None:
+    """Another pool holds both CPUs: no actor of this one can run, so it fails its start
+    timeout three times and breaks, as a pool whose workers cannot start does."""
+    with ray_pool(Sleep(0.2)) as busy:
+        wait_for(lambda: len(busy.pids()) == PROCS, 60, "the first pool's actors")
+        with Pool(Square(), 1, backend="ray", start_timeout=0.5) as pool:
+            results = pool.map([1, 2])
+    assert all(not r.ok and r.error.type == "StartTimeout" for r in results), results
+    assert "no room for the worker" in results[0].error.message
+
+
 # -- failures --------------------------------------------------------------------------------------
 
 
@@ -249,6 +274,10 @@ def test_crash_is_charged_to_its_job_and_retried(tmp_path: Path) -> None:
     assert d.error.kind == "crash" and d.error.type == "WorkerCrashed"
     assert d.error.exitcode is None  # Ray does not report the exit status
     assert "died while running the job" in d.error.message
+    # and why, in Ray's words: "... Ray says: The actor is dead because its worker process
+    # has died. Worker exit type: SYSTEM_ERROR ...", less its advice
+    assert "Ray says: " in d.error.message and "died" in d.error.message.split("Ray says: ")[1]
+    assert "Some common causes" not in d.error.message
     assert m.crashed == 1 + 2 + 3 and m.worker_restarts >= 6
     dead = {pid for at, pid in attempts_of(tmp_path, "d")}
     assert len(dead) == 3  # each attempt in a fresh actor
