@@ -48,10 +48,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 RAY = Path(sys.executable).with_name("ray")  # the ray command of this interpreter
 NODE_UP = 90.0  # seconds for a node to come up on a busy 2-core machine
 N = 30
+GATE = 12  # jobs from here wait for a third node's first job
 
-# Each job appends "INDEX NODE_ID PID" to runs (next to this file) when it starts, sleeps
-# 0.4 s (so each runs alone in its call: a crash is charged to it exactly) and returns
-# [INDEX, NODE_ID, PID].
+# Each job appends "INDEX NODE_ID PID" to runs (next to this file) when it starts; from job
+# GATE on, it then waits for the file "go" there; it sleeps 0.4 s (so each runs alone in its
+# call: a crash is charged to it exactly) and returns [INDEX, NODE_ID, PID].
 WHERE_PY = f"""
 import os
 import time
@@ -62,6 +63,7 @@ import ray
 from batchpool import Pipeline, Task
 
 RUNS = Path(__file__).resolve().with_name("runs")
+GO = RUNS.with_name("go")
 
 
 class Where(Task):
@@ -73,6 +75,9 @@ class Where(Task):
         fd = os.open(RUNS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(fd, f"{{n}} {{node}} {{os.getpid()}}\\n".encode())
         os.close(fd)
+        deadline = time.monotonic() + 120
+        while n >= {GATE} and not GO.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.4)
         return [n, node, os.getpid()]
 
@@ -155,16 +160,19 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_node_lost_mid_run_costs_its_jobs_one_retry_on_the_survivor(
+def test_a_node_lost_mid_run_is_retried_on_the_survivor_and_replaced_on_a_new_node(
     tmp_path: Path, short_dir: Path
 ) -> None:
     """30 jobs of 0.4 s on two actors, one per node; once the second node started its third
-    job it is killed, in that job. Every job still ends with exactly one result, all ok; the
-    job it was running is charged one crash (Ray's reason in the log) and runs again on the
-    head node, where the rest run too: the actor that cannot be replaced (no free CPU) is
-    missing capacity, not a broken pool."""
+    job it is killed, in that job. Its replacement finds no free CPU: it waits in Ray while
+    the head node's actor serves (missing capacity, not a broken pool), and once a third node
+    joins, it is placed there and serves too (jobs from GATE on wait for its first). Every job
+    ends with exactly one result, all ok; the job the second node was running is charged one
+    crash (Ray's reason in the log) and runs again on a live node."""
     port = free_port()
     pipeline = write(tmp_path / "where.py", WHERE_PY)
+    runs = tmp_path / "runs"
+    ran_on = lambda node: sum(node in line for line in read_lines(runs))  # noqa: E731
     with ExitStack() as stack:
         head = Node(
             ["--head", "--port", str(port), "--temp-dir", str(short_dir)]
@@ -176,7 +184,6 @@ def test_a_node_lost_mid_run_costs_its_jobs_one_retry_on_the_survivor(
         second = Node(["--address", f"127.0.0.1:{port}"], tmp_path / "second.log")
         stack.callback(second.kill)
         second_id = second.node_id()
-        assert head_id != second_id
 
         run = start_logged(
             *["run", pipeline, "--backend", "ray", "--address", f"127.0.0.1:{port}"],
@@ -185,26 +192,27 @@ def test_a_node_lost_mid_run_costs_its_jobs_one_retry_on_the_survivor(
             env=cluster_env(),
         )
         stack.callback(kill_group, run)
-        runs = tmp_path / "runs"
-        on_second = lambda: sum(second_id in line for line in read_lines(runs))  # noqa: E731
-        wait_for(lambda: on_second() >= 3, 120, "3 jobs to start on the second node")
+        wait_for(lambda: ran_on(second_id) >= 3, 120, "3 jobs to start on the second node")
         second.kill()
         killed_after = len(read_lines(runs))
+        third = Node(["--address", f"127.0.0.1:{port}"], tmp_path / "third.log")
+        stack.callback(third.kill)
+        third_id = third.node_id()
+        wait_for(lambda: ran_on(third_id), 120, "a job on the third node")
+        (tmp_path / "go").touch()
         code, err = finish(run, tmp_path, timeout=120)
 
     assert code == 0, err
     rows = output_rows(tmp_path / "out.jsonl", N)  # exactly one result per job, in order
     assert all(x["ok"] and x["value"][0] == x["index"] for x in rows), rows
-    nodes = {x["value"][1] for x in rows}
-    assert nodes == {head_id, second_id}  # results from both nodes
+    assert {x["value"][1] for x in rows} == {head_id, second_id, third_id}
     started = [line.split() for line in read_lines(runs)]
     lost = [x for x in rows if x["attempts"] == 2]
     assert len(lost) == 1, rows  # the job the second node was running, and only it
     (retried,) = lost
-    assert retried["value"][1] == head_id  # its retry ran on the survivor
     assert any(int(n) == retried["index"] and node == second_id for n, node, _ in started)
+    assert retried["value"][1] in (head_id, third_id)  # its retry ran on a live node
     assert all(x["attempts"] == 1 for x in rows if x is not retried)
-    # after the kill, every job ran on the head node
-    assert {node for _, node, _ in started[killed_after:]} <= {head_id}
+    assert second_id not in {node for _, node, _ in started[killed_after:]}
     assert "died while running the job" in err and "Ray says:" in err
     assert "Traceback" not in err
