@@ -38,16 +38,19 @@ def lifeline() -> Connection:
         return _lifeline[0]
 
 
-def describe_exit(code: int | None) -> str:
-    """'exit code 13', 'SIGKILL (-9)'."""
+def describe_exit(code: int | None, detail: str | None = None) -> str:
+    """'exit code 13', 'SIGKILL (-9)'; and ``detail``, what else the backend knows (a
+    handle's ``exit_detail``: Ray's reason for an actor's death)."""
     if code is None:
-        return "exit status unknown"  # a worker whose platform does not report it (Ray)
-    if code < 0:
+        text = "exit status unknown"  # a worker whose platform does not report it (Ray)
+    elif code < 0:
         try:
-            return f"{signal.Signals(-code).name} ({code})"
+            text = f"{signal.Signals(-code).name} ({code})"
         except ValueError:
-            return f"signal {-code} ({code})"
-    return f"exit code {code}"
+            text = f"signal {-code} ({code})"
+    else:
+        text = f"exit code {code}"
+    return f"{text}; {detail}" if detail else text
 
 
 def kill_tree(pid: int) -> None:

@@ -303,7 +303,7 @@ class Supervisor:
             if kind == "watch":
                 self.watchdog.check(w, now)
             elif kind == "start":
-                self.workforce.start_overdue(w)
+                self.workforce.start_overdue(w, now)
             elif kind == "stop":
                 self.workforce.stop_overdue(w)
             elif kind == "flush":

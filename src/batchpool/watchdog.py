@@ -73,7 +73,8 @@ class Watchdog:
                 running = None  # its result made it out before the kill
         elif w.held:  # a stopped worker answers all it holds first: it died running one
             running = self._blame(w, job_id)
-            message = f"worker {w.pid} died while running the job: {describe_exit(code)}"
+            how = describe_exit(code, w.proc.exit_detail)
+            message = f"worker {w.pid} died while running the job: {how}"
             error = JobError(KIND_CRASH, "WorkerCrashed", message, "", code)
         if running is not None:
             w.held.remove(running)

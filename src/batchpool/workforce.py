@@ -90,11 +90,12 @@ class Workforce:
             w = workers[slot] = WorkerView(proc)
             self.watch.add(w)
             self.timers.schedule(now + self.start_timeout, ("start", slot))
+            name = w.pid or f"in slot {slot}"  # a Ray actor has a pid once Ray placed it
             if why is not None:
                 self.scaled_up += 1
-                log.info("scaling: worker %s started (%d alive): %s", w.pid, len(workers), why)
+                log.info("scaling: worker %s started (%d alive): %s", name, len(workers), why)
             elif self.lost:
-                log.info("worker %s replaces worker %s", w.pid, self.lost.popleft())
+                log.info("worker %s replaces worker %s", name, self.lost.popleft())
 
     # -- how many ------------------------------------------------------------------------------
     def serving(self) -> list[WorkerView]:
@@ -158,10 +159,20 @@ class Workforce:
         self.start_failures = 0
         self.timers.cancel(("start", w.slot))
 
-    def start_overdue(self, w: WorkerView) -> None:
+    def start_overdue(self, w: WorkerView, now: float) -> None:
         if w.ready:
             return
-        message = f"setup() did not finish within {self.start_timeout:g} s; killed"
+        if not w.pid:  # started late (a Ray actor), and not yet: no room for it in the cluster
+            serving = sum(o.ready and not o.stopping for o in self.workers.values())
+            if serving:
+                # Capacity missing, not a broken pool: it waits on (the backend keeps asking
+                # for room) while the others serve; only a pool that none serves gives up.
+                log.info("worker slot %d: no room for it yet; %d workers serve", w.slot, serving)
+                self.timers.schedule(now + self.start_timeout, ("start", w.slot))
+                return
+            message = f"no room for the worker in {self.start_timeout:g} s (no free CPU?); killed"
+        else:
+            message = f"setup() did not finish within {self.start_timeout:g} s; killed"
         log.warning("worker %s: %s", w.pid, message)
         w.start_error = JobError(KIND_ERROR, "StartTimeout", message)
         w.proc.kill()
@@ -197,10 +208,11 @@ class Workforce:
     def exited(self, w: WorkerView, code: int | None) -> None:
         """A worker that died before it was ready is a failed start."""
         if not w.stopping:
-            why = "retired" if w.retiring else describe_exit(code)
+            why = "retired" if w.retiring else describe_exit(code, w.proc.exit_detail)
             self.lost.append(f"{w.pid} ({why})")
         if not w.ready and not w.stopping:
-            message = f"worker {w.pid} died before it was ready: {describe_exit(code)}"
+            how = describe_exit(code, w.proc.exit_detail)
+            message = f"worker {w.pid} died before it was ready: {how}"
             self.start_failed(
                 w.start_error or JobError(KIND_ERROR, "WorkerCrashed", message, "", code)
             )

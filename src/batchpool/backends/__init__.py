@@ -16,6 +16,8 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.kill()                  now, with SIGKILL semantics (timeouts, terminate)
     handle.flushes                 whether it answers FLUSH (see cancelling.py)
     handle.reap() -> int | None    after the sentinel fired: the exit code (negative: signal)
+    handle.exit_detail             after reap(): what else the backend knows of the death,
+                                   for JobError.message (Ray: why the actor died), or None
 
 ``backend.start_worker(slot)`` returns a handle at once, never waiting for the worker: a local
 process is started by then; a Ray actor is placed when the cluster has room, and its handle
@@ -76,6 +78,8 @@ class WorkerHandle(Protocol):
     def reap(self) -> int | None: ...
     @property
     def flushes(self) -> bool: ...
+    @property
+    def exit_detail(self) -> str | None: ...
 
 
 class Backend(Protocol):

@@ -96,6 +96,7 @@ class LocalWorker:
 
     __slots__ = ("slot", "proc", "conn", "channel", "sentinel", "pidfd", "pid", "progress")
     flushes = True  # its mailbox thread answers FLUSH with the results it has not sent
+    exit_detail = None  # its exit code says it all
 
     def __init__(
         self,

@@ -21,12 +21,18 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
                    overstays it is killed and its jobs rerun alone, charged nothing
     kill()         ``ray.kill(actor, no_restart=True)``
 
-Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran);
-3 (workercore.EXIT_START_FAILED) when unpickling the tasks or ``setup()`` raised; -9 (SIGKILL) when
-batchpool killed the actor (a timeout, terminate, a stop past its grace); None when the actor
-died on its own (os._exit, a segfault, the OOM killer, a lost node): Ray does not report the
-process's exit status, so JobError.exitcode is None for crashes on Ray (the Ray error text is
-logged at INFO).
+Start: ``start_worker`` creates the actor and returns; its describe and setup calls wait in Ray
+until Ray places it, which may be never while the cluster has no free CPU. The handle's thread
+says STARTED (the pid) once it is placed and READY once set up; the supervisor waits for
+neither (workforce.py: an actor without room waits on while others serve, and a pool that none
+serves gives up after its start timeout, as for workers that cannot start).
+
+Exit codes from ``reap()``: 0 after a clean stop or a retirement (teardown ran), or a stop
+before Ray placed it; 3 (workercore.EXIT_START_FAILED) when unpickling the tasks or ``setup()``
+raised; -9 (SIGKILL) when batchpool killed the actor (a timeout, terminate, a stop past its
+grace); None when the actor died on its own (os._exit, a segfault, the OOM killer, a lost
+node): Ray does not report the process's exit status, so JobError.exitcode is None for crashes
+on Ray, and ``exit_detail`` carries Ray's reason instead ("Ray says: ...", in JobError.message).
 
 Payloads and values travel through Ray as the same pickled blobs as on a pipe, so pickling
 failures are charged exactly as locally. Task classes are unpickled by reference: their module
@@ -91,6 +97,7 @@ IDLE_PING = 1.0  # seconds: an idle actor is pinged: a death between jobs is see
 DEATH_WAIT = 10.0  # seconds a killed actor gets to be reported dead
 RSS_EVERY = 0.5  # seconds between the actor's samples of its own memory
 EXIT_KILLED = -signal.SIGKILL
+DETAIL_CHARS = 300  # of Ray's reason for a death, in JobError.message
 
 # kinds of call
 _DESCRIBE, _SETUP, _RUN, _PING, _STOP = "describe", "setup", "run", "ping", "stop"
@@ -263,8 +270,8 @@ class RayBackend:
             cpus = procs
         if cpus < procs:
             log.warning(
-                "the Ray cluster has %g CPUs for %d workers: workers beyond them wait for "
-                "room, and fail to start after the pool's start_timeout",
+                "the Ray cluster has %g CPUs for %d workers: those beyond them wait for room "
+                "while the others serve",
                 cpus,
                 procs,
             )
@@ -331,6 +338,7 @@ class RayWorker:
         self._ended = False
         self._rss: int | None = None
         self.exitcode: int | None = None
+        self.exit_detail: str | None = None  # Ray's reason, when the actor died on its own
         self._kill_code: int | None = EXIT_KILLED  # what reap() says after a kill
         self.pid = 0  # known once Ray placed the actor (STARTED)
         self._node = backend.node_id
@@ -513,8 +521,8 @@ class RayWorker:
                     return self._await_death(self._kill_code)
                 if call.kind == _STOP:  # exit_actor(): the call never answers
                     return self._await_death(0)
-                detail = str(exc).strip().splitlines()
-                log.info("ray worker %s died: %s", self.pid, detail[-1] if detail else repr(exc))
+                self.exit_detail = f"Ray says: {_death_cause(exc)}"
+                log.info("ray worker %s died: %s", self.pid, self.exit_detail)
                 if not isinstance(exc, _DEAD):  # not surely dead (unreachable, Ray trouble)
                     self._kill_actor()
                     self._await_death(None)
@@ -640,6 +648,20 @@ def _local_node_id() -> str | None:
         return None
 
 
+def _death_cause(exc: BaseException) -> str:
+    """Ray's reason for an actor's death in its own words, less its header and its advice:
+    "The actor is dead because its worker process has died. Worker exit type: ...", "...
+    because its node has died", "... killed by the memory monitor"."""
+    try:
+        lines = [line for line in str(exc).splitlines() if line and not line[0].isspace()]
+    except Exception:
+        lines = []
+    text = " ".join(lines).removeprefix(_DEAD_HEADER).strip() or repr(exc)
+    for advice in (" Some common causes", " To troubleshoot", " If the process"):
+        text = text.partition(advice)[0]
+    return text[:DETAIL_CHARS]
+
+
 def _process(pid: int) -> psutil.Process | None:
     try:
         return psutil.Process(pid)
@@ -668,3 +690,4 @@ _CONTINUE: Final = _Answer.CONTINUE  # what _answer() returns when the actor goe
 # The error that means the actor is gone for good. Others (ActorUnavailableError, a
 # RayActorError too: it may come back) get the actor killed first.
 _DEAD = getattr(ray.exceptions, "ActorDiedError", ray.exceptions.RayActorError)
+_DEAD_HEADER = "The actor died unexpectedly before finishing this task."
