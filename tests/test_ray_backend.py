@@ -179,11 +179,17 @@ def test_an_actor_waiting_for_room_holds_up_nothing() -> None:
     check_invariants(m)
 
 
+def free_cpus() -> bool:
+    return ray.available_resources().get("CPU", 0) >= PROCS
+
+
 def test_missing_room_is_missing_capacity_while_others_serve() -> None:
-    """Three actors on two CPUs, a start timeout of 1 s: the third waits for room the whole
-    run (4 s of jobs) while the two serve. It once failed a start per timeout, and three
-    failed starts broke the pool, failing the jobs still queued."""
-    with Pool(Sleep(0.25), PROCS + 1, backend="ray", start_timeout=1.0) as pool:
+    """Three actors on two CPUs, a start timeout of 3 s: the third waits for room the whole
+    run (4 s of jobs) while the two serve. It once failed a start per timeout (and three
+    failed starts broke the pool, failing the jobs still queued)."""
+    # Two actors placed within the timeout need the CPUs earlier tests' actors held.
+    wait_for(free_cpus, GONE, "the CPUs of earlier pools' actors")
+    with Pool(Sleep(0.25), PROCS + 1, backend="ray", start_timeout=3.0) as pool:
         results = run_jobs(pool, range(32), timeout=120)
         m = pool.metrics()
         assert m.workers == PROCS + 1  # still waiting, never given up on
