@@ -84,57 +84,31 @@ if TYPE_CHECKING:
     from .serve.metrics import Exporter
 
 if TYPE_CHECKING:  # click >= 8.4 types a parameter type by what it converts to
-    _IntType = click.ParamType[int]
-    _FloatType = click.ParamType[float]
+    _AnyType = click.ParamType[Any]
 else:
-    _IntType = _FloatType = click.ParamType
+    _AnyType = click.ParamType
 
 
-class _Size(_IntType):
-    name = "SIZE"
+class _Parsed(_AnyType):
+    """A value of the text a parser of batchpool's reads (a size, a duration, a rate): its
+    ValueError becomes click's one-line usage error."""
 
-    def __init__(self, minimum: int = MIN_MEMORY) -> None:
-        self.minimum = minimum
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
 
-    def convert(
-        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value  # a default, converted already
         try:
-            return parse_size(value, self.minimum)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class _Duration(_FloatType):
-    name = "DURATION"
-
-    def convert(
-        self, value: str | float, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _Rate(_FloatType):
-    name = "RATE"
-
-    def convert(
-        self, value: str | float, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            rate = parse_rate(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        assert rate is not None  # only None parses to None
-        return rate
+_SIZE = _Parsed("SIZE", parse_size)
+_DURATION = _Parsed("DURATION", parse_duration)
+_RATE = _Parsed("RATE", parse_rate)
 
 
 Procs = int | tuple[int, int]
@@ -323,7 +297,7 @@ def _job_options(command: F) -> F:
         ),
         click.option(
             "--rate-limit",
-            type=_Rate(),
+            type=_RATE,
             help="Attempt starts per stage, across all workers: 100/s, 30/m, 1000/h or a number "
             "per second (overrides tasks).",
         ),
@@ -334,7 +308,7 @@ def _job_options(command: F) -> F:
         ),
         click.option(
             "--max-memory",
-            type=_Size(),
+            type=_SIZE,
             help="Retire a worker above this RSS, e.g. 2GB (at least 1MB).",
         ),
     ]
@@ -391,7 +365,7 @@ def main() -> None:
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the run report as JSON.")
 @click.option(
     "--deadline",
-    type=_Duration(),
+    type=_DURATION,
     help="Stop intake after this long (90, 1.5s, 30m, 2h), finish the running jobs, exit 124; "
     "--resume continues.",
 )
@@ -657,7 +631,7 @@ def load_target(spec: str) -> Target:
 )
 @click.option(
     "--max-body",
-    type=_Size(minimum=1),
+    type=_Parsed("SIZE", lambda text: parse_size(text, minimum=1)),
     default="1MB",
     show_default=True,
     help="Largest payload accepted; a larger one is refused with 413.",

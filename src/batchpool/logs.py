@@ -12,6 +12,8 @@ import sys
 
 from tqdm import tqdm
 
+from .results import Metrics
+
 FILE_FORMAT = "%(asctime)s batchpool[%(process)d] %(levelname)s %(message)s"
 
 
@@ -50,3 +52,11 @@ def setup(verbose: int, quiet: bool, log_file: str | None = None) -> None:
         logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(min(handler.level for handler in handlers))
+
+
+def incidents(m: Metrics) -> str:
+    """What befell the workers, for the last log line of a run or a server."""
+    return (
+        f"{m.retried} retries, {m.timed_out} timeouts, {m.crashed} crashes, "
+        f"{m.worker_restarts} worker restarts, scaled up {m.scaled_up} and down {m.scaled_down}"
+    )

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from . import logs
 from .jobs import Job
 from .journal import JournalError, JournalWriter
 from .pool import WINDOW_PER_PROC, Pool
@@ -270,21 +271,14 @@ class Run:
 
 
 def _log_end(name: str | None, report: RunReport) -> None:
-    m = report.metrics
     stopped = f"; stopped by {report.stopped_by}" if report.stopped_by else ""
     log.info(
-        "run %s: ended after %.2f s: %d ok, %d failed, %d skipped; %d retries, %d timeouts, "
-        "%d crashes, %d worker restarts, scaled up %d and down %d%s",
+        "run %s: ended after %.2f s: %d ok, %d failed, %d skipped; %s%s",
         name,
         report.elapsed,
         report.succeeded,
         report.failed,
         report.skipped,
-        m.retried,
-        m.timed_out,
-        m.crashed,
-        m.worker_restarts,
-        m.scaled_up,
-        m.scaled_down,
+        logs.incidents(report.metrics),
         stopped,
     )
