@@ -21,7 +21,8 @@ open loop offering ``--overload`` (4) times batchpool's best rate above, for the
 batchpool server with ``--max-queue 64`` and to the baseline (no queue limit), with the asyncio
 client (it times each status apart, from the moment each request was due): 200s and 429s a
 second and their p99, requests not sent (every connection busy) and not answered 10 s after the
-last was sent, the server's RSS
+last was sent, the client's own lag (due to sent, p99: on a small machine the load generator
+competes for the cores too, and its delays count in the latencies), the server's RSS
 over the run (sampled every 0.5 s), and accepted jobs lost (jobs the server's /metrics counts
 as submitted minus the 200s received).
 """
@@ -46,7 +47,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -192,6 +193,7 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)  # answers by status
     p50_429_ms: float | None = None
     p99_429_ms: float | None = None
+    p99_lag_ms: float | None = None  # open loop: the client's own delay in sending, p99
     rss: list[int] = field(default_factory=list)  # server RSS samples, bytes
     lost: int | None = None
     offered: float = 0.0  # open loop: requests a second sent
@@ -209,37 +211,23 @@ def quantile(values: list[float], q: float) -> float | None:
 
 class Connection:
     """One keep-alive HTTP/1.1 connection of the load generator: a request out, the status
-    and body in (Content-Length or chunked). Lean on purpose: httpx's pool, at 32 concurrent
-    connections, spends more CPU per request than the servers measured here."""
+    and body in (Content-Length or chunked). Lean on purpose (a Protocol parsing bytes, no
+    stream readers): on a 2-core machine the client shares the cores with the server under
+    test, and every microsecond it spends is taken from the server and counted in the
+    latencies; httpx's pool spends more CPU per request than the servers measured here."""
 
     def __init__(self, host: str, port: int, request: bytes) -> None:
         self.address = (host, port)
         self.request = request
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.protocol: _Response | None = None
 
     async def post(self) -> int:
-        if self.streams is None:
-            self.streams = await asyncio.open_connection(*self.address)
-        reader, writer = self.streams
+        if self.protocol is None:
+            loop = asyncio.get_running_loop()
+            _, self.protocol = await loop.create_connection(_Response, *self.address)
+        protocol = self.protocol
         try:
-            writer.write(self.request)
-            status = int((await reader.readline()).split()[1])
-            length, chunked, close = 0, False, False
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                name, value = name.strip().lower(), value.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    chunked = value == b"chunked"
-                elif name == b"connection":
-                    close = value == b"close"
-            if chunked:
-                while size := int((await reader.readline()).split(b";")[0], 16):
-                    await reader.readexactly(size + 2)
-                await reader.readexactly(2)
-            else:
-                await reader.readexactly(length)
+            status, close = await protocol.send(self.request)
         except (OSError, EOFError, IndexError, ValueError):
             self.close()
             raise
@@ -248,9 +236,73 @@ class Connection:
         return status
 
     def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
+        if self.protocol is not None:
+            self.protocol.close()
+            self.protocol = None
+
+
+class _Response(asyncio.Protocol):
+    """Reads one response at a time off the bytes received: (status, whether it closes)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, bool]]:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            raise EOFError("the server closed the connection")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        parsed = _parse(self.buffer)
+        if parsed is not None and self.waiter is not None and not self.waiter.done():
+            used, status, close = parsed
+            del self.buffer[:used]
+            self.waiter.set_result((status, close))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(EOFError("the server closed the connection"))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _parse(buffer: bytearray) -> tuple[int, int, bool] | None:
+    """A whole response at the start of ``buffer``: (bytes it takes, status, closes); None
+    while incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end]).lower()
+    status = int(head.split(None, 2)[1])
+    close = b"\r\nconnection: close" in head
+    at = end + 4
+    if b"\r\ntransfer-encoding: chunked" in head:
+        while True:
+            line_end = buffer.find(b"\r\n", at)
+            if line_end < 0:
+                return None
+            size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
+            at = line_end + 2 + size + 2
+            if len(buffer) < at:
+                return None
+            if size == 0:
+                return at, status, close
+    found = head.find(b"\r\ncontent-length:")
+    length = 0 if found < 0 else int(head[found + 17 :].split(b"\r\n", 1)[0])
+    if len(buffer) < at + length:
+        return None
+    return at + length, status, close
 
 
 def asyncio_load(
@@ -266,9 +318,11 @@ def asyncio_load(
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     times: dict[int, list[float]] = defaultdict(list)
+    lags: list[float] = []  # from due to sent: the client's own delay (open loop)
     counts = {"errors": 0, "unsent": 0, "unanswered": 0}
 
     async def send(connection: Connection, due: float) -> bool:
+        lags.append(time.perf_counter() - due)
         try:
             status = await connection.post()
         except (OSError, EOFError, IndexError, ValueError):
@@ -332,7 +386,7 @@ def asyncio_load(
         elapsed = uvloop.run(main())
     except ImportError:
         elapsed = asyncio.run(main())
-    return {"times": times, "elapsed": elapsed, **counts}
+    return {"times": times, "lags": lags, "elapsed": elapsed, **counts}
 
 
 def run_asyncio(
@@ -371,6 +425,7 @@ def run_asyncio(
         statuses={status: len(t) for status, t in sorted(times.items())},
         p50_429_ms=_ms(quantile(times.get(429, []), 0.5)),
         p99_429_ms=_ms(quantile(times.get(429, []), 0.99)),
+        p99_lag_ms=_ms(quantile(out["lags"], 0.99)) if rate else None,
         rss=samples,
         lost=lost,
         offered=rate,
@@ -492,15 +547,15 @@ def ratios(cells: list[Load]) -> str:
 def overload_table(cells: list[Load]) -> str:
     rows = [
         "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unsent | unanswered "
-        "| RSS MB first / max / last | accepted lost |"
+        "| client lag p99 ms | RSS MB first / max / last | accepted lost |"
     ]
-    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for c in cells:
         mb = [r / 2**20 for r in c.rss] or [0.0]
         rows.append(
             f"| {c.server} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
             f"| {_f(c.statuses.get(429, 0) / c.seconds, 0)} | {_f(c.p50_429_ms)} "
-            f"| {_f(c.p99_429_ms)} | {c.unsent} | {c.unanswered} "
+            f"| {_f(c.p99_429_ms)} | {c.unsent} | {c.unanswered} | {_f(c.p99_lag_ms)} "
             f"| {mb[0]:.0f} / {max(mb):.0f} / {mb[-1]:.0f} | "
             f"{'-' if c.lost is None else c.lost} |"
         )

@@ -9,8 +9,8 @@ reached here, by the supervisor's thread:
   a worker once it answered every STEAL sent up to the recall's own (or once it died); until
   then the worker gets no new jobs, so all it holds was there when the recall began.
 - running (a deadline only): the worker is killed and replaced. First it is asked to FLUSH: a
-  local worker sends the results of a batch every FLUSH_EVERY seconds or at its end, so jobs of
-  the call that ended just before the running one may not be in yet, and they ran to
+  local worker sends the results of a batch every Tuning.flush_every seconds or at its end, so
+  jobs of the call that ended just before the running one may not be in yet, and they ran to
   completion. It gets no new jobs meanwhile; it is killed when FLUSHED comes (its RESULTS come
   ahead: they complete those jobs as usual), or after FLUSH_GRACE seconds (a reader thread stuck
   behind a job that holds the GIL). Then the expired call's jobs it still holds end as

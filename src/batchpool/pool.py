@@ -20,7 +20,7 @@ from .jobs import Block, Delivery
 from .messages import dumps
 from .results import KIND_CANCELLED, JobError, JobResult, Metrics
 from .scaling import Bounds, check, check_idle_timeout
-from .sizing import MAX_BATCH
+from .sizing import BATCHES, MAX_BATCH, Tuning
 from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, check_priority, resolve_policy
 
@@ -138,18 +138,24 @@ class _Futures:
 
     def deliver(self, items: Delivery) -> None:
         for job, (result,) in items.runs:  # a Future's job has a block of its own
+            # The job is final: the block lets go of its future, so the two make no cycle,
+            # which only the cyclic GC would free (a server's pauses grew with them).
+            future: JobFuture = job.tag
+            job.tag = None
             if result.error is not None and result.error.kind == KIND_CANCELLED:
-                job.tag._cancel_anyway()  # cancel_pending()
+                future._cancel_anyway()  # cancel_pending()
                 continue
             try:
-                job.tag.set_result(result)  # RUNNING, or PENDING if it never left the queue
+                future.set_result(result)  # RUNNING, or PENDING if it never left the queue
             except InvalidStateError:
                 pass  # cancelled by its owner meanwhile
 
     def cancel(self, job: Block, error: JobError | None) -> None:
         """terminate(): a future not yet running is cancelled; a running one resolves to a
         "cancelled" result (``error`` given: that failure instead)."""
-        future: JobFuture = job.tag
+        future: JobFuture | None = job.tag
+        if future is None:
+            return  # resolved already
         if error is None:
             future._cancel_anyway()
         else:
@@ -296,7 +302,9 @@ class Pool:
         address: str | None = None,
         own_signals: bool = False,
         idle_timeout: float = IDLE_TIMEOUT,
+        tuning: Tuning = BATCHES,
     ) -> None:
+        """``tuning``: a server's (serve/command.py): latency and CPU priority."""
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
         policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
@@ -325,7 +333,13 @@ class Pool:
         self._policies = policies
         rates = tuple(p.rate for p in policies)
         spec = WorkerSpec(
-            tasks_blob, tuple(preload), max_tasks_per_worker, max_memory, own_signals, rates
+            tasks_blob,
+            tuple(preload),
+            max_tasks_per_worker,
+            max_memory,
+            own_signals,
+            rates,
+            tuning,
         )
         workers = make_backend(backend, method, self.procs, spec, address)
         self._supervisor = Supervisor(
@@ -338,6 +352,7 @@ class Pool:
             or (None if chunksize == "auto" else int(chunksize)),
             max_tasks=max_tasks_per_worker,
             start_timeout=start_limit,
+            batch_seconds=tuning.batch_seconds,
         )
         self._futures = _Futures()
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs

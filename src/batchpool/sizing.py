@@ -3,13 +3,15 @@
 A message should carry about TARGET_BATCH_SECONDS of work, so that per-message costs stay well
 under 1% (a pass of the supervisor's loop, which sends a message and reads an answer, costs it
 about 0.25 ms of CPU on a busy 2-core VM: its syscalls dominate) while results still stream (a
-worker sends what it has every worker.FLUSH_EVERY, 100 ms, so a refill follows each answer);
+worker sends what it has every Tuning.flush_every, 100 ms, so a refill follows each answer);
 never more than MAX_BATCH jobs; and payloads of about
 MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better than one giant
 one that leaves the other workers idle while it travels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 TARGET_BATCH_SECONDS = 0.1  # work per message
 MAX_BATCH = 512  # jobs per message, however tiny they are
@@ -18,12 +20,33 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Throughput (the defaults, for batches) against latency (a server's, where every job is
+    awaited): how much work a message carries, how long results wait in a worker, and the
+    workers' CPU priority."""
+
+    batch_seconds: float = TARGET_BATCH_SECONDS  # work per message
+    # Seconds a finished result may wait in a local worker for the results after it: a message
+    # per result costs the supervisor a loop pass, a long wait costs the result's latency.
+    flush_every: float = 0.1
+    # Added to each local worker's nice value at its start: a server's front (the HTTP loop,
+    # the supervisor) stays responsive while the workers saturate every core.
+    nice: int = 0
+
+
+BATCHES = Tuning()  # the default
+
+
 class BatchSizer:
     """Per stage: the measured seconds per job (an EWMA over batches) and pickled payload
     bytes per job (the last message's)."""
 
-    def __init__(self, stages: int, chunksize: int | None) -> None:
+    def __init__(
+        self, stages: int, chunksize: int | None, batch_seconds: float = TARGET_BATCH_SECONDS
+    ) -> None:
         self.chunksize = chunksize  # fixed by the user, or by a backend
+        self.batch_seconds = batch_seconds
         self.job_time: list[float | None] = [None] * stages
         self.job_bytes: list[int] = [0] * stages
 
@@ -45,7 +68,7 @@ class BatchSizer:
         t = self.job_time[stage]
         if t is None:
             return 1  # nothing measured yet: one job shows how long jobs take
-        return max(1, min(MAX_BATCH, int(TARGET_BATCH_SECONDS / t)))
+        return max(1, min(MAX_BATCH, int(self.batch_seconds / t)))
 
     def fit_bytes(self, stage: int, jobs: int, head_bytes: int | None) -> int:
         """``jobs`` cut to the byte budget. ``head_bytes``: the next payload's pickled size,

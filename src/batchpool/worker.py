@@ -22,6 +22,7 @@ from enum import Enum
 from multiprocessing.connection import Connection, wait
 from typing import Final, Literal, NoReturn
 
+from .backends import WorkerSpec
 from .messages import (
     EXITING,
     FLUSH,
@@ -40,7 +41,6 @@ from .task import Task
 from .workercore import EXIT_START_FAILED, Job, Retirement, Runner, start, stop
 
 EXIT_ORPHANED = 4  # the supervisor's process died
-FLUSH_EVERY = 0.1  # seconds: a long batch still streams results (progress, ordered imap)
 
 
 def main(
@@ -48,10 +48,7 @@ def main(
     lifeline: Connection,
     progress: ProgressSlots,
     slot: int,
-    tasks_blob: bytes,
-    preload: Sequence[tuple[str, str]],
-    max_tasks: int | None,
-    max_memory: int | None,
+    spec: WorkerSpec,
     gates: Sequence[GateSpec],
 ) -> None:
     """Entry point of a worker process (the target of multiprocessing.Process)."""
@@ -69,12 +66,15 @@ def main(
         pass
     faulthandler.enable()
     _exit_with_parent(lifeline)
-    tasks, hello = start(tasks_blob, preload)
+    if spec.tuning.nice:
+        os.nice(spec.tuning.nice)
+    tasks, hello = start(spec.tasks_blob, spec.preload)
     try:
         _send(conn, hello)
         if tasks is not None:
-            retirement = Retirement(max_tasks, max_memory)
-            _serve(conn, tasks, progress, slot, retirement, open_gates(gates))
+            retirement = Retirement(spec.max_tasks, spec.max_memory)
+            gated = open_gates(gates)
+            _serve(conn, tasks, progress, slot, retirement, gated, spec.tuning.flush_every)
     except OSError:  # the supervisor's end of the pipe is gone, and the supervisor with it
         _orphaned()
     if tasks is None:
@@ -147,9 +147,10 @@ def _serve(
     slot: int,
     retirement: Retirement,
     gates: dict[int, Gate],
+    flush_every: float,
 ) -> None:
     box = _Mailbox(conn)
-    runner = Runner(tasks, box.send, retirement, progress, slot, FLUSH_EVERY, gates)
+    runner = Runner(tasks, box.send, retirement, progress, slot, flush_every, gates)
     threading.Thread(
         target=box.read, args=(runner.flush_finished,), name="batchpool-reader", daemon=True
     ).start()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..channel import Channel
+from ..sizing import Tuning
 
 BACKENDS = ("local", "ray")
 
@@ -58,6 +59,7 @@ class WorkerSpec:
     # Per stage, attempt starts per second (None: no limit): the backend makes the gates
     # (rates.GateFiles) its workers take their starts from.
     rates: tuple[float | None, ...] = ()
+    tuning: Tuning = Tuning()  # its flush_every and nice
 
 
 class WorkerHandle(Protocol):

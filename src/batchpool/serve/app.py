@@ -51,21 +51,55 @@ class Awaited(Response):
         await send({"type": "http.response.body", "body": final.body()})
 
 
-def build_app(service: Service, registry: CollectorRegistry, max_body: int) -> Starlette:
+class Refusing:
+    """The front of the app: a ``POST /jobs`` that must be refused (a full queue: 429; a drain:
+    503) is answered here, before Starlette builds a request, reads a body or routes anything.
+    At 4x the server's capacity most requests are refused: each costs the app ~5 us of CPU
+    here against ~26 us through Starlette (called in-process on the 2-core VM), next to ~60 us
+    that uvicorn spends on any request."""
+
+    def __init__(self, app: Starlette, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/jobs":
+            try:
+                self.service.admissible()
+            except Refused as exc:
+                await _refuse(send, exc)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, exc: Refused) -> None:
+    """The refusal as raw ASGI messages: no Starlette on this path."""
+    status, message, extra = _refusal(exc)
+    body = json.dumps({"error": message}, ensure_ascii=False, separators=(",", ":")).encode()
+    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _refusal(exc: Refused) -> tuple[int, str, dict[str, str]]:
+    """A full queue: 429; a drain: 503 (the server is ending: nothing to come back to); a pool
+    or journal that cannot take the job: 503, worth trying again soon."""
+    if isinstance(exc, Draining):
+        return 503, str(exc), {}
+    return 429 if isinstance(exc, Full) else 503, str(exc), {"Retry-After": RETRY_AFTER}
+
+
+def build_app(service: Service, registry: CollectorRegistry, max_body: int) -> Refusing:
     """The app; ``max_body``: bytes a job's payload may take."""
 
     async def post_job(request: Request) -> Response:
         wait, priority = _options(request.query_params)
         try:
-            service.admissible()  # before reading a body that would be refused anyway
             payload = _decode(await _body(request, max_body))
             live = await service.submit(payload, priority)
-        except Full as exc:
-            return error(429, str(exc), {"Retry-After": RETRY_AFTER})
-        except Draining as exc:
-            return error(503, str(exc))
         except Refused as exc:
-            return error(503, str(exc), {"Retry-After": RETRY_AFTER})
+            return error(*_refusal(exc))
         if wait:
             return Awaited(service, live)
         return JSONResponse({"id": live.id}, 202, headers={"Location": f"/jobs/{live.id}"})
@@ -107,10 +141,11 @@ def build_app(service: Service, registry: CollectorRegistry, max_body: int) -> S
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
+    return Refusing(app, service)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -4,6 +4,7 @@ before anything starts, and closed so that no worker outlives the command."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -15,8 +16,10 @@ from typing import Any
 
 import uvicorn
 
+from .. import logs
 from ..pool import Pool
 from ..results import Metrics
+from ..sizing import Tuning
 from .app import build_app
 from .metrics import PoolCollector, registry
 from .server import Server, bind
@@ -25,6 +28,14 @@ from .store import ServeJournal
 from .target import Target
 
 log = logging.getLogger("batchpool")
+
+# Every job of a server is awaited by someone: latency over throughput. Messages of ~10 ms of
+# work keep most of the queue in the supervisor, where the next free worker takes from it (as
+# ProcessPoolExecutor's shared queue does), rather than in a mailbox behind a worker that the
+# kernel happens to slow down; results leave a worker within 5 ms; and the workers yield the
+# CPU to the HTTP loop and the supervisor, so answers (refusals above all) stay prompt when the
+# workers saturate every core. benchmarks/serve.py measured each of the three.
+SERVING = Tuning(batch_seconds=0.01, flush_every=0.005, nice=10)
 
 
 class CannotListen(Exception):
@@ -69,6 +80,9 @@ def serve(target: Target, settings: Settings) -> int:
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         _announce(target, settings, pool, url, journal, resumed)
+        # Out of the cyclic GC's sight from now on: what start-up made (modules, the app, the
+        # pool) lives as long as the server, and each full collection would walk it again.
+        gc.freeze()
         server.run(sockets=[sock])
     finally:
         sock.close()
@@ -97,7 +111,11 @@ def _open(target: Target, settings: Settings) -> tuple[ServeJournal | None, sock
             raise CannotListen(f"cannot listen on {where}: {exc.strerror or exc}") from None
         try:
             pool = Pool._for_stages(
-                target.stages, settings.procs, preload=target.preload, **settings.pool_options
+                target.stages,
+                settings.procs,
+                preload=target.preload,
+                tuning=SERVING,
+                **settings.pool_options,
             )
         except BaseException:
             sock.close()
@@ -144,20 +162,14 @@ def _announce(
 
 def _log_end(target: Target, m: Metrics, elapsed: float, how: str) -> None:
     log.info(
-        "serve %s: ended after %.2f s: %d jobs accepted, %d ok, %d failed, %d cancelled; "
-        "%d retries, %d timeouts, %d crashes, %d worker restarts, scaled up %d and down %d%s",
+        "serve %s: ended after %.2f s: %d jobs accepted, %d ok, %d failed, %d cancelled; %s%s",
         target.name,
         elapsed,
         m.submitted,
         m.succeeded,
         m.failed,
         m.cancelled,
-        m.retried,
-        m.timed_out,
-        m.crashed,
-        m.worker_restarts,
-        m.scaled_up,
-        m.scaled_down,
+        logs.incidents(m),
         how,
     )
 

@@ -142,11 +142,18 @@ class Service:
     def _queue(self, live: Live, payload: Any, priority: int | None) -> None:
         future = self.pool.submit(payload, priority=priority)
         live.future = future
-        future.add_done_callback(lambda f: self._finished(live, f))
+        # By id, not by the Live: a callback holding the Live that holds the future would make
+        # a cycle per job, for the cyclic GC to pause the server over.
+        id = live.id
+        future.add_done_callback(lambda f: self._finished(id, f))
 
     # -- results -----------------------------------------------------------------------------
-    def _finished(self, live: Live, future: Future[JobResult]) -> None:
+    def _finished(self, id: int, future: Future[JobResult]) -> None:
         """The job's future resolved (supervisor thread, or the canceller's)."""
+        with self.lock:
+            live = self.live.get(id)  # until _publish, below
+        if live is None:
+            return  # refused after all (see submit)
         if future.cancelled() and not live.deleted:
             return  # a hard stop's: not a result (with a journal, a restart runs the job)
         final = Final.of(live.id, future, _attempts(future))
