@@ -103,7 +103,11 @@ def free_port() -> int:
 
 
 class Server:
-    """One server process in a session of its own; ``url`` once it answers."""
+    """One server process in a process group of its own, in this script's session; ``url``
+    once it answers. Not in a session of its own: Linux gives each session an autogroup and
+    shares the CPU between autogroups as wholes, so the load generator would compete with the
+    server's worker processes as an equal whatever their nice values, which no client on
+    another machine does."""
 
     def __init__(self, name: str, procs: int, *, max_queue: int | None = None) -> None:
         self.name = name
@@ -119,9 +123,7 @@ class Server:
         else:
             argv = [sys.executable, str(HERE / "serve.py"), "--baseline-server", str(self.port)]
             argv += ["--procs", str(procs)]
-        self.proc = subprocess.Popen(
-            argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL
-        )
+        self.proc = subprocess.Popen(argv, env=env, process_group=0, stdin=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready()
 

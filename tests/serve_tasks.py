@@ -2,7 +2,8 @@
 
 A payload is an int (squared at once) or a dict: ``n`` (the value returned), ``sleep``
 (seconds), ``runs`` (a file that gets one line per attempt: ``n``), ``fail`` (fail for good),
-``flag`` (Flaky: the first attempt creates the file and fails, later ones succeed).
+``flag`` (Flaky: the first attempt creates the file and fails, later ones succeed), ``nice``
+(return the worker's nice value instead).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Work(Task):
     def run(self, payload: Any) -> Any:
         if isinstance(payload, int):
             return payload * payload
+        if payload.get("nice"):
+            return os.nice(0)
         if payload.get("runs"):
             append_line(payload["runs"], str(payload.get("n")))
         time.sleep(payload.get("sleep", 0))

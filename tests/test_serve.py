@@ -23,6 +23,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import (
     CHILD_DEADLINE,
@@ -179,6 +180,15 @@ def test_post_waits_and_answers_the_result(tmp_path: Path) -> None:
         assert (error["kind"], error["type"]) == ("error", "PermanentError")
         assert error["message"] == "payload 3 refused"
         assert s.get(body["id"]).json() == body  # polled later: the same answer
+        assert s.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_workers_of_a_server_run_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    with serving(tmp_path, procs=2) as s:
+        own = psutil.Process(s.proc.pid).nice()
+        niceness = {s.post({"nice": True}).json()["value"] for _ in range(4)}
+        assert niceness == {min(own + 10, 19)}
         assert s.stop() == 0
 
 

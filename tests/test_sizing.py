@@ -1,0 +1,76 @@
+"""Pure unit tests of batch sizing (sizing.BatchSizer): no processes, no clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchpool.sizing import (
+    MAX_BATCH,
+    MAX_MESSAGE_BYTES,
+    PER_JOB_OVERHEAD,
+    TARGET_BATCH_SECONDS,
+    BatchSizer,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_a_stage_not_timed_yet_sends_one_job() -> None:
+    assert BatchSizer(2, None).jobs_per_message(1) == 1
+
+
+def test_a_message_carries_about_its_batch_seconds_of_work() -> None:
+    batches, serving = BatchSizer(1, None), BatchSizer(1, None, batch_seconds=0.01)
+    for sizer in (batches, serving):
+        sizer.timed(0, seconds=0.1, jobs=100)  # 1 ms a job
+    per_job = 0.001 + PER_JOB_OVERHEAD
+    assert batches.jobs_per_message(0) == int(TARGET_BATCH_SECONDS / per_job) == 99
+    assert serving.jobs_per_message(0) == int(0.01 / per_job) == 9
+
+
+def test_a_fixed_chunksize_wins() -> None:
+    sizer = BatchSizer(1, 7, batch_seconds=0.01)
+    sizer.timed(0, seconds=1.0, jobs=1)
+    assert sizer.jobs_per_message(0) == 7
+
+
+def test_the_estimate_follows_the_newest_batches() -> None:
+    sizer = BatchSizer(1, None)
+    sizer.timed(0, seconds=0.001, jobs=1)
+    for _ in range(40):  # the jobs became 100x slower
+        sizer.timed(0, seconds=0.1, jobs=1)
+    assert sizer.jobs_per_message(0) == 1
+
+
+@given(
+    seconds=st.floats(min_value=0.0, max_value=1e4, allow_nan=False),
+    jobs=st.integers(min_value=1, max_value=10**6),
+    batch_seconds=st.floats(min_value=1e-4, max_value=10.0),
+)
+def test_jobs_per_message_stays_within_one_and_max_batch(
+    seconds: float, jobs: int, batch_seconds: float
+) -> None:
+    sizer = BatchSizer(1, None, batch_seconds)
+    sizer.timed(0, seconds, jobs)
+    assert 1 <= sizer.jobs_per_message(0) <= MAX_BATCH
+
+
+def test_big_payloads_cut_the_message_to_the_byte_budget() -> None:
+    sizer = BatchSizer(1, None)
+    per_job = sizer.sized(0, payload_bytes=10 * 1024**2, jobs=10)  # 1 MiB each
+    assert per_job == 1024**2 + 1
+    assert sizer.fit_bytes(0, 100, None) == MAX_MESSAGE_BYTES // per_job
+    assert sizer.fit_bytes(0, 100, head_bytes=64 * 1024**2) == 1  # the next one is huge
+    assert not sizer.should_probe(0, 100)
+    small = BatchSizer(1, None)
+    small.sized(0, payload_bytes=100, jobs=10)
+    assert small.should_probe(0, 100)  # small so far: the next payload is probed
+
+
+def test_payloads_that_grew_are_cut_back_to_a_moderate_message() -> None:
+    assert BatchSizer.oversized(jobs=10, payload_bytes=MAX_MESSAGE_BYTES) is None
+    assert BatchSizer.oversized(jobs=100, payload_bytes=10 * MAX_MESSAGE_BYTES) == 9
+    assert BatchSizer.oversized(jobs=10, payload_bytes=30 * MAX_MESSAGE_BYTES) == 1
+    assert BatchSizer.oversized(jobs=1, payload_bytes=10 * MAX_MESSAGE_BYTES) is None
