@@ -471,6 +471,30 @@ def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
 # -- durability -----------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
+def test_a_job_the_journal_cannot_record_is_refused_503_and_kept_nowhere(tmp_path: Path) -> None:
+    journal, runs = tmp_path / "serve.sqlite", tmp_path / "runs"
+    with serving(tmp_path, "Work", "--journal", journal) as s:
+        first = s.post({"n": 1, "runs": str(runs)}).json()
+        # Another process holds the write lock: the server's commit gives up after SQLite's
+        # busy timeout (5 s), and the request that waited on it is refused.
+        with closing(sqlite3.connect(journal, isolation_level=None)) as blocker:
+            blocker.execute("BEGIN EXCLUSIVE")
+            refused = s.post({"n": 2, "runs": str(runs)})
+            blocker.execute("ROLLBACK")
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "cannot write" in refused.json()["error"]
+        after = s.post({"n": 3, "runs": str(runs)}).json()
+        assert after["ok"] and after["value"] == 3
+        assert sorted(read_lines(runs)) == ["1", "3"]  # the refused job never ran
+        assert s.client.get("/healthz").json()["queued"] == 0
+        assert s.stop() == 0
+    exported = bp("results", journal, cwd=tmp_path).stdout.splitlines()
+    assert sorted(json.loads(line)["value"] for line in exported) == [1, 3]
+    assert first["id"] < after["id"]
+
+
 @pytest.mark.timeout(90)
 def test_a_killed_server_restarted_on_its_journal_answers_every_accepted_job(
     tmp_path: Path,

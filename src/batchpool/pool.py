@@ -87,6 +87,13 @@ class JobFuture(Future[JobResult]):
     _supervisor: Supervisor
     cancel_error = None  # the tag protocol (jobs.py): a Future resolves itself when cancelled
 
+    @property
+    def attempts(self) -> int:
+        """Attempts made so far, in this stage and the ones before: a job that is not running
+        and has made some waits for its retry. Ints the supervisor thread rebinds: safe to read
+        from any thread."""
+        return self._job.prior + self._job.attempts
+
     def cancel(self) -> bool:
         with self._condition:
             if self._state in (_base.RUNNING, _base.FINISHED):
@@ -394,7 +401,7 @@ class Pool:
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 
-    def submit(self, payload: Any, *, priority: int | None = None) -> Future[JobResult]:
+    def submit(self, payload: Any, *, priority: int | None = None) -> JobFuture:
         """Queue one job; the Future resolves to its JobResult (failures included).
         ``priority``: higher runs first (default: the task's ``priority``)."""
         level = self._priority(priority)

@@ -70,7 +70,7 @@ class JournalFile:
 
     def _read_meta(self, *, allow_blank: bool) -> dict[str, Any] | None:
         """The meta table, checked; None for a blank database we may initialise."""
-        conn = self._require()
+        conn = self.connection()
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
             meta = dict(conn.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
@@ -123,7 +123,7 @@ class JournalFile:
         object itself where it was kept pickled (``keep_values``), else its JSON form."""
         sql = f"SELECT {_COLUMNS}, pickled FROM jobs WHERE idx = ? AND status IS NOT NULL"
         try:
-            found = self._require().execute(sql, (index,)).fetchone()
+            found = self.connection().execute(sql, (index,)).fetchone()
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: cannot read: {reason(exc)}") from exc
         if found is None:
@@ -137,7 +137,7 @@ class JournalFile:
         last: float = float("-inf")
         while True:
             try:
-                page = self._require().execute(sql, (last,)).fetchall()
+                page = self.connection().execute(sql, (last,)).fetchall()
             except sqlite3.Error as exc:
                 raise JournalError(f"journal {self.path}: cannot read: {reason(exc)}") from exc
             yield from page
@@ -150,7 +150,7 @@ class JournalFile:
         counts = {"ok": 0, "failed": 0, "pending": 0}
         sql = "SELECT coalesce(status, 'pending'), count(*) FROM jobs GROUP BY 1"
         try:
-            counts.update(self._require().execute(sql))
+            counts.update(self.connection().execute(sql))
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: cannot read: {reason(exc)}") from exc
         return counts
@@ -184,7 +184,8 @@ class JournalFile:
             if exc_type is None:
                 raise  # otherwise the body's own exception is the one to see
 
-    def _require(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """The open connection; JournalError once closed (a server's store adds its tables)."""
         if self._conn is None:
             raise JournalError(f"journal {self.path} is closed")
         return self._conn

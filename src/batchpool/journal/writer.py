@@ -92,8 +92,8 @@ class JournalWriter(JournalFile):
         """Only once the file is known to be a journal (or blank): a refused file stays as it
         was, in its own journal mode."""
         try:
-            self._require().execute("PRAGMA journal_mode=WAL").fetchone()
-            self._require().execute("PRAGMA synchronous=NORMAL")
+            self.connection().execute("PRAGMA journal_mode=WAL").fetchone()
+            self.connection().execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: cannot open: {reason(exc)}") from exc
 
@@ -115,7 +115,7 @@ class JournalWriter(JournalFile):
 
     def add_pending(self, index: int, fp: str) -> None:
         """Buffer: job submitted, not final. Never replaces a final outcome."""
-        self._require()
+        self.connection()
         self._pending.append((int(index), fp))
         self._added()
 
@@ -136,7 +136,7 @@ class JournalWriter(JournalFile):
         ``value`` is stored as JSON; parts JSON cannot represent are stored as their repr()
         (the whole value's repr() if its structure cannot be kept, e.g. non-string dict keys).
         """
-        self._require()
+        self.connection()
         err = None if error is None else json_text(error)
         status = "ok" if ok else "failed"
         row = (int(index), fp, status, json_text(value), err, int(attempts), worker, float(elapsed))
@@ -192,7 +192,7 @@ class JournalWriter(JournalFile):
         upgrade: bool = False,
     ) -> None:
         """Write the buffer (and meta) in one transaction; clear the buffer only once committed."""
-        conn = self._require()
+        conn = self.connection()
         self._check_file()
         try:
             conn.execute("BEGIN IMMEDIATE")

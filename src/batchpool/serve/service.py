@@ -18,13 +18,11 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 from ..errors import PoolBroken, PoolClosed
 from ..journal import JournalError
-from ..pool import Pool
-from ..results import JobResult
+from ..pool import JobFuture, Pool
 from .final import Final
 from .store import ServeJournal
 
@@ -58,7 +56,7 @@ class Live:
 
     def __init__(self, id: int) -> None:
         self.id = id
-        self.future: Future[JobResult] | None = None  # None until the pool has it
+        self.future: JobFuture | None = None  # None until the pool has it
         self.final: Final | None = None
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Final]]] = []
         self.deleted = False  # cancelled by a client (not by a hard stop)
@@ -145,10 +143,10 @@ class Service:
         # By id, not by the Live: a callback holding the Live that holds the future would make
         # a cycle per job, for the cyclic GC to pause the server over.
         id = live.id
-        future.add_done_callback(lambda f: self._finished(id, f))
+        future.add_done_callback(lambda f: self._finished(id, cast(JobFuture, f)))
 
     # -- results -----------------------------------------------------------------------------
-    def _finished(self, id: int, future: Future[JobResult]) -> None:
+    def _finished(self, id: int, future: JobFuture) -> None:
         """The job's future resolved (supervisor thread, or the canceller's)."""
         with self.lock:
             live = self.live.get(id)  # until _publish, below
@@ -156,7 +154,7 @@ class Service:
             return  # refused after all (see submit)
         if future.cancelled() and not live.deleted:
             return  # a hard stop's: not a result (with a journal, a restart runs the job)
-        final = Final.of(live.id, future, _attempts(future))
+        final = Final.of(live.id, future, future.attempts)
         if self.journal is None:
             self._publish(live, final)
             return
@@ -214,7 +212,7 @@ class Service:
         future = live.future
         if future is not None and future.running():
             return "running"
-        return "retrying" if future is not None and _attempts(future) else "queued"
+        return "retrying" if future is not None and future.attempts else "queued"
 
     def cancel(self, id: int) -> Live | str | None:
         """Cancel a job that has not started: its Live (the result follows), or why not
@@ -266,11 +264,3 @@ def _settle(waiter: asyncio.Future[Any], outcome: Any) -> None:
         waiter.set_exception(outcome)
     else:
         waiter.set_result(outcome)
-
-
-def _attempts(future: Future[JobResult]) -> int:
-    """Attempts a job's future has made so far: one that is not running and has made some
-    waits for its retry. The pool has no public word for it yet; its block counts them (the
-    stage's and the earlier stages'), ints the supervisor thread rebinds: safe to read."""
-    block = getattr(future, "_job", None)
-    return 0 if block is None else int(block.prior + block.attempts)

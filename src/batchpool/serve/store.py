@@ -73,7 +73,7 @@ class ServeJournal:
         self._book = JournalWriter(path, name)
         self.path = self._book.path
         try:
-            conn = self._book._require()
+            conn = self._book.connection()
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
             if "requests" not in tables and self._book.state != "empty":
                 raise JournalError(
@@ -100,7 +100,7 @@ class ServeJournal:
     # -- what a restart finds --------------------------------------------------------------
     def unfinished(self) -> Iterator[Accepted]:
         """Accepted jobs without a result, oldest first."""
-        for id, payload, priority in self._book._require().execute(_UNFINISHED).fetchall():
+        for id, payload, priority in self._book.connection().execute(_UNFINISHED).fetchall():
             yield Accepted(id, json.loads(payload), priority)
 
     def lookup(self, id: int) -> Final | None:
@@ -131,7 +131,7 @@ class ServeJournal:
             self._cond.notify()
 
     def _write(self) -> None:
-        conn = self._book._require()
+        conn = self._book.connection()
         sql = {"accept": _ACCEPT, "forget": _FORGET, "finish": _FINISH}
         while True:
             with self._cond:
