@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -138,14 +139,19 @@ def priority_latency(procs: int) -> None:
 
 
 def noop_cost(procs: int) -> None:
+    _parent_cpu_per_job(procs, "map(priority=5)", {"priority": 5})
+
+
+def _parent_cpu_per_job(procs: int, label: str, options: dict[str, Any]) -> None:
+    """The parent's CPU per no-op job of map() and of map(**options), interleaved, 5 times."""
     n = 200_000
     payloads = list(range(n))
-    runs: dict[str, list[float]] = {"map()": [], "map(priority=5)": []}
+    runs: dict[str, list[float]] = {"map()": [], label: []}
     with Pool(CallTask(noop), procs, retries=3, timeout=60) as pool:
         pool.map(range(4 * procs))
         calls: dict[str, Callable[[], object]] = {
             "map()": lambda: pool.map(payloads),
-            "map(priority=5)": lambda: pool.map(payloads, priority=5),
+            label: lambda: pool.map(payloads, **options),
         }
         for _ in range(5):
             for name, call in calls.items():
@@ -199,23 +205,7 @@ def cancel_pending_time(procs: int) -> tuple[float, int]:
 
 
 def deadline_noop_cost(procs: int) -> None:
-    n = 200_000
-    payloads = list(range(n))
-    runs: dict[str, list[float]] = {"map()": [], "map(deadline=600)": []}
-    with Pool(CallTask(noop), procs, retries=3, timeout=60) as pool:
-        pool.map(range(4 * procs))
-        calls: dict[str, Callable[[], object]] = {
-            "map()": lambda: pool.map(payloads),
-            "map(deadline=600)": lambda: pool.map(payloads, deadline=600),
-        }
-        for _ in range(5):
-            for name, call in calls.items():
-                cpu = time.process_time()
-                call()
-                runs[name].append((time.process_time() - cpu) / n * 1e6)
-    print(f"no-op path: parent CPU per job, {n:,} jobs, {procs} workers, median of 5")
-    for name, us in runs.items():
-        print(f"{name:18s} {statistics.median(us):6.2f} us/job")
+    _parent_cpu_per_job(procs, "map(deadline=600)", {"deadline": 600})
 
 
 def _all_ready(pool: Pool, procs: int) -> None:

@@ -20,7 +20,7 @@ A multi-stage block re-enters QUEUED for its next stage with the previous stage'
 ``attempts`` add up every stage's. Counters are kept per stage (StageCount); Metrics sums them
 into per-job counts.
 
-A block's ``tag`` (a pool.JobFuture, or a cancelling.Deadline shared by the blocks of one call)
+A block's ``tag`` (a futures.JobFuture, or a cancelling.Deadline shared by the blocks of one call)
 is asked at each dispatch whether its jobs may still start (``claim``), and told when they are
 back in the queue (``release``: a retry waits, or a worker handed them back unstarted). A tag
 that refuses has its jobs dropped at dispatch, counted as cancelled: a Future resolved itself

@@ -7,18 +7,18 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError, _base, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
 from .cancelling import Deadline
 from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
-from .jobs import Block, Delivery
+from .futures import Collector, Futures, JobFuture, broken_message
+from .jobs import Block
 from .messages import dumps
-from .results import KIND_CANCELLED, JobError, JobResult, Metrics
+from .results import JobResult, Metrics
 from .scaling import Bounds, check, check_idle_timeout
 from .sizing import BATCHES, MAX_BATCH, Tuning
 from .supervisor import Supervisor
@@ -53,12 +53,6 @@ def _deadline(deadline: float | None) -> Deadline | None:
     return Deadline(seconds_setting("deadline", deadline), time.monotonic())
 
 
-def broken_message(error: JobError) -> str:
-    if error.type == "SupervisorError":
-        return error.message
-    return f"workers cannot start: {error.type}: {error.message}"
-
-
 def _bounds(procs: Any, idle_timeout: Any) -> Bounds:
     """``procs`` as (low, high): a plain number N is (N, N), without scaling."""
     if isinstance(procs, tuple):
@@ -74,145 +68,6 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | No
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
-
-
-class JobFuture(Future[JobResult]):
-    """A submit()ted job. As in concurrent.futures, ``cancel()`` succeeds exactly when the
-    future is neither RUNNING nor done. It is RUNNING while a worker holds the job, and PENDING
-    whenever the job waits in the pool: queued, handed back unstarted, or between attempts (a
-    retry's backoff): so it can be cancelled while queued or waiting for a retry, and a
-    cancelled job never runs again (Metrics.cancelled)."""
-
-    _job: Block
-    _supervisor: Supervisor
-    cancel_error = None  # the tag protocol (jobs.py): a Future resolves itself when cancelled
-
-    @property
-    def attempts(self) -> int:
-        """Attempts made so far, in this stage and the ones before: a job that is not running
-        and has made some waits for its retry. Ints the supervisor thread rebinds: safe to read
-        from any thread."""
-        return self._job.prior + self._job.attempts
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state in (_base.RUNNING, _base.FINISHED):
-                return False
-            if self._state != _base.PENDING:
-                return True  # cancelled already
-            self._notify_cancelled()
-        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
-        self._supervisor.post(("cancel", self._job))  # off the queue now, counted
-        return True
-
-    def claim(self) -> bool:
-        """The supervisor sends the job to a worker: RUNNING from now on; False if it was
-        cancelled (then it must not run)."""
-        with self._condition:
-            if self._state == _base.PENDING:
-                self._state = _base.RUNNING  # no notify: result() waits once, for the end
-                return True
-            return self._state == _base.RUNNING
-
-    def release(self) -> None:
-        """The job is back in the pool's queue, not running (a retry waits for its backoff, or
-        a worker handed it back unstarted): PENDING again, so cancel() can succeed."""
-        with self._condition:
-            if self._state == _base.RUNNING:
-                self._state = _base.PENDING
-
-    def _cancel_anyway(self) -> None:
-        """Cancelled by the pool: terminate() (even while RUNNING, as the SPEC promises),
-        cancel_pending() (a job handed back unstarted may still read RUNNING). The public
-        protocol has no such transition, so these few steps use Future's own fields."""
-        with self._condition:
-            if self._state not in (_base.PENDING, _base.RUNNING):
-                return
-            self._notify_cancelled()
-        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, untyped
-
-    def _notify_cancelled(self) -> None:
-        # With the condition held. Waiters of concurrent.futures.wait()/as_completed() are
-        # told at once: no executor thread will call set_running_or_notify_cancel() later.
-        self._state = _base.CANCELLED_AND_NOTIFIED
-        for waiter in self._waiters:
-            waiter.add_cancelled(self)
-        self._condition.notify_all()
-
-
-class _Futures:
-    """Consumer for submit(): resolves one Future per job."""
-
-    def deliver(self, items: Delivery) -> None:
-        for job, (result,) in items.runs:  # a Future's job has a block of its own
-            # The job is final: the block lets go of its future, so the two make no cycle,
-            # which only the cyclic GC would free (a server's pauses grew with them).
-            future: JobFuture = job.tag
-            job.tag = None
-            if result.error is not None and result.error.kind == KIND_CANCELLED:
-                future._cancel_anyway()  # cancel_pending()
-                continue
-            try:
-                future.set_result(result)  # RUNNING, or PENDING if it never left the queue
-            except InvalidStateError:
-                pass  # cancelled by its owner meanwhile
-
-    def cancel(self, job: Block, error: JobError | None) -> None:
-        """terminate(): a future not yet running is cancelled; a running one resolves to a
-        "cancelled" result (``error`` given: that failure instead)."""
-        future: JobFuture | None = job.tag
-        if future is None:
-            return  # resolved already
-        if error is None:
-            future._cancel_anyway()
-        else:
-            self.deliver(Delivery([(job, job.failures(error))]))
-
-
-class _Collector:
-    """Consumer for map()/imap(): results queue up here for the calling thread, a block's
-    worth at a time: (the block's indexes, its results). The caller is woken once as many
-    have come as it asked for: map() asks for all of them, so a map of a million jobs wakes
-    its caller once, not at each batch."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-        self.cond = threading.Condition(threading.Lock())
-        self.items: deque[tuple[Sequence[int], list[JobResult]]] = deque()
-        self.queued = 0  # results in items
-        self.wanted = 1  # results the caller waits for
-        self.lost: str | None = None
-
-    def deliver(self, items: Delivery) -> None:
-        with self.cond:
-            for block, results in items.runs:
-                self.items.append((block.index, results))
-                self.queued += len(results)
-            if self.queued >= self.wanted:
-                self.cond.notify()
-
-    def cancel(self, job: Block, error: JobError | None) -> None:
-        with self.cond:
-            self.lost = error.message if error else "the pool was terminated"
-            self.cond.notify()
-
-    def take(self, wanted: int = 1) -> list[tuple[Sequence[int], list[JobResult]]]:
-        """Block until ``wanted`` results are in; return all that are, as (indexes, results)
-        runs."""
-        with self.cond:
-            self.wanted = wanted
-            while self.queued < wanted:
-                if self.lost:
-                    raise PoolClosed(f"results lost: {self.lost}")
-                if self.supervisor.done.is_set():
-                    if self.supervisor.broken is not None:
-                        raise PoolBroken(broken_message(self.supervisor.broken))
-                    raise PoolClosed("the pool stopped before all results came back")
-                self.cond.wait(0.5)
-            items = list(self.items)
-            self.items.clear()
-            self.queued = 0
-            return items
 
 
 class Pool:
@@ -361,7 +216,7 @@ class Pool:
             start_timeout=start_limit,
             batch_seconds=tuning.batch_seconds,
         )
-        self._futures = _Futures()
+        self._futures = Futures()
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
         self._closed = False
@@ -430,7 +285,7 @@ class Pool:
         self._check_open()
         items = list(payloads)
         results: list[JobResult | None] = [None] * len(items)
-        collector = _Collector(self._supervisor)
+        collector = Collector(self._supervisor)
         try:
             for start in range(0, len(items), SUBMIT_CHUNK):
                 stop = min(start + SUBMIT_CHUNK, len(items))
@@ -489,7 +344,7 @@ class Pool:
     def _imap(
         self, source: Iterator[Any], ordered: bool, tag: Deadline | None, priority: int
     ) -> Iterator[JobResult]:
-        collector = _Collector(self._supervisor)
+        collector = Collector(self._supervisor)
         held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
         next_index = 0  # of the source
         next_out = 0  # ordered: the index to yield next

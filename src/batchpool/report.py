@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .formatting import safe_repr
-from .pool import broken_message
+from .futures import broken_message
 from .results import JobError, JobResult, Metrics
 
 TIMING_SAMPLES = 10_000  # reservoir for p50/p95 attempt time: bounded memory

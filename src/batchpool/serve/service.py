@@ -21,8 +21,9 @@ from collections import OrderedDict
 from typing import Any, cast
 
 from ..errors import PoolBroken, PoolClosed
+from ..futures import JobFuture
 from ..journal import JournalError
-from ..pool import JobFuture, Pool
+from ..pool import Pool
 from .final import Final
 from .store import ServeJournal
 
