@@ -107,8 +107,9 @@ class Gate:
         self.fd = fd
         self.interval = interval
 
-    def wait(self) -> None:
-        """Block until an attempt of the stage may start here, and take that start."""
+    def wait(self) -> float:
+        """Block until an attempt of the stage may start here, and take that start: its
+        time.monotonic(), the one the gate spaces the next from."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             raw = os.pread(self.fd, _TIME.size, 0)
@@ -120,6 +121,7 @@ class Gate:
             os.pwrite(self.fd, _TIME.pack(now + self.interval), 0)
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return now
 
 
 def open_gates(specs: Sequence[GateSpec]) -> dict[int, Gate]:
