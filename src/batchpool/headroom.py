@@ -3,15 +3,15 @@
 psutil is read at most once per EVERY seconds, whatever the number of loop passes that ask:
 between reads the last reading stands. CPU busy is this probe's own delta of the machine's CPU
 times, not ``psutil.cpu_percent()``, whose one module-wide baseline any other caller in the
-process would reset.
+process would reset. psutil is imported on first use, by a pool that scales: importing it
+costs ~10 ms, on the start-up path of every worker (a forkserver worker imports the user's main
+module, and with it batchpool.pool).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
-
-import psutil
 
 from .scaling import Machine
 
@@ -20,6 +20,8 @@ EVERY = 1.0  # seconds between psutil reads
 
 class Headroom:
     def __init__(self, now: float) -> None:
+        import psutil
+
         self.cores = os.cpu_count() or 1
         self._times = psutil.cpu_times()
         self._at = now
@@ -29,6 +31,8 @@ class Headroom:
     def machine(self, now: float) -> Machine:
         """The current reading, at most EVERY seconds old."""
         if now - self._at >= EVERY:
+            import psutil
+
             times = psutil.cpu_times()
             total = _total(times) - _total(self._times)
             idle = _idle(times) - _idle(self._times)
@@ -38,6 +42,8 @@ class Headroom:
         return self._machine
 
     def _read(self, busy: float) -> Machine:
+        import psutil
+
         memory = psutil.virtual_memory()
         return Machine(busy, self.cores, memory.available, memory.total)
 
