@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,29 @@ def test_importing_the_pool_leaves_psutil_for_its_first_use() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_workers_of_the_batchpool_script_do_not_run_the_script_again(tmp_path: Path) -> None:
+    # multiprocessing reruns the parent's main script in each forkserver worker unless the
+    # module is named *.__main__; for the script that would be click and the whole CLI.
+    script = Path(sys.executable).parent / "batchpool"
+    assert script.exists(), "an install (pip install -e .) puts the script beside python"
+    (tmp_path / "mods.py").write_text(
+        "import sys\n"
+        "from batchpool import Pipeline, Task\n"
+        "class Mods(Task):\n"
+        "    def run(self, x):\n"
+        "        return sorted(m for m in ('click', 'batchpool.cli') if m in sys.modules)\n"
+        "pipeline = Pipeline([0], Mods(), sink=lambda r: print('WORKER', r.value))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
+    out = subprocess.run(
+        [str(script), "run", "mods.py", "--procs", "1", "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "WORKER []" in out.stdout
