@@ -50,9 +50,11 @@ def test_importing_the_pool_leaves_psutil_for_its_first_use() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_workers_of_the_batchpool_script_do_not_run_the_script_again(tmp_path: Path) -> None:
+def test_a_pipeline_worker_imports_only_what_runs_jobs(tmp_path: Path) -> None:
     # multiprocessing reruns the parent's main script in each forkserver worker unless the
-    # module is named *.__main__; for the script that would be click and the whole CLI.
+    # module is named *.__main__; for the script that would be click and the whole CLI. And
+    # the worker imports the pipeline's file, and with it batchpool.pipeline: which must not
+    # bring the journal, the progress bar or the supervisor (~100 ms of a worker's start-up).
     script = Path(sys.executable).parent / "batchpool"
     assert script.exists(), "an install (pip install -e .) puts the script beside python"
     (tmp_path / "mods.py").write_text(
@@ -60,7 +62,8 @@ def test_workers_of_the_batchpool_script_do_not_run_the_script_again(tmp_path: P
         "from batchpool import Pipeline, Task\n"
         "class Mods(Task):\n"
         "    def run(self, x):\n"
-        "        return sorted(m for m in ('click', 'batchpool.cli') if m in sys.modules)\n"
+        "        heavy = ('click', 'batchpool.cli', 'sqlite3', 'tqdm', 'batchpool.supervisor')\n"
+        "        return sorted(m for m in heavy if m in sys.modules)\n"
         "pipeline = Pipeline([0], Mods(), sink=lambda r: print('WORKER', r.value))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}

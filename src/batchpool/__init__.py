@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .errors import JobFailed, PermanentError, PoolBroken, PoolClosed
-    from .pipeline import Pipeline, RunReport
+    from .pipeline import Pipeline
     from .pool import Pool
+    from .report import RunReport
     from .results import JobError, JobResult, Metrics
     from .task import Task
 
@@ -29,7 +30,7 @@ _HOMES = {
     "Pool": "pool",
     "PoolBroken": "errors",
     "PoolClosed": "errors",
-    "RunReport": "pipeline",
+    "RunReport": "report",
     "Task": "task",
 }
 

@@ -30,18 +30,13 @@ import click
 from . import __version__, logs
 from .backends import BackendUnavailable
 from .durations import parse_duration
+from .execution import output_line
 from .formatting import csv_cell, to_json
 from .journal import JournalError, JournalReader
-from .pipeline import (
-    DEFAULT_JOURNAL,
-    JournalOption,
-    Pipeline,
-    RunReport,
-    default_name,
-    output_line,
-)
+from .pipeline import DEFAULT_JOURNAL, JournalOption, Pipeline, default_name
 from .progress import summary
 from .rates import parse_rate
+from .report import RunReport
 from .serve import INSTALL_HINT
 from .serve import missing as missing_extra
 from .serve.target import Target

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .results import JobResult, Metrics
 
 if TYPE_CHECKING:
-    from .pipeline import RunReport
+    from .report import RunReport
 
     _Tqdm = tqdm[NoReturn]  # the stubs' tqdm is generic in what it iterates: nothing here
 else:
