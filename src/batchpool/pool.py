@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .backends import WorkerSpec, check_backend, make_backend
 from .cancelling import Deadline
@@ -21,10 +21,8 @@ from .messages import dumps
 from .results import JobResult, Metrics
 from .scaling import Bounds, check, check_idle_timeout
 from .sizing import BATCHES, MAX_BATCH, Tuning
+from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, check_priority, resolve_policy
-
-if TYPE_CHECKING:
-    pass
 
 # imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
 # to bound memory
@@ -206,10 +204,6 @@ class Pool:
             tuning,
         )
         workers = make_backend(backend, method, self.procs, spec, address)
-        # Imported here, not with this module: a forkserver worker runs the user's main module
-        # again, and with it ``from batchpool import Pool``, before its first job.
-        from .supervisor import Supervisor
-
         self._supervisor = Supervisor(
             policies,
             procs=bounds.low,
