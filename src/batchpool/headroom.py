@@ -22,6 +22,7 @@ class Headroom:
     def __init__(self, now: float) -> None:
         import psutil
 
+        self._psutil = psutil
         self.cores = os.cpu_count() or 1
         self._times = psutil.cpu_times()
         self._at = now
@@ -31,9 +32,7 @@ class Headroom:
     def machine(self, now: float) -> Machine:
         """The current reading, at most EVERY seconds old."""
         if now - self._at >= EVERY:
-            import psutil
-
-            times = psutil.cpu_times()
+            times = self._psutil.cpu_times()
             total = _total(times) - _total(self._times)
             idle = _idle(times) - _idle(self._times)
             busy = 1.0 - idle / total if total > 0 else 0.0
@@ -42,9 +41,7 @@ class Headroom:
         return self._machine
 
     def _read(self, busy: float) -> Machine:
-        import psutil
-
-        memory = psutil.virtual_memory()
+        memory = self._psutil.virtual_memory()
         return Machine(busy, self.cores, memory.available, memory.total)
 
 

@@ -54,7 +54,7 @@ from .results import KIND_ERROR, JobError, Metrics, StageMetrics, WorkerStats
 from .sampling import Reservoir
 from .scaler import SCALE, Scaler
 from .scaling import Bounds
-from .sizing import TARGET_BATCH_SECONDS, BatchSizer
+from .sizing import BatchSizer
 from .task import Policy
 from .timers import Timers
 from .wakeup import Commands
@@ -84,14 +84,13 @@ class Supervisor:
         chunksize: int | None,
         max_tasks: int | None,
         start_timeout: float,
+        batch_seconds: float,
         bounds: Bounds | None = None,
-        batch_seconds: float = TARGET_BATCH_SECONDS,
     ) -> None:
         """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
         self.book = JobBook(policies, random.random)
-        self.sizer = BatchSizer(
-            len(policies), chunksize, batch_seconds
-        )  # pool.py reads its byte estimate
+        # pool.py reads its byte estimate
+        self.sizer = BatchSizer(len(policies), chunksize, batch_seconds)
         self.timers = Timers()  # ("watch"|"stop"|"start"|"flush", slot), "rss"
         self.commands: Commands[Command] = Commands()
         self.watch: Watch[WorkerView] = Watch(self.commands.fileno())
