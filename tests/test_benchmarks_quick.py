@@ -75,9 +75,10 @@ def test_overhead_split_runs(tmp_path: Path) -> None:
     *table, ceiling = proc.stdout.splitlines()[2:]
     rows = {line.split()[0]: line.split()[1:] for line in table}
     assert set(rows) == {"batchpool.map", "mp.map", "mp.imap_unordered(c=1)"}
-    for rate, parent_us, workers_us in rows.values():
+    for rate, parent_us, gc_us, workers_us in rows.values():
         # CPU times tick at 10 ms: a few thousand jobs may read 0 for the workers
         assert float(rate.replace(",", "")) > 0 and float(parent_us) >= 0 <= float(workers_us)
+        assert float(gc_us) >= 0  # wall time in the collector: not bounded by a CPU clock
     assert ceiling.startswith("ceiling: "), proc.stdout
     parent_us = float(rows["batchpool.map"][1])
     if parent_us > 0:  # the ceiling is 1 / the parent's CPU per job, and the cores follow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,8 @@ def decoded(sent: list[tuple]) -> list[tuple]:
     return out
 
 
-def jobs(payloads: list) -> list[tuple[int, int, Any]]:
-    return [(i, 0, p) for i, p in enumerate(payloads)]
+def jobs(payloads: list) -> deque[tuple[int, int, Any]]:
+    return deque((i, 0, p) for i, p in enumerate(payloads))
 
 
 # -- start-up and teardown -----------------------------------------------------------------------
@@ -189,7 +190,7 @@ class ReadsSlot(Base):
 def test_the_progress_slot_names_the_running_job_and_idle_between() -> None:
     progress = [0, 0, 0, 0]  # two workers' slots; this runner writes slot 1
     run, sent = runner(ReadsSlot(progress), progress=progress, slot=1)
-    run.run_batch([(41, 0, None), (42, 0, None)])
+    run.run_batch(deque([(41, 0, None), (42, 0, None)]))
     [(_, _, values, _)] = decoded(sent)
     assert [v[2] for v in values] == [41, 42]
     assert values[1][3] >= values[0][3] > 0  # start times, monotonic ns

@@ -24,9 +24,10 @@ from .sizing import BATCHES, MAX_BATCH, Tuning
 from .supervisor import Supervisor
 from .task import UNSET, Policy, Task, check_priority, resolve_policy
 
-# imap read-ahead per worker: a full batch running, one queued, one being refilled; small enough
-# to bound memory
-WINDOW_PER_PROC = 3 * MAX_BATCH
+# imap read-ahead per worker, in batches: one running, one queued, one being refilled
+WINDOW_BATCHES = 3
+# ... of at least this many jobs (batches of slow jobs are short), and at most MAX_BATCH
+WINDOW_BATCH_FLOOR = 512
 WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
 SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
 START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
@@ -326,10 +327,13 @@ class Pool:
         return stream if tag is None else self._until(stream, tag)
 
     def _window(self) -> int:
-        """How many jobs imap keeps in flight: enough for full batches on every worker, fewer
-        when payloads are big (the supervisor measures their pickled size)."""
-        window = WINDOW_PER_PROC * self.procs
-        per_job = self._supervisor.sizer.job_bytes[0]
+        """How many jobs imap (and a pipeline's run) keeps in flight: full batches for every
+        worker, as long as the supervisor measures them (thousands of tiny jobs, a few slow
+        ones), and fewer when payloads are big (it measures their pickled size too)."""
+        sizer = self._supervisor.sizer
+        batch = max(WINDOW_BATCH_FLOOR, min(MAX_BATCH, sizer.jobs_per_message(0)))
+        window = WINDOW_BATCHES * batch * self.procs
+        per_job = sizer.job_bytes[0]
         if per_job:
             window = min(window, WINDOW_BYTES // per_job)
         return max(window, 2 * self.procs)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import logs
 from .jobs import Job
 from .journal import JournalError, JournalWriter
-from .pool import WINDOW_PER_PROC, Pool
+from .pool import WINDOW_BATCH_FLOOR, WINDOW_BATCHES, Pool
 from .progress import Progress
 from .recorder import Recorder
 from .report import RunReport, cannot_start
@@ -102,7 +102,6 @@ class Run:
         self.pool = Pool._for_stages(
             pipeline.stages, procs, preload=pipeline.preload, **pool_options
         )
-        self.window = WINDOW_PER_PROC * self.pool.procs
         self.total = pipeline.total if pipeline.total is not None else length(pipeline.source)
         self.stage_names = [type(stage).__name__ for stage in pipeline.stages]
         self.name = pipeline.name
@@ -110,7 +109,10 @@ class Run:
         deadline_at = None if deadline is None else self.started + deadline
         self.halt = Halt(signals, self.pool, deadline_at)
         self.recorder = Recorder(journal, pipeline.sink, self.halt, self.progress)
-        self.feed = Feed(pipeline.source, self.window, self.inbox.poke, self.progress.set_total)
+        # The source's thread reads ahead at least the smallest window: the loop keeps as many
+        # jobs in flight as the pool's window says (_window), and the thread refills meanwhile.
+        ahead = WINDOW_BATCHES * WINDOW_BATCH_FLOOR * self.pool.procs
+        self.feed = Feed(pipeline.source, ahead, self.inbox.poke, self.progress.set_total)
         self.source = self.feed if journal is None or not resume else merge(self.feed, journal)
 
     def execute(self) -> RunReport:
@@ -191,7 +193,7 @@ class Run:
                 halt.stop("setup", None)  # the message, once the counts are known
             intake = intake and halt.stopped_by is None
             more = False
-            if intake and self.outstanding < self.window:
+            if intake and self.outstanding < self.pool._window():
                 intake, more = self._intake()
             if not self.outstanding and not intake:
                 return
@@ -210,8 +212,9 @@ class Run:
         """Submit source items that are ready, up to a batch and the window. Returns (the
         source may have more, items are ready now)."""
         batch: list[Job] = []
+        window = self.pool._window()
         try:
-            while self.outstanding < self.window:
+            while self.outstanding < window:
                 if len(batch) >= SUBMIT_BATCH:
                     return True, True
                 item = next(self.source)

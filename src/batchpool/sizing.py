@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TARGET_BATCH_SECONDS = 0.1  # work per message
-MAX_BATCH = 512  # jobs per message, however tiny they are
+MAX_BATCH = 4096  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
 EWMA = 0.2  # weight of the newest batch in the job-time estimate

@@ -17,10 +17,9 @@ import struct
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from enum import Enum
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Final, Literal, NoReturn
+from typing import NoReturn
 
 from .backends import WorkerSpec
 from .messages import (
@@ -157,8 +156,8 @@ def _serve(
     while (message := box.next()) is not None:  # None: STOP, or the supervisor's end closed
         _, ids, stages, blob = message
         # Unpacked jobs wait in the mailbox, where STEAL can still hand them back.
-        box.push_front(runner.unpack(ids, stages, blob))
-        if runner.run_batch(box.jobs()):
+        box.jobs.extend(runner.unpack(ids, stages, blob))
+        if runner.run_batch(box.jobs):
             break
     try:
         box.send((EXITING, _peak_rss()))
@@ -172,14 +171,8 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-class _Tag(Enum):
-    MESSAGE = "a RUN message, not unpacked yet"
-
-
-# Tags a RUN message in the mailbox, not unpacked yet; its unpacked jobs are plain
-# (id, stage, payload) tuples.
-_MESSAGE: Final = _Tag.MESSAGE
-_Pending = tuple[Literal[_Tag.MESSAGE], list[int], list[int], bytearray]  # ids, stages, payloads
+# A RUN message in the mailbox, not unpacked yet: (RUN, ids, stages, payloads blob)
+_Pending = tuple[int, list[int], list[int], bytearray]
 
 
 class _Mailbox:
@@ -189,13 +182,17 @@ class _Mailbox:
     this worker is busy without ever blocking on a full pipe; and it answers STEAL and FLUSH at
     once, even while run() is inside C code (that releases the GIL): STEAL hands back jobs that
     wait behind a long one, FLUSH sends the results of the jobs that ended before it.
+
+    ``pending``: RUN messages not unpacked yet (under ``cond``). ``jobs``: the unpacked jobs
+    of the batch under way; the main thread takes them from the left, STEAL from the right,
+    each pop atomic, so a job that has started is never handed back, with no lock per job.
     """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.items: deque[Job | _Pending] = deque()
+        self.cond = threading.Condition(threading.Lock())
+        self.pending: deque[_Pending] = deque()
+        self.jobs: deque[Job] = deque()
         self.ended = False
         self.send_lock = threading.Lock()
 
@@ -210,12 +207,12 @@ class _Mailbox:
             try:
                 message = loads(self.conn.recv_bytes())
                 if message[0] == RUN:  # its payloads follow as a frame of their own
-                    message = (_MESSAGE, message[1], message[2], _read_frame(self.conn))
+                    message = (RUN, message[1], message[2], _read_frame(self.conn))
             except (EOFError, OSError):
                 message = (STOP,)
-            if message[0] is _MESSAGE:
+            if message[0] == RUN:
                 with self.cond:
-                    self.items.append(message)
+                    self.pending.append(message)
                     self.cond.notify()
             elif message[0] == STEAL:
                 self._give_back()
@@ -230,46 +227,28 @@ class _Mailbox:
 
     def _give_back(self) -> None:
         with self.cond:
-            items = list(self.items)
-            self.items.clear()
-        ids: list[int] = []
-        for item in items:
-            if item[0] is _MESSAGE:
-                ids.extend(item[1])
-            else:
-                ids.append(item[0])
-        self.send((RETURNED, ids))
+            messages = list(self.pending)
+            self.pending.clear()
+        stolen: list[int] = []
+        take = self.jobs.pop
+        while True:
+            try:
+                stolen.append(take()[0])
+            except IndexError:
+                break
+        stolen.reverse()
+        for message in messages:
+            stolen.extend(message[1])
+        self.send((RETURNED, stolen))
 
     def next(self) -> _Pending | None:
-        """The next RUN message, (_MESSAGE, ids, stages, payloads blob); None once stopped."""
+        """The next RUN message; None once stopped."""
         with self.cond:
-            while not self.items:
+            while not self.pending:
                 if self.ended:
                     return None
                 self.cond.wait()
-            item = self.items.popleft()
-        assert item[0] is _MESSAGE  # run_batch() took the jobs before it, or the worker left
-        return item
-
-    def jobs(self) -> Iterator[Job]:
-        """The unpacked jobs at the front, until the next message (or none): the end of the
-        batch, where its results go out, so the supervisor sends the next batch while this
-        worker runs the one it has queued (or goes idle). Each is taken under the lock: STEAL
-        never hands back a job that has started."""
-        lock, items = self.lock, self.items
-        while True:
-            with lock:
-                if not items:
-                    return
-                job = items[0]
-                if job[0] is _MESSAGE:
-                    return
-                items.popleft()
-            yield job
-
-    def push_front(self, jobs: list[Job]) -> None:
-        with self.cond:
-            self.items.extendleft(reversed(jobs))
+            return self.pending.popleft()
 
 
 def _read_frame(conn: Connection) -> bytearray:

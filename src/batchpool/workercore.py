@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .messages import (
@@ -226,63 +227,70 @@ class Runner:
         progress[job_at] = IDLE
         return list(zip(ids, stages, payloads, strict=True))
 
-    def run_batch(self, jobs: Iterable[Job]) -> str | None:
-        """Run ``jobs`` in order until they end or the worker retires, and send their results:
-        at the end, at once after a failure, and every ``flush_every`` seconds. Returns why the
-        worker retires, None while it stays."""
+    def run_batch(self, jobs: deque[Job]) -> str | None:
+        """Run the jobs of ``jobs``, taken from its left, until none is left or the worker
+        retires, and send their results: at the end, at once after a failure, and every
+        ``flush_every`` seconds. Returns why the worker retires, None while it stays.
+
+        Another thread may take jobs from the right of ``jobs`` meanwhile (a STEAL): a deque's
+        pops are atomic, so each job is either run here or handed back, never both, and no lock
+        is taken per job. The loop is the floor of a no-op job's price: one clock per job (a
+        job starts when the one before it ended), two slot writes, three appends."""
         retirement = self.retirement
         if retirement.reason:  # retired already (by a refused job): run nothing more
             return retirement.reason
-        if self.gates:  # only then: the loop below is the floor of a no-op job's price
-            jobs = self._through_gates(jobs)
-        tasks, progress, flush_every = self.tasks, self.progress, self.flush_every
+        runs = [task.run for task in self.tasks]
+        progress, gates = self.progress, self.gates
         job_at, started_at = self.job_at, self.started_at
         counted = retirement.counts_jobs  # else after_job() is a no-op: skip it per job
         clock = time.monotonic_ns
+        take = jobs.popleft
         out = self.out = _Results()
-        add_id, add_outcome, add_elapsed, add_value = out.appenders()
-        flushed = clock()
-        flush_ns = flush_every * 1e9
-        for job_id, stage, payload in jobs:
-            # One clock for the slot and the attempt's time: the per-job cost is the floor of a
-            # no-op job's price.
-            progress[started_at] = start = clock()
+        add_id, add_elapsed, add_value = out.appenders()
+        flush_ns = self.flush_every * 1e9
+        start = flushed = clock()
+        while True:
+            try:
+                job_id, stage, payload = take()
+            except IndexError:
+                break
+            if gates and (gate := gates.get(stage)) is not None:
+                progress[job_at] = IDLE  # waiting at the gate is no part of any attempt
+                gate.wait()
+                start = clock()
+            progress[started_at] = start
             progress[job_at] = job_id
             try:
-                value = tasks[stage].run(payload)
+                value = runs[stage](payload)
             except BaseException as exc:
                 end = clock()
-                outcome = ERROR if is_retryable(tasks[stage], exc) else FATAL
+                retryable = is_retryable(self.tasks[stage], exc)
+                out.fail(ERROR if retryable else FATAL)
                 value = error_tuple(exc)
+                failed = True
             else:
                 end = clock()
-                outcome = OK
-            progress[job_at] = IDLE
+                failed = False
             add_id(job_id)
-            add_outcome(outcome)
             add_elapsed((end - start) / 1e9)
             add_value(value)  # last: the row is complete (see flush_finished)
-            if counted and retirement.after_job(end / 1e9):
-                break
+            start = end
+            if counted:
+                if retirement.after_job(end / 1e9):
+                    break
+                start = clock()  # an RSS sample is no part of the next job
             # A failure is reported at once: its backoff starts now, and a crash of a later
             # job of the batch cannot lose the record of this attempt.
-            if outcome != OK or end - flushed > flush_ns:
+            if failed or end - flushed > flush_ns:
                 self._flush(out)
                 out = self.out = _Results()
-                add_id, add_outcome, add_elapsed, add_value = out.appenders()
-                flushed = end
+                add_id, add_elapsed, add_value = out.appenders()
+                start = flushed = clock()
         if out.ids:
             self._flush(out)
+        else:
+            progress[job_at] = IDLE
         return retirement.reason
-
-    def _through_gates(self, jobs: Iterable[Job]) -> Iterator[Job]:
-        """``jobs``, each of a rate-limited stage once its gate lets it start."""
-        gates = self.gates
-        for job in jobs:
-            gate = gates.get(job[1])
-            if gate is not None:
-                gate.wait()
-            yield job
 
     def flush_finished(self) -> None:
         """From another thread: send the results of the jobs that have ended and are not sent
@@ -309,16 +317,22 @@ class Runner:
 
 
 class _Results:
-    """Results of one message, pickled together; an unpicklable value fails its job alone."""
+    """Results of one message, pickled together; an unpicklable value fails its job alone.
+    Outcomes are OK but for the rows in ``failures`` (a failure ends a message, so there are
+    few): no column is appended per job for them."""
 
-    __slots__ = ("ids", "outcomes", "elapsed", "values", "sent")
+    __slots__ = ("ids", "elapsed", "values", "failures", "sent")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
-        self.outcomes: list[int] = []
         self.elapsed: list[float] = []
         self.values: list[Any] = []
+        self.failures: dict[int, int] = {}  # row -> outcome, for the rows that are not OK
         self.sent = 0  # rows sent already (Runner.flush_finished)
+
+    def fail(self, outcome: int) -> None:
+        """The row being added (before its value goes in) failed with ``outcome``."""
+        self.failures[len(self.values)] = outcome
 
     def rows(self, end: int) -> _Results:
         """A copy of the rows not sent yet, up to ``end``, from now on sent. A copy: the
@@ -326,20 +340,25 @@ class _Results:
         part = _Results()
         start, self.sent = self.sent, end
         part.ids = self.ids[start:end]
-        part.outcomes = self.outcomes[start:end]
         part.elapsed = self.elapsed[start:end]
         part.values = self.values[start:end]
+        part.failures = {
+            row - start: outcome
+            for row, outcome in list(self.failures.items())
+            if start <= row < end
+        }
         return part
 
     def appenders(
         self,
-    ) -> tuple[
-        Callable[[int], None], Callable[[int], None], Callable[[float], None], Callable[[Any], None]
-    ]:
+    ) -> tuple[Callable[[int], None], Callable[[float], None], Callable[[Any], None]]:
         """One append per column, bound once per message rather than looked up per job."""
-        return self.ids.append, self.outcomes.append, self.elapsed.append, self.values.append
+        return self.ids.append, self.elapsed.append, self.values.append
 
     def message(self, retiring: str | None) -> Results:
+        outcomes = [OK] * len(self.ids)
+        for row, outcome in self.failures.items():
+            outcomes[row] = outcome
         try:
             blob = dumps(self.values)
         except BaseException:
@@ -347,7 +366,7 @@ class _Results:
                 try:
                     dumps(value)
                 except BaseException as exc:
-                    self.outcomes[i] = UNPICKLABLE
+                    outcomes[i] = UNPICKLABLE
                     self.values[i] = error_tuple(exc)
             blob = dumps(self.values)
-        return (RESULTS, self.ids, self.outcomes, self.elapsed, blob, retiring)
+        return (RESULTS, self.ids, outcomes, self.elapsed, blob, retiring)

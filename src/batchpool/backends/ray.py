@@ -145,7 +145,7 @@ class _Actor:
         if runner is None or self.retirement.reason:  # queued behind a retirement (or a
             return None  # failed setup): the supervisor requeued these jobs
         _, ids, stages = loads(header)
-        runner.run_batch(runner.unpack(ids, stages, blob))
+        runner.run_batch(deque(runner.unpack(ids, stages, blob)))
         messages, self.outbox = self.outbox, []
         return messages, self.retirement.reason is not None, self.retirement.rss
 
