@@ -42,7 +42,7 @@ def _run_with_a_steal(n: int, after: int) -> tuple[list[int], list[int]]:
     box = _Mailbox(wire)  # type: ignore[arg-type]  # only send_bytes is used
     runner = Runner([Echo()], box.send, Retirement(None, None))
     ids = list(range(1000, 1000 + n))
-    box.jobs.extend(runner.unpack(ids, [0] * n, dumps(ids)))
+    box.jobs.extend(runner.unpack([(range(1000, 1000 + n), 0)], dumps(ids)))
 
     def steal() -> None:
         while len(box.jobs) > n - after:  # racy on purpose: any moment near ``after``
@@ -76,7 +76,7 @@ def test_a_steal_takes_the_messages_not_unpacked_yet_after_the_batch_under_way()
     wire = _Wire()
     box = _Mailbox(wire)  # type: ignore[arg-type]
     box.jobs.extend([(1, 0, "a"), (2, 0, "b")])
-    box.pending.append((RUN, [3, 4], [0, 0], bytearray(dumps(["c", "d"]))))
+    box.pending.append((RUN, [(range(3, 4), 0), (range(4, 5), 1)], bytearray(dumps(["c", "d"]))))
     box._give_back()
     assert wire.sent == [(RETURNED, [1, 2, 3, 4])]
     assert not box.jobs and not box.pending

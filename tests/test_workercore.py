@@ -160,9 +160,12 @@ def test_a_value_that_does_not_pickle_fails_its_own_job_only() -> None:
 def test_payloads_that_do_not_unpickle_split_a_batch_and_charge_a_lone_job() -> None:
     run, sent = runner(ReturnUnpicklable())
     bad = dumps([FaultOnUnpickle("exception"), "fine"])
-    assert run.unpack([7, 8], [0, 0], bad) == []
-    assert run.unpack([9], [0], dumps([FaultOnUnpickle("exception")])) == []
-    assert run.unpack([10, 11], [0, 0], dumps(["x", "y"])) == [(10, 0, "x"), (11, 0, "y")]
+    assert run.unpack([(range(7, 9), 0)], bad) == []
+    assert run.unpack([(range(9, 10), 0)], dumps([FaultOnUnpickle("exception")])) == []
+    assert run.unpack([(range(10, 11), 0), (range(11, 12), 1)], dumps(["x", "y"])) == [
+        (10, 0, "x"),
+        (11, 1, "y"),
+    ]
     split, lone = decoded(sent)
     assert split == ([7, 8], [SPLIT, SPLIT], [None, None], None)
     assert lone[:2] == ([9], [UNPICKLABLE]) and lone[2][0][:2] == ("ValueError", "injected fault")
@@ -211,7 +214,7 @@ def test_retirement_after_max_tasks_ends_the_batch_with_the_reason() -> None:
 def test_a_refused_lone_job_counts_for_retirement() -> None:
     # The supervisor counts it against max_tasks_per_worker: so must the worker, or it waits.
     run, sent = runner(ReturnUnpicklable(), max_tasks=1)
-    assert run.unpack([5], [0], dumps([FaultOnUnpickle("exception")])) == []
+    assert run.unpack([(range(5, 6), 0)], dumps([FaultOnUnpickle("exception")])) == []
     [(ids, outcomes, _, retiring)] = decoded(sent)
     assert (ids, outcomes, retiring) == ([5], [UNPICKLABLE], "max_tasks_per_worker")
     assert run.run_batch(jobs(["a"])) == "max_tasks_per_worker" and len(sent) == 1

@@ -92,16 +92,7 @@ class Dispatcher:
             jobs = keep
             blob = dumps(_data(blocks))
         self.sizer.sized(blocks[0].stage, len(blob), jobs)
-        if len(blocks) == 1:
-            block = blocks[0]
-            header = dumps((RUN, list(block.ids), [block.stage] * jobs))
-        else:
-            ids: list[int] = []  # consecutive within each block
-            stages: list[int] = []
-            for block in blocks:
-                ids += block.ids
-                stages += [block.stage] * block.size
-            header = dumps((RUN, ids, stages))
+        header = dumps((RUN, [(block.ids, block.stage) for block in blocks]))
         if not w.proc.send(header, blob):
             self.book.requeue(blocks)  # it died; its sentinel will tell
             return False

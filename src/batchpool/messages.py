@@ -6,10 +6,12 @@ this path runs once per batch of jobs, so the shapes are tuples documented here 
 checker sees some of them as aliases below):
 
 supervisor -> worker
-    (RUN, job_ids, stages) + payloads      run these jobs, in order; ``payloads`` follows as
-                                           a frame of its own: one pickled list (20x cheaper
-                                           than a pickle per job, and megabytes of payload
-                                           are not copied into another pickle)
+    (RUN, runs) + payloads                 run these jobs, in order; ``runs``: per block of
+                                           the message, (its job ids as a range, its stage):
+                                           nothing is sent per job but the payload, which
+                                           follows as a frame of its own: one pickled list
+                                           (20x cheaper than a pickle per job, and megabytes
+                                           of payload are not copied into another pickle)
     (STOP,)                                the sentinel: tear down and exit 0
     (STEAL,)                               hand back every job not started yet (another
                                            worker is idle); answered by RETURNED at once
@@ -48,8 +50,12 @@ error tuple: (type_name, message, traceback_text) -- plain data, so an exception
 cannot be pickled or imported in the supervisor still reports faithfully.
 
 Besides the pipe, each worker owns two int64 slots of a shared array (see ``progress_slot``):
-the id of the job it is running (IDLE between jobs, FLUSHING or UNPACKING while it (un)pickles
-a batch) and that job's start time in monotonic ns.
+the id of the job it is running (FLUSHING or UNPACKING while it (un)pickles a batch, IDLE
+between batches and wherever it may wait: a rate limit's gate, an RSS sample) and that job's
+start time in monotonic ns. Between two jobs of a batch the slot keeps naming the one that
+ended, for the few hundred ns of bookkeeping before the next is written: a write less per job.
+A kill from outside that lands in that gap is charged to the job that just ended; its result
+was not sent yet, so that attempt is lost either way.
 They let the supervisor attribute a crash or a timeout to the exact job inside a batch without
 a message per job.
 """
@@ -59,7 +65,8 @@ from __future__ import annotations
 import pickle
 import traceback
 from functools import partial
-from typing import Protocol
+from itertools import chain, repeat
+from typing import Any, Protocol
 
 RUN = 1
 STOP = 2
@@ -79,7 +86,7 @@ FATAL = 2
 UNPICKLABLE = 3
 SPLIT = 4
 
-IDLE = -1  # progress slot value between jobs
+IDLE = -1  # progress slot value between batches
 FLUSHING = -2  # progress slot value while pickling and sending a batch of results
 UNPACKING = -3  # progress slot value while unpickling the payloads of a batch of jobs
 
@@ -87,6 +94,7 @@ dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads
 
 
+Runs = list[tuple[range, int]]  # a RUN message's jobs: (job ids, stage) per block
 ErrorInfo = tuple[str, str, str]  # the error tuple: (type name, message, traceback text)
 # (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
 Results = tuple[int, list[int], list[int], list[float], bytes, str | None]
@@ -99,6 +107,18 @@ class ProgressSlots(Protocol):
 
     def __getitem__(self, index: int, /) -> int: ...
     def __setitem__(self, index: int, value: int, /) -> None: ...
+
+
+def run_ids(runs: Runs) -> list[int]:
+    """The job ids of a RUN message, in order."""
+    return list(chain.from_iterable(ids for ids, _ in runs))
+
+
+def run_jobs(runs: Runs, payloads: list[Any]) -> list[tuple[int, int, Any]]:
+    """A RUN message's jobs as (id, stage, payload), in order."""
+    stages = chain.from_iterable(repeat(stage, len(ids)) for ids, stage in runs)
+    ids = chain.from_iterable(ids for ids, _ in runs)
+    return list(zip(ids, stages, payloads, strict=True))
 
 
 def progress_slot(slot: int) -> tuple[int, int]:

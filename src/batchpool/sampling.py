@@ -50,9 +50,11 @@ class Reservoir:
         bucket (a batch of like jobs), else through one sort; never a step per value."""
         if not values:
             return
-        first = bisect_left(BOUNDS, min(values))
-        if first == bisect_left(BOUNDS, max(values)):
-            self.buckets[first] += len(values)
+        last = bisect_left(BOUNDS, max(values))
+        # Times are never negative: all in the first bucket needs no min() (tiny jobs, whose
+        # batches are the long ones).
+        if last == 0 or last == bisect_left(BOUNDS, min(values)):
+            self.buckets[last] += len(values)
             return
         ordered = sorted(values)
         below = 0

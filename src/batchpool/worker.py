@@ -31,8 +31,10 @@ from .messages import (
     STEAL,
     STOP,
     ProgressSlots,
+    Runs,
     dumps,
     loads,
+    run_ids,
 )
 from .processes import GROUP_SIGNALS
 from .rates import Gate, GateSpec, open_gates
@@ -154,9 +156,9 @@ def _serve(
         target=box.read, args=(runner.flush_finished,), name="batchpool-reader", daemon=True
     ).start()
     while (message := box.next()) is not None:  # None: STOP, or the supervisor's end closed
-        _, ids, stages, blob = message
+        _, runs, blob = message
         # Unpacked jobs wait in the mailbox, where STEAL can still hand them back.
-        box.jobs.extend(runner.unpack(ids, stages, blob))
+        box.jobs.extend(runner.unpack(runs, blob))
         if runner.run_batch(box.jobs):
             break
     try:
@@ -171,8 +173,8 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-# A RUN message in the mailbox, not unpacked yet: (RUN, ids, stages, payloads blob)
-_Pending = tuple[int, list[int], list[int], bytearray]
+# A RUN message in the mailbox, not unpacked yet: (RUN, runs, payloads blob)
+_Pending = tuple[int, Runs, bytearray]
 
 
 class _Mailbox:
@@ -207,7 +209,7 @@ class _Mailbox:
             try:
                 message = loads(self.conn.recv_bytes())
                 if message[0] == RUN:  # its payloads follow as a frame of their own
-                    message = (RUN, message[1], message[2], _read_frame(self.conn))
+                    message = (RUN, message[1], _read_frame(self.conn))
             except (EOFError, OSError):
                 message = (STOP,)
             if message[0] == RUN:
@@ -238,7 +240,7 @@ class _Mailbox:
                 break
         stolen.reverse()
         for message in messages:
-            stolen.extend(message[1])
+            stolen += run_ids(message[1])
         self.send((RETURNED, stolen))
 
     def next(self) -> _Pending | None:

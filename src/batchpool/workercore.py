@@ -33,10 +33,13 @@ from .messages import (
     Hello,
     ProgressSlots,
     Results,
+    Runs,
     dumps,
     error_tuple,
     loads,
     progress_slot,
+    run_ids,
+    run_jobs,
 )
 from .rates import Gate
 from .task import Task, is_retryable
@@ -205,27 +208,29 @@ class Runner:
         self.out = _Results()  # the batch's results not sent yet
         self.lock = threading.Lock()
 
-    def unpack(self, ids: list[int], stages: list[int], blob: bytes | bytearray) -> list[Job]:
+    def unpack(self, runs: Runs, blob: bytes | bytearray) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
         then answered UNPICKLABLE (and counts for retirement), a batch is answered SPLIT, and
         the supervisor reruns its jobs one at a time to find the culprit."""
         progress, job_at = self.progress, self.job_at
+        lone = len(runs) == 1 and len(runs[0][0]) == 1
         # A crash or hang while unpickling a lone payload is charged to its job.
         progress[self.started_at] = time.monotonic_ns()
-        progress[job_at] = ids[0] if len(ids) == 1 else UNPACKING
+        progress[job_at] = runs[0][0][0] if lone else UNPACKING
         try:
             payloads = loads(blob)
         except BaseException as exc:
             progress[job_at] = IDLE
+            ids = run_ids(runs)
             n = len(ids)
-            if n == 1:
+            if lone:
                 retiring = self.retirement.after_job(time.monotonic())
                 self.send((RESULTS, ids, [UNPICKLABLE], [0.0], dumps([error_tuple(exc)]), retiring))
             else:
                 self.send((RESULTS, ids, [SPLIT] * n, [0.0] * n, dumps([None] * n), None))
             return []
         progress[job_at] = IDLE
-        return list(zip(ids, stages, payloads, strict=True))
+        return run_jobs(runs, payloads)
 
     def run_batch(self, jobs: deque[Job]) -> str | None:
         """Run the jobs of ``jobs``, taken from its left, until none is left or the worker
@@ -275,10 +280,11 @@ class Runner:
             add_elapsed((end - start) / 1e9)
             add_value(value)  # last: the row is complete (see flush_finished)
             start = end
-            if counted:
+            if counted:  # an RSS sample (psutil's first import: ~20 ms) is no job's time
+                progress[job_at] = IDLE
                 if retirement.after_job(end / 1e9):
                     break
-                start = clock()  # an RSS sample is no part of the next job
+                start = clock()
             # A failure is reported at once: its backoff starts now, and a crash of a later
             # job of the batch cannot lose the record of this attempt.
             if failed or end - flushed > flush_ns:

@@ -79,6 +79,7 @@ from ..messages import (
     Results,
     dumps,
     loads,
+    run_ids,
 )
 from ..rates import GateFiles, GateSpec, open_gates
 from ..registry import terminate_all_at_exit
@@ -144,8 +145,8 @@ class _Actor:
         runner = self.runner
         if runner is None or self.retirement.reason:  # queued behind a retirement (or a
             return None  # failed setup): the supervisor requeued these jobs
-        _, ids, stages = loads(header)
-        runner.run_batch(deque(runner.unpack(ids, stages, blob)))
+        _, runs = loads(header)
+        runner.run_batch(deque(runner.unpack(runs, blob)))
         messages, self.outbox = self.outbox, []
         return messages, self.retirement.reason is not None, self.retirement.rss
 
@@ -379,7 +380,7 @@ class RayWorker:
             if tag == RUN:
                 if self._leaving:
                     return False
-                ids = message[1]
+                ids = run_ids(message[1])
                 job = ids[0] if len(ids) == 1 else IDLE
                 self._calls.append(_Call(_RUN, (blob, payloads), job, ids))
             elif tag == STEAL:
