@@ -200,6 +200,29 @@ def test_the_progress_slot_names_the_running_job_and_idle_between() -> None:
     assert progress[2] == IDLE and progress[:2] == [0, 0]
 
 
+class SlotWhileSampling(Retirement):
+    """Notes what the progress slot says each time the worker counts a job (and may sample
+    its RSS: psutil's first import alone takes ~20 ms)."""
+
+    def __init__(self, progress: list, job_at: int) -> None:
+        super().__init__(None, max_memory=1 << 60)
+        self.progress, self.job_at, self.seen = progress, job_at, []
+
+    def after_job(self, now: float) -> str | None:
+        self.seen.append(self.progress[self.job_at])
+        return super().after_job(now)
+
+
+def test_the_slot_names_no_job_while_the_worker_samples_its_memory() -> None:
+    """A timeout counts from the slot's start time: the RSS sample after a job must not
+    count as that job's time."""
+    progress = [0, 0]
+    retirement = SlotWhileSampling(progress, 0)
+    run = Runner([ReadsSlot(progress)], lambda message: None, retirement, progress)
+    run.run_batch(deque([(41, 0, None), (42, 0, None), (43, 0, None)]))
+    assert retirement.seen == [IDLE, IDLE, IDLE]
+
+
 # -- retirement ----------------------------------------------------------------------------------
 
 
