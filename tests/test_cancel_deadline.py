@@ -254,7 +254,7 @@ def test_map_deadline_returns_partial_results_and_replaces_the_stopped_workers(
 @pytest.mark.timeout(30)
 def test_a_deadline_keeps_the_results_a_stopped_worker_had_not_sent_yet(tmp_path: Path) -> None:
     # Timed fast jobs: the next call travels in one batch, and a worker sends its results every
-    # 0.1 s or at the end of the batch. At the deadline, a..e have ended but their results wait
+    # 0.25 s or at the end of the batch. At the deadline, a..e have ended but their results wait
     # in the worker, which runs slow1: they must come back as they are.
     payloads = ["a", "b", "c", "d", "e", "slow1", "f", "g"]
     with Pool(SleepMarked(tmp_path, 5.0), procs=1) as pool:

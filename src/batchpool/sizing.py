@@ -1,9 +1,10 @@
 """How many jobs travel in one message: pure arithmetic on what the supervisor measured.
 
-A message should carry about TARGET_BATCH_SECONDS of work, so that per-message costs stay well
-under 1% (a pass of the supervisor's loop, which sends a message and reads an answer, costs it
-about 0.25 ms of CPU on a busy 2-core VM: its syscalls dominate) while results still stream (a
-worker sends what it has every Tuning.flush_every, 100 ms, so a refill follows each answer);
+A message should carry about TARGET_BATCH_SECONDS of work, so that per-message costs stay
+under 0.5% of a core (a pass of the supervisor's loop, which reads an answer and sends the next
+message, costs it 0.2-0.3 ms of CPU on a busy 2-core VM: waking on a core that workers keep
+busy, with cold caches, not its few syscalls) while results still stream (a worker sends what
+it has every Tuning.flush_every, as long as a batch, so one answer, and one pass, per batch);
 never more than MAX_BATCH jobs; and payloads of about
 MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better than one giant
 one that leaves the other workers idle while it travels.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TARGET_BATCH_SECONDS = 0.1  # work per message
+TARGET_BATCH_SECONDS = 0.25  # work per message (0.1 gave ~0.8% of a core at 10 ms jobs)
 MAX_BATCH = 4096  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
@@ -29,7 +30,7 @@ class Tuning:
     batch_seconds: float = TARGET_BATCH_SECONDS  # work per message
     # Seconds a finished result may wait in a local worker for the results after it: a message
     # per result costs the supervisor a loop pass, a long wait costs the result's latency.
-    flush_every: float = 0.1
+    flush_every: float = 0.25
     # Added to each local worker's nice value at its start: a server's front (the HTTP loop,
     # the supervisor) stays responsive while the workers saturate every core.
     nice: int = 0

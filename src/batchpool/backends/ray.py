@@ -17,7 +17,7 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
                    names none (messages.UNPACKING): an actor that dies or times out in one
                    has each job it had not answered rerun alone (ledger.attribute), and only
                    the one that kills it again is charged. A batch's deadline runs from its
-                   start, with the timeout of one job: a batch of ~0.1 s (sizing.py) that
+                   start, with the timeout of one job: a batch of ~0.25 s (sizing.py) that
                    overstays it is killed and its jobs rerun alone, charged nothing
     kill()         ``ray.kill(actor, no_restart=True)``
 
