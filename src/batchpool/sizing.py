@@ -12,7 +12,7 @@ one that leaves the other workers idle while it travels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 TARGET_BATCH_SECONDS = 0.25  # work per message (0.1 gave ~0.8% of a core at 10 ms jobs)
 MAX_BATCH = 4096  # jobs per message, however tiny they are
@@ -21,8 +21,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
 
 
-@dataclass(frozen=True)
-class Tuning:
+class Tuning(NamedTuple):
     """Throughput (the defaults, for batches) against latency (a server's, where every job is
     awaited): how much work a message carries, how long results wait in a worker, and the
     workers' CPU priority."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import PermanentError
 from .rates import parse_rate
@@ -44,8 +43,7 @@ def is_retryable(task: Task, exc: BaseException) -> bool:
     return isinstance(exc, task.retry_on)
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """The settings the supervisor applies to one stage."""
 
     retries: int
