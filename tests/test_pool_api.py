@@ -28,8 +28,8 @@ from helpers import all_gone, wait_for
 
 from batchpool import JobFailed, JobResult, Metrics, Pool
 from batchpool.errors import PoolClosed
-from batchpool.pool import SUBMIT_CHUNK, WINDOW_BATCHES
 from batchpool.sizing import MAX_BATCH
+from batchpool.streaming import SUBMIT_CHUNK, WINDOW_BATCHES
 
 pytestmark = pytest.mark.timeout(90)
 

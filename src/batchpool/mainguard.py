@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from .pool import default_start_method
+from .settings import default_start_method
 
 EXIT_USAGE = 2
 

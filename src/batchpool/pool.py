@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import threading
 import time
@@ -11,40 +10,35 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from typing import Any
 
-from .backends import WorkerSpec, check_backend, make_backend
+from .backends import Backend, WorkerSpec, make_backend
 from .cancelling import Deadline
 from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
 from .futures import Collector, Futures, JobFuture, broken_message
 from .jobs import Block
-from .messages import dumps
 from .results import JobResult, Metrics
-from .scaling import Bounds, check, check_idle_timeout
-from .sizing import BATCHES, MAX_BATCH, Tuning
+from .settings import IDLE_TIMEOUT, Settings, check_settings, describe
+from .sizing import BATCHES, Tuning
+from .streaming import SUBMIT_CHUNK, Stream, window
 from .supervisor import Supervisor
-from .task import UNSET, Policy, Task, check_priority, resolve_policy
+from .task import UNSET, Task, check_priority
 
-# imap read-ahead per worker, in batches: one running, one queued, one being refilled
-WINDOW_BATCHES = 3
-# ... of at least this many jobs (batches of slow jobs are short), and at most MAX_BATCH
-WINDOW_BATCH_FLOOR = 512
-WINDOW_BYTES = 64 * 1024 * 1024  # imap read-ahead stops here (1 MB payloads!), beyond 2 per proc
-SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on the first at once
-START_TIMEOUT = 60.0  # seconds a worker gets for start-up and setup() by default
 ANSWER_POLL = 0.5  # seconds between looks at a supervisor that may have ended, while waiting
-IDLE_TIMEOUT = 10.0  # seconds an idle worker of a scaling pool waits before it retires
 
 
-def default_start_method() -> str:
-    # fork after threads is unsafe (the supervisor is a thread), so prefer forkserver.
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _start_limit(start_timeout: float | None, policies: list[Policy]) -> float:
-    if start_timeout is None:
-        return max([START_TIMEOUT] + [p.timeout for p in policies if p.timeout])
-    return seconds_setting("start_timeout", start_timeout)
+def _supervisor(settings: Settings, workers: Backend, tuning: Tuning) -> Supervisor:
+    bounds = settings.bounds
+    return Supervisor(
+        settings.policies,
+        procs=bounds.low,
+        bounds=bounds if settings.scaling else None,
+        backend=workers,
+        # a backend that cannot tell which job of a batch runs fixes the batch size (Ray: 1)
+        chunksize=getattr(workers, "chunksize", None) or settings.chunksize,
+        max_tasks=settings.max_tasks,
+        start_timeout=settings.start_limit,
+        batch_seconds=tuning.batch_seconds,
+    )
 
 
 def _deadline(deadline: float | None) -> Deadline | None:
@@ -52,23 +46,6 @@ def _deadline(deadline: float | None) -> Deadline | None:
     if deadline is None:
         return None
     return Deadline(seconds_setting("deadline", deadline), time.monotonic())
-
-
-def _bounds(procs: Any, idle_timeout: Any) -> Bounds:
-    """``procs`` as (low, high): a plain number N is (N, N), without scaling."""
-    if isinstance(procs, tuple):
-        return check(procs, idle_timeout)
-    n = _positive_int("procs", os.cpu_count() or 1 if procs is None else procs)
-    assert n is not None
-    return Bounds(n, n, check_idle_timeout(idle_timeout))
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class Pool:
@@ -154,69 +131,34 @@ class Pool:
         tasks: list[Task],
         procs: int | tuple[int, int] | None,
         *,
-        start_method: str | None = None,
-        chunksize: int | str = "auto",
-        max_tasks_per_worker: int | None = None,
-        max_memory: int | None = None,
         overrides: dict[str, Any],
         preload: Sequence[tuple[str, str]],
-        start_timeout: float | None = None,
-        backend: str = "local",
-        address: str | None = None,
         own_signals: bool = False,
-        idle_timeout: float = IDLE_TIMEOUT,
         tuning: Tuning = BATCHES,
+        **options: Any,
     ) -> None:
-        """``tuning``: a server's (serve/command.py): latency and CPU priority."""
+        """``options``: the settings of Pool() (settings.check_settings); ``tuning``: a
+        server's (serve/command.py): latency and CPU priority."""
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
-        policies: list[Policy] = [resolve_policy(t, **overrides) for t in tasks]
-        bounds = _bounds(procs, idle_timeout)
-        method = start_method or default_start_method()
-        if method not in multiprocessing.get_all_start_methods():
-            raise ValueError(
-                f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
-                f"got {method!r}"
-            )
-        if chunksize != "auto":
-            _positive_int("chunksize", chunksize, allow_none=False)
-        _positive_int("max_tasks_per_worker", max_tasks_per_worker)
-        _positive_int("max_memory", max_memory)
-        start_limit = _start_limit(start_timeout, policies)
-        check_backend(backend, address)
-        try:
-            tasks_blob = dumps(tasks)
-        except Exception as exc:
-            raise TypeError(f"the task cannot be pickled for the workers: {exc}") from exc
-        self.procs = bounds.high  # the most workers it may have at once
-        self._bounds = bounds
-        self._scaling = isinstance(procs, tuple)
-        self.start_method = method
-        self._backend = backend
-        self._policies = policies
-        rates = tuple(p.rate for p in policies)
+        settings = self._settings = check_settings(tasks, procs, overrides, **options)
+        self._policies = settings.policies
+        self.procs = settings.bounds.high  # the most workers it may have at once
+        self.start_method = settings.start_method
+        rates = tuple(p.rate for p in settings.policies)
         spec = WorkerSpec(
-            tasks_blob,
+            settings.tasks_blob,
             tuple(preload),
-            max_tasks_per_worker,
-            max_memory,
+            settings.max_tasks,
+            settings.max_memory,
             own_signals,
             rates,
             tuning,
         )
-        workers = make_backend(backend, method, self.procs, spec, address)
-        self._supervisor = Supervisor(
-            policies,
-            procs=bounds.low,
-            bounds=bounds if self._scaling else None,
-            backend=workers,
-            # a backend that cannot tell which job of a batch runs fixes the batch size (Ray: 1)
-            chunksize=getattr(workers, "chunksize", None)
-            or (None if chunksize == "auto" else int(chunksize)),
-            max_tasks=max_tasks_per_worker,
-            start_timeout=start_limit,
-            batch_seconds=tuning.batch_seconds,
+        workers = make_backend(
+            settings.backend, self.start_method, self.procs, spec, settings.address
         )
+        self._supervisor = _supervisor(settings, workers, tuning)
         self._futures = Futures()
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
@@ -323,20 +265,20 @@ class Pool:
         level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
-        stream = self._imap(iter(payloads), ordered, tag, level)
+        reader = Stream(
+            iter(payloads),
+            lambda block: self._post_jobs([block], tag),
+            self._window,
+            Collector(self._supervisor),
+            tag,
+            level,
+        )
+        stream = reader.ordered() if ordered else reader.unordered()
         return stream if tag is None else self._until(stream, tag)
 
     def _window(self) -> int:
-        """How many jobs imap (and a pipeline's run) keeps in flight: full batches for every
-        worker, as long as the supervisor measures them (thousands of tiny jobs, a few slow
-        ones), and fewer when payloads are big (it measures their pickled size too)."""
-        sizer = self._supervisor.sizer
-        batch = max(WINDOW_BATCH_FLOOR, min(MAX_BATCH, sizer.jobs_per_message(0)))
-        window = WINDOW_BATCHES * batch * self.procs
-        per_job = sizer.job_bytes[0]
-        if per_job:
-            window = min(window, WINDOW_BYTES // per_job)
-        return max(window, 2 * self.procs)
+        """How many jobs imap() and a pipeline's run keep in flight (streaming.window)."""
+        return window(self._supervisor.sizer, self.procs)
 
     def _until(self, stream: Iterator[JobResult], tag: Deadline) -> Iterator[JobResult]:
         """An imap() stream with a deadline; its timer goes when the stream does."""
@@ -344,48 +286,6 @@ class Pool:
             yield from stream
         finally:
             self._supervisor.post(("deadline_off", tag))
-
-    def _imap(
-        self, source: Iterator[Any], ordered: bool, tag: Deadline | None, priority: int
-    ) -> Iterator[JobResult]:
-        collector = Collector(self._supervisor)
-        held: dict[int, JobResult] = {}  # ordered: results waiting for an earlier index
-        next_index = 0  # of the source
-        next_out = 0  # ordered: the index to yield next
-        outstanding = 0  # submitted and not yet yielded
-        exhausted = False
-        while True:
-            window = self._window()
-            while not exhausted and outstanding < window:
-                if tag is not None and tag.passed(time.monotonic()):
-                    exhausted = True  # no more reading: items not read are no jobs
-                    break
-                want = min(SUBMIT_CHUNK, window - outstanding)
-                batch = list(itertools.islice(source, want))
-                exhausted = len(batch) < want
-                if batch:
-                    span = range(next_index, next_index + len(batch))
-                    self._post_jobs([Block(span, batch, collector, tag, priority)], tag)
-                    next_index += len(batch)
-                    outstanding += len(batch)
-            if not outstanding:
-                return
-            for indexes, run in collector.take():
-                if not ordered:
-                    outstanding -= len(run)
-                    yield from run
-                    continue
-                if isinstance(indexes, range) and indexes.start == next_out:
-                    outstanding -= len(run)
-                    yield from run  # the very results due next: no detour through held
-                    next_out = indexes.stop
-                else:
-                    for result in run:
-                        held[result.index] = result
-                while next_out in held:
-                    outstanding -= 1
-                    yield held.pop(next_out)
-                    next_out += 1
 
     # -- cancelling ----------------------------------------------------------------------
     def cancel_pending(self) -> int:
@@ -418,16 +318,7 @@ class Pool:
 
     def _describe(self) -> str:
         """Its settings, in one line (the log file's run start)."""
-        b = self._bounds
-        procs = f"procs {b.low}:{b.high} (idle timeout {b.idle_timeout:g} s)"
-        if not self._scaling:
-            procs = f"procs {self.procs}"
-        stages = "; ".join(
-            f"stage {i + 1}: retries {p.retries}, backoff {p.backoff:g} s, "
-            f"timeout {'none' if p.timeout is None else f'{p.timeout:g} s'}"
-            for i, p in enumerate(self._policies)
-        )
-        return f"{procs}, {self.start_method}, backend {self._backend}; {stages}"
+        return describe(self._settings, self.procs)
 
     # -- steering ------------------------------------------------------------------------
     def resize(self, n: int) -> None:
@@ -439,12 +330,13 @@ class Pool:
         machine was promised, ``min`` what the pool keeps warm) and goes on scaling from
         there: idle workers still retire down to ``min``."""
         self._check_open()
-        b = self._bounds
+        b = self._settings.bounds
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"resize needs a number of workers >= 1, got {n!r}")
-        if self._scaling and not b.low <= n <= b.high:
+        scaling = self._settings.scaling
+        if scaling and not b.low <= n <= b.high:
             raise ValueError(f"resize({n}) is outside this pool's procs=({b.low}, {b.high})")
-        if not self._scaling:
+        if not scaling:
             self.procs = n
         self._supervisor.post(("resize", n))
 

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 from . import logs
 from .jobs import Job
 from .journal import JournalError, JournalWriter
-from .pool import WINDOW_BATCH_FLOOR, WINDOW_BATCHES, Pool
+from .pool import Pool
 from .progress import Progress
 from .recorder import Recorder
 from .report import RunReport, cannot_start
 from .results import JobError, JobResult, Metrics
 from .source import EMPTY, Feed, SourceChangedError, SourceFailed, length, merge
 from .stopping import Halt, HardStop, Signals
+from .streaming import WINDOW_BATCH_FLOOR, WINDOW_BATCHES
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
