@@ -399,6 +399,56 @@ def _workers_skip_the_script() -> None:
 )
 def run(pipeline: str, **opts: Any) -> None:
     """Run PIPELINE: path/to/file.py[:NAME] or package.module:NAME (default NAME: pipeline)."""
+    _check_run_options(opts)
+    metrics_at = _address(opts["metrics_port"]) if opts["metrics_port"] else None
+    if metrics_at and missing_extra(("prometheus_client",)):
+        _fail(f"--metrics-port needs prometheus_client, which is not installed: {INSTALL_HINT}")
+    try:
+        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
+    except OSError as exc:
+        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
+    pipe = load_pipeline(pipeline)
+    exporter = _exporter(metrics_at, pipe, opts["quiet"]) if metrics_at else None
+    try:
+        report = pipe._execute(
+            opts["procs"],
+            journal=_journal_option(opts),
+            resume=opts["resume"],
+            fresh=opts["fresh"],
+            retry_failed=opts["retry_failed"],
+            progress=not (opts["no_progress"] or opts["quiet"]),
+            output=opts["output"],
+            deadline=opts["deadline"],
+            on_pool=exporter.attach if exporter else None,
+            **_pool_options(opts),
+        )
+    except JournalError as exc:
+        _fail(str(exc))
+    except (ValueError, TypeError) as exc:  # settings refused when the pool is built
+        _fail(f"invalid settings: {exc}")
+    except (BackendUnavailable, ConnectionError) as exc:  # a backend missing or unreachable
+        _fail(str(exc))
+    finally:
+        if exporter:
+            exporter.close()
+    if report.error:
+        click.echo(f"batchpool: run stopped ({report.stopped_by}):\n{report.error}", err=True)
+    if not opts["quiet"]:
+        click.echo(summary(report), err=True)
+        for line in _next_steps(report, pipeline, opts["journal"]):
+            click.echo(line, err=True)
+    code = _exit_code(report)
+    if opts["report"]:
+        try:
+            _write_atomically(Path(opts["report"]), to_json(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:  # checked before the run: the disk filled or the folder went
+            click.echo(f"batchpool: cannot write --report {opts['report']}: {exc}", err=True)
+            code = code or EXIT_USAGE
+    sys.exit(code)
+
+
+def _check_run_options(opts: dict[str, Any]) -> None:
+    """Options that exclude or need each other: a usage error before anything starts."""
     if opts["quiet"] and opts["verbose"]:
         raise click.UsageError("-q and -v exclude each other")
     if opts["journal"] and opts["no_journal"]:
@@ -418,78 +468,43 @@ def run(pipeline: str, **opts: Any) -> None:
             _check_writable(opts[option], f"--{option}")
     if opts["idle_timeout"] is not None and not isinstance(opts["procs"], tuple):
         raise click.UsageError("--idle-timeout is for --procs MIN:MAX")
-    metrics_at = _address(opts["metrics_port"]) if opts["metrics_port"] else None
-    if metrics_at and missing_extra(("prometheus_client",)):
-        _fail(f"--metrics-port needs prometheus_client, which is not installed: {INSTALL_HINT}")
-    try:
-        logs.setup(opts["verbose"], opts["quiet"], opts["log_file"])
-    except OSError as exc:
-        _fail(f"cannot write --log-file {opts['log_file']}: {exc.strerror or exc}")
-    pipe = load_pipeline(pipeline)
-    exporter = _exporter(metrics_at, pipe, opts["quiet"]) if metrics_at else None
-    journal: JournalOption = DEFAULT_JOURNAL
+
+
+def _journal_option(opts: dict[str, Any]) -> JournalOption:
     if opts["no_journal"]:
-        journal = None
-    elif opts["journal"]:
-        journal = opts["journal"]
-    pool_options = {
-        k: opts[k]
-        for k in (
-            "retries",
-            "timeout",
-            "backoff",
-            "rate_limit",
-            "start_method",
-            "max_memory",
-            "address",
-            "idle_timeout",
-        )
-        if opts[k] is not None
-    }
+        return None
+    return opts["journal"] or DEFAULT_JOURNAL
+
+
+POOL_OPTIONS = (
+    "retries",
+    "timeout",
+    "backoff",
+    "rate_limit",
+    "start_method",
+    "max_memory",
+    "address",
+    "idle_timeout",
+)
+
+
+def _pool_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The pool's settings the command line gave; the rest keep the task's or Pool()'s."""
+    options = {k: opts[k] for k in POOL_OPTIONS if opts[k] is not None}
     if opts["backend"] != "local":
-        pool_options["backend"] = opts["backend"]
-    try:
-        report = pipe._execute(
-            opts["procs"],
-            journal=journal,
-            resume=opts["resume"],
-            fresh=opts["fresh"],
-            retry_failed=opts["retry_failed"],
-            progress=not (opts["no_progress"] or opts["quiet"]),
-            output=opts["output"],
-            deadline=opts["deadline"],
-            on_pool=exporter.attach if exporter else None,
-            **pool_options,
-        )
-    except JournalError as exc:
-        _fail(str(exc))
-    except (ValueError, TypeError) as exc:  # settings refused when the pool is built
-        _fail(f"invalid settings: {exc}")
-    except (BackendUnavailable, ConnectionError) as exc:  # a backend missing or unreachable
-        _fail(str(exc))
-    finally:
-        if exporter:
-            exporter.close()
-    if report.error:
-        click.echo(f"batchpool: run stopped ({report.stopped_by}):\n{report.error}", err=True)
-    if not opts["quiet"]:
-        click.echo(summary(report), err=True)
-        for line in _next_steps(report, pipeline, opts["journal"]):
-            click.echo(line, err=True)
-    code = EXIT_FAILED if report.failed or report.error else 0
+        options["backend"] = opts["backend"]
+    return options
+
+
+def _exit_code(report: RunReport) -> int:
+    """SPEC's exit codes: a signal's, the deadline's, a journal error's, failed jobs'."""
     if report.stopped_by in EXIT_SIGNAL:
-        code = EXIT_SIGNAL[report.stopped_by]
-    elif report.stopped_by == DEADLINE:
-        code = EXIT_DEADLINE
-    elif report.stopped_by == "journal":  # disk full, journal deleted: a journal error
-        code = EXIT_USAGE
-    if opts["report"]:
-        try:
-            _write_atomically(Path(opts["report"]), to_json(report.to_dict(), indent=2) + "\n")
-        except OSError as exc:  # checked before the run: the disk filled or the folder went
-            click.echo(f"batchpool: cannot write --report {opts['report']}: {exc}", err=True)
-            code = code or EXIT_USAGE
-    sys.exit(code)
+        return EXIT_SIGNAL[report.stopped_by]
+    if report.stopped_by == DEADLINE:
+        return EXIT_DEADLINE
+    if report.stopped_by == "journal":  # disk full, journal deleted: a journal error
+        return EXIT_USAGE
+    return EXIT_FAILED if report.failed or report.error else 0
 
 
 def _address(text: str) -> tuple[str, int]:
