@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +60,7 @@ def execute(
 ) -> RunReport:
     """run() without the KeyboardInterrupt: the CLI reports an interrupted run itself.
     ``on_pool`` is shown the run's pool once it exists (``--metrics-port`` reads it)."""
-    if deadline is not None:
-        deadline = seconds_setting("deadline", deadline)
-    check_main_script(pipeline.stages, pool_options)
-    overrides = {k: v for k, v in pool_options.items() if k in POLICY_OVERRIDES}
-    for stage in pipeline.stages:  # bad settings fail before a journal is made
-        resolve_policy(stage, **overrides)
+    deadline = _check(pipeline, deadline, pool_options)
     name = pipeline._name()
     journal, tmp = _journal_path(journal, name, output)
     signals = Signals()
@@ -74,28 +70,20 @@ def execute(
     try:
         stages = stages_fingerprint(pipeline.stages)
         book = _open_journal(journal, name, stages, resume, fresh, retry_failed)
-        try:
-            run = Run(
-                pipeline,
-                book,
-                procs=procs,
-                pool_options=pool_options,
-                resume=resume or retry_failed,
-                retry_failed=retry_failed,
-                progress=progress,
-                signals=signals,
-                stages=stages,
-                deadline=deadline,
-            )
-            if on_pool is not None:
-                on_pool(run.pool)
-            report = run.execute()
-        except BaseException:  # a refusal too: what ran before it is committed
-            if book is not None:
-                book.close(flush=False)
-            raise
-        if book is not None:
-            _close_journal(book, report, output)
+        run = partial(
+            Run,
+            pipeline,
+            book,
+            procs=procs,
+            pool_options=pool_options,
+            resume=resume or retry_failed,
+            retry_failed=retry_failed,
+            progress=progress,
+            signals=signals,
+            stages=stages,
+            deadline=deadline,
+        )
+        report = _run_journaled(run, book, output, on_pool)
         if tmp is not None:  # deleted below: the report must not name it
             report.journal = None
         return report
@@ -103,6 +91,41 @@ def execute(
         restore()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _check(
+    pipeline: Pipeline, deadline: float | None, pool_options: dict[str, Any]
+) -> float | None:
+    """Settings that would fail the run: refused before a journal is made. Returns the
+    deadline in seconds."""
+    if deadline is not None:
+        deadline = seconds_setting("deadline", deadline)
+    check_main_script(pipeline.stages, pool_options)
+    overrides = {k: v for k, v in pool_options.items() if k in POLICY_OVERRIDES}
+    for stage in pipeline.stages:
+        resolve_policy(stage, **overrides)
+    return deadline
+
+
+def _run_journaled(
+    run: Callable[[], Run],
+    book: JournalWriter | None,
+    output: str | os.PathLike[str] | None,
+    on_pool: Callable[[Pool], None] | None,
+) -> RunReport:
+    """Build the run and execute it; then close the journal, marked with how it ended."""
+    try:
+        started = run()
+        if on_pool is not None:
+            on_pool(started.pool)
+        report = started.execute()
+    except BaseException:  # a refusal too: what ran before it is committed
+        if book is not None:
+            book.close(flush=False)
+        raise
+    if book is not None:
+        _close_journal(book, report, output)
+    return report
 
 
 def _journal_path(
