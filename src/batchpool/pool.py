@@ -1,4 +1,5 @@
-"""The public Pool: validates settings, posts commands to its supervisor, hands back results."""
+"""The public Pool: checks its settings (settings.py), posts commands to its supervisor, hands
+back results."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ class Supervisor:
     ) -> None:
         """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
         self.book = JobBook(policies, random.random)
-        # pool.py reads its byte estimate
+        # streaming.window reads its estimates
         self.sizer = BatchSizer(len(policies), chunksize, batch_seconds)
         self.timers = Timers()  # ("watch"|"stop"|"start"|"flush", slot), "rss"
         self.commands: Commands[Command] = Commands()
