@@ -147,6 +147,14 @@ class Server:
 
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
+    def cpu(self) -> float:
+        """CPU seconds of the server's own process (its HTTP loop and, for batchpool, the
+        supervisor), not of its workers."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
     def submitted(self) -> int | None:
         """Jobs the server accepted, from its /metrics (batchpool only)."""
         if self.name != "batchpool":
@@ -201,6 +209,11 @@ class Load:
     offered: float = 0.0  # open loop: requests a second sent
     unsent: int = 0  # open loop: due while every connection was busy
     unanswered: int = 0  # open loop: no answer DRAIN_SECONDS after the last was sent
+    # open loop, in one core's terms: the server process's CPU / wall, the load generator's
+    # (this process), and the whole machine's busy share (of all its cores)
+    server_cpu: float | None = None
+    client_cpu: float | None = None
+    machine_busy: float | None = None
     turn: int = 0
 
 
@@ -405,11 +418,13 @@ def run_asyncio(
     before = server.submitted()
     samples.append(server.rss())
     sampler.start()
+    shares = CpuShares(server)
     try:
         out = asyncio_load(f"{server.url}/jobs", body, seconds, concurrency=concurrency, rate=rate)
     finally:
         stop.set()
         sampler.join()
+    server_cpu, client_cpu, machine_busy = shares.read()
     times, elapsed = out["times"], out["elapsed"]
     ok = times.get(200, [])
     after = server.submitted()
@@ -433,7 +448,38 @@ def run_asyncio(
         offered=rate,
         unsent=out["unsent"],
         unanswered=out["unanswered"],
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+        machine_busy=machine_busy,
     )
+
+
+class CpuShares:
+    """Who had the cores during a cell: on a small machine the generator, the server's loop
+    and its workers share them, and a latency tail follows the busiest."""
+
+    def __init__(self, server: Server) -> None:
+        import psutil
+
+        self.server = server
+        self.wall = time.perf_counter()
+        self.server_cpu = server.cpu()
+        self.client_cpu = time.process_time()
+        self.machine = psutil.cpu_times()
+
+    def read(self) -> tuple[float, float, float]:
+        """(server CPU / wall, client CPU / wall, busy share of the whole machine)."""
+        import psutil
+
+        wall = time.perf_counter() - self.wall
+        machine = psutil.cpu_times()
+        total = _cpu_total(machine) - _cpu_total(self.machine)
+        idle = _cpu_idle(machine) - _cpu_idle(self.machine)
+        return (
+            (self.server.cpu() - self.server_cpu) / wall,
+            (time.process_time() - self.client_cpu) / wall,
+            1.0 - idle / total if total > 0 else 0.0,
+        )
 
 
 def run_ab(
@@ -482,6 +528,19 @@ def _ms(seconds: float | None) -> float | None:
 
 def _f(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _cpu_total(times: Any) -> float:
+    """All of psutil.cpu_times(): Linux counts guest time in user time already."""
+    return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _cpu_idle(times: Any) -> float:
+    return float(times.idle) + getattr(times, "iowait", 0.0)
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def throughput_table(cells: list[Load]) -> str:
@@ -549,15 +608,17 @@ def ratios(cells: list[Load]) -> str:
 def overload_table(cells: list[Load]) -> str:
     rows = [
         "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unsent | unanswered "
-        "| client lag p99 ms | RSS MB first / max / last | accepted lost |"
+        "| client lag p99 ms | CPU server / client / machine | RSS MB first / max / last "
+        "| accepted lost |"
     ]
-    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for c in cells:
         mb = [r / 2**20 for r in c.rss] or [0.0]
         rows.append(
             f"| {c.server} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
             f"| {_f(c.statuses.get(429, 0) / c.seconds, 0)} | {_f(c.p50_429_ms)} "
             f"| {_f(c.p99_429_ms)} | {c.unsent} | {c.unanswered} | {_f(c.p99_lag_ms)} "
+            f"| {_pct(c.server_cpu)} / {_pct(c.client_cpu)} / {_pct(c.machine_busy)} "
             f"| {mb[0]:.0f} / {max(mb):.0f} / {mb[-1]:.0f} | "
             f"{'-' if c.lost is None else c.lost} |"
         )
