@@ -17,6 +17,7 @@ from faults import (
     CountSetup,
     CountUnpickles,
     Echo,
+    Hang,
     Raise,
     RecordPid,
     Sleep,
@@ -28,6 +29,7 @@ from helpers import all_gone, wait_for
 
 from batchpool import JobFailed, JobResult, Metrics, Pool
 from batchpool.errors import PoolClosed
+from batchpool.serve.command import SERVING
 from batchpool.sizing import MAX_BATCH
 from batchpool.streaming import SUBMIT_CHUNK, WINDOW_BATCHES
 
@@ -401,3 +403,47 @@ def test_many_small_rounds_never_stall() -> None:
             assert all(f.result().ok for f in futures)
         results = pool.map([0.5, 0.5])
         assert results[0].value != results[1].value, pool.metrics()
+
+
+# -- a server's lazy submits (sizing.Tuning.lazy_submits) -----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_lazy_submit_is_taken_while_the_only_worker_never_reports() -> None:
+    """With a server's tuning, a submit made while every worker holds jobs does not wake the
+    supervisor: the workers' next report would. Here the one worker hangs and will never
+    report; the loop still takes the job (it sleeps a bounded time while it relies on
+    reports): the job is counted as submitted, and ending the pool ends both."""
+    pool = Pool._for_stages([Hang()], 1, tuning=SERVING)
+    try:
+        stuck = pool.submit("hang")
+        wait_for(lambda: pool.metrics().in_flight == 1, 30, "the worker to take the hang")
+        waiting = pool.submit("x")
+        wait_for(lambda: pool.metrics().submitted == 2, 5, "the supervisor to take the submit")
+    finally:
+        pool.terminate()
+    assert stuck.cancelled() and waiting.cancelled()
+
+
+@pytest.mark.timeout(60)
+def test_lazy_submits_from_threads_all_finish_on_busy_workers() -> None:
+    """Many submits, from several threads, while both workers are busy: each one either wakes
+    the supervisor or is taken at a pass the workers' reports bring; none is stranded."""
+    with Pool._for_stages([Square(delay=0.002)], 2, tuning=SERVING) as pool:
+        futures: list[Future[JobResult]] = []
+        lock = threading.Lock()
+
+        def submit_many(start: int) -> None:
+            for n in range(start, start + 150):
+                future = pool.submit(n)
+                with lock:
+                    futures.append(future)
+
+        threads = [threading.Thread(target=submit_many, args=(k * 150,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        done, not_done = wait(futures, timeout=30)
+        assert not not_done
+        assert sorted(f.result().value for f in done) == [n * n for n in range(600)]

@@ -243,11 +243,12 @@ def test_bad_rate_limits_are_refused_when_the_pool_is_built(tmp_path: Path, bad:
 def test_a_limited_stage_does_not_stall_behind_unlimited_work(tmp_path: Path) -> None:
     """Stage b is limited, stage a is not and has plenty queued: b's jobs start while a still
     runs (once admitted, a job of b waits for the next idle worker, and busy workers are not
-    fed meanwhile), not after all of a."""
+    fed meanwhile), not after all of a. (a runs ~1 s, several of its workers' 0.25 s result
+    flushes: b's jobs exist only once a's results are in.)"""
     log = tmp_path / "starts"
     pipeline = Pipeline(
         [str(i) for i in range(60)],
-        Stamp(log, tag="a", delay=0.01),
+        Stamp(log, tag="a", delay=0.03),
         Stamp(log, tag="b", rate_limit="40/s"),
     )
     report = pipeline.run(2, journal=None, progress=False)

@@ -49,3 +49,28 @@ def test_a_post_overtaken_by_the_loop_leaves_the_next_post_its_wakeup(
     assert select.select([commands.fileno()], [], [], 0)[0], "B was posted without a wakeup"
     assert commands.pop() == "B"
     commands.close()
+
+
+def _readable(commands: Commands[str]) -> bool:
+    return bool(select.select([commands.fileno()], [], [], 0)[0])
+
+
+@pytest.mark.timeout(30)
+def test_a_quiet_loop_is_woken_by_urgent_commands_only() -> None:
+    """While the loop says a pass comes anyway (quiet), a command that may wait (a server's
+    submit) is queued without a byte; an urgent one (cancel, close) still wakes the loop, and
+    once the loop is not quiet any more, every post wakes it again."""
+    commands: Commands[str] = Commands()
+    commands.set_quiet(True)
+    assert commands.sleep_allowed()
+    commands.post("submit", urgent=False)
+    assert not _readable(commands) and commands.pop() == "submit"
+    commands.post("cancel")
+    assert _readable(commands)
+    commands.woken()
+    assert commands.pop() == "cancel"
+    commands.set_quiet(False)
+    assert commands.sleep_allowed()
+    commands.post("submit", urgent=False)
+    assert _readable(commands) and commands.pop() == "submit"
+    commands.close()

@@ -39,6 +39,7 @@ def _supervisor(settings: Settings, workers: Backend, tuning: Tuning) -> Supervi
         max_tasks=settings.max_tasks,
         start_timeout=settings.start_limit,
         batch_seconds=tuning.batch_seconds,
+        lazy_submits=tuning.lazy_submits,
     )
 
 
@@ -196,7 +197,7 @@ class Pool:
         with self._submit_lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            if not self._supervisor.post(command):
+            if not self._supervisor.post(command, urgent=False):
                 self._check_open()  # the loop has ended: broken, or closed under us
                 raise PoolClosed("the pool has stopped")
 

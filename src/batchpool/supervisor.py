@@ -72,6 +72,7 @@ SUBMITS = ("submit", "submit_until")
 View = tuple[list[Counts], int, int, list[tuple[int, int, float, int]], int, int, int, int]
 
 RSS_EVERY = 1.0  # seconds between psutil samples of worker memory
+QUIET_MAX = 0.05  # seconds a submit that did not wake the loop waits for a pass, at most
 
 
 class Supervisor:
@@ -86,8 +87,11 @@ class Supervisor:
         start_timeout: float,
         batch_seconds: float,
         bounds: Bounds | None = None,
+        lazy_submits: bool = False,
     ) -> None:
-        """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start."""
+        """``bounds``: scale between them (procs=(min, max)); ``procs`` workers start.
+        ``lazy_submits``: see sizing.Tuning."""
+        self.lazy_submits = lazy_submits
         self.book = JobBook(policies, random.random)
         # streaming.window reads its estimates
         self.sizer = BatchSizer(len(policies), chunksize, batch_seconds)
@@ -140,9 +144,10 @@ class Supervisor:
         LIVE.add(self)
         self.thread.start()
 
-    def post(self, command: Command) -> bool:
-        """Queue a command for the loop; False once the loop has ended."""
-        return self.commands.post(command)
+    def post(self, command: Command, *, urgent: bool = True) -> bool:
+        """Queue a command for the loop; False once the loop has ended. One that is not
+        ``urgent`` (a submit, with ``lazy_submits``) may wait for the loop's next pass."""
+        return self.commands.post(command, urgent=urgent)
 
     def snapshot(self) -> Metrics:
         """What the loop last published: consistent, and never waits for the loop."""
@@ -188,9 +193,13 @@ class Supervisor:
 
     def _timeout(self) -> int | None:
         """Milliseconds until the next timer; 0 when commands wait (see wakeup.py)."""
+        quiet = self.lazy_submits and self._reports_coming()
+        self.commands.set_quiet(quiet)
         if not self.commands.sleep_allowed():
             return 0
         ats = [at for at in (self.timers.next_at(), self.book.queue.next_due()) if at]
+        if quiet:  # a submit that did not wake the loop waits this long at most
+            ats.append(time.monotonic() + QUIET_MAX)
         if not ats:
             return None
         return max(0, math.ceil((min(ats) - time.monotonic()) * 1000))
@@ -262,6 +271,13 @@ class Supervisor:
                 return
         if new:
             self.book.add(new)
+
+    def _reports_coming(self) -> bool:
+        """Every worker that may take jobs holds some, so one will report soon (a batch's
+        end, a flush), and no job could start before that anyway."""
+        if self.closing or self.draining or self.broken is not None:
+            return False
+        return all(w.holding for w in self.workers.values() if w.open)
 
     def _publish(self) -> None:
         book = self.book

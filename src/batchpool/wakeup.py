@@ -8,6 +8,10 @@ pending, one byte is written to a pipe the loop polls. Two rules keep every comm
 - the loop clears the flag and looks at the deque right before each sleep (``timeout_ms``),
   so a flag left set after the byte was consumed cannot hide a later command.
 
+A command that may wait (a server's submit, while every worker holds jobs) writes no byte
+when the loop said it is ``quiet``: it will pass again soon on its own (a worker's report), and
+it never sleeps longer than a bound then.
+
 After ``close()`` nothing is accepted: post() says so, and ``leftovers()`` hands back what
 came in between the loop's last look and the close. What a command is, is the loop's business:
 ``Commands[C]`` carries commands of type C.
@@ -29,19 +33,21 @@ class Commands(Generic[C]):
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
         self._pending = False
+        self._quiet = False  # a pass is due anyway: posts that may wait write no byte
         self._lock = threading.Lock()  # the pipe is closed under it: no write to a reused fd
         self._closed = False
 
     def fileno(self) -> int:
         return self._r
 
-    def post(self, command: C) -> bool:
-        """Queue a command; False once closed (nothing will run it)."""
+    def post(self, command: C, *, urgent: bool = True) -> bool:
+        """Queue a command; False once closed (nothing will run it). One that is not
+        ``urgent`` wakes the loop only when it is not ``quiet`` (see ``set_quiet``)."""
         with self._lock:
             if self._closed:
                 return False
             self._queue.append(command)
-            if not self._pending:
+            if not self._pending and (urgent or not self._quiet):
                 try:
                     os.write(self._w, b"!")
                 except OSError:
@@ -52,6 +58,12 @@ class Commands(Generic[C]):
     def woken(self) -> None:
         """The pipe was readable: empty it."""
         os.read(self._r, 4096)
+
+    def set_quiet(self, quiet: bool) -> None:
+        """Before ``sleep_allowed``: whether the loop will pass again soon on its own (and
+        sleeps a bounded time), so posts that are not urgent need not wake it."""
+        with self._lock:
+            self._quiet = quiet
 
     def sleep_allowed(self) -> bool:
         """Right before the loop sleeps: clear the flag; False if commands wait. Under the

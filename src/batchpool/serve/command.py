@@ -42,7 +42,7 @@ log = logging.getLogger("batchpool")
 # most have been freed by then: under a 4x overload the GC's time fell from ~150-270 ms to
 # ~15-25 ms per 10 s, and its longest pauses (which every request waits out) with it.
 GC_YOUNG = 10_000
-SERVING = Tuning(batch_seconds=0.01, flush_every=0.005, nice=10)
+SERVING = Tuning(batch_seconds=0.01, flush_every=0.005, nice=10, lazy_submits=True)
 
 
 class CannotListen(Exception):
