@@ -55,6 +55,7 @@ sys.path.insert(0, str(HERE))
 from workloads import calibrate, spin  # noqa: E402
 
 from batchpool import Task  # noqa: E402
+from batchpool.headroom import busy_share  # noqa: E402
 
 JSON_HEADERS = {"content-type": "application/json"}
 OPEN_CONNECTIONS = 512  # of the open-loop client
@@ -472,13 +473,11 @@ class CpuShares:
         import psutil
 
         wall = time.perf_counter() - self.wall
-        machine = psutil.cpu_times()
-        total = _cpu_total(machine) - _cpu_total(self.machine)
-        idle = _cpu_idle(machine) - _cpu_idle(self.machine)
+        busy = busy_share(self.machine, psutil.cpu_times())
         return (
             (self.server.cpu() - self.server_cpu) / wall,
             (time.process_time() - self.client_cpu) / wall,
-            1.0 - idle / total if total > 0 else 0.0,
+            busy,
         )
 
 
@@ -528,15 +527,6 @@ def _ms(seconds: float | None) -> float | None:
 
 def _f(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
-
-
-def _cpu_total(times: Any) -> float:
-    """All of psutil.cpu_times(): Linux counts guest time in user time already."""
-    return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
-
-
-def _cpu_idle(times: Any) -> float:
-    return float(times.idle) + getattr(times, "iowait", 0.0)
 
 
 def _pct(share: float | None) -> str:

@@ -33,9 +33,7 @@ class Headroom:
         """The current reading, at most EVERY seconds old."""
         if now - self._at >= EVERY:
             times = self._psutil.cpu_times()
-            total = _total(times) - _total(self._times)
-            idle = _idle(times) - _idle(self._times)
-            busy = 1.0 - idle / total if total > 0 else 0.0
+            busy = busy_share(self._times, times)
             self._times, self._at = times, now
             self._machine = self._read(min(1.0, max(0.0, busy)))
         return self._machine
@@ -43,6 +41,13 @@ class Headroom:
     def _read(self, busy: float) -> Machine:
         memory = self._psutil.virtual_memory()
         return Machine(busy, self.cores, memory.available, memory.total)
+
+
+def busy_share(before: Any, after: Any) -> float:
+    """The share of all CPUs' time between two ``psutil.cpu_times()`` readings that was busy."""
+    total = _total(after) - _total(before)
+    idle = _idle(after) - _idle(before)
+    return 1.0 - idle / total if total > 0 else 0.0
 
 
 def _total(times: Any) -> float:
