@@ -144,7 +144,6 @@ class Pool:
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
         settings = self._settings = check_settings(tasks, procs, overrides, **options)
-        self._policies = settings.policies
         self.procs = settings.bounds.high  # the most workers it may have at once
         self.start_method = settings.start_method
         rates = tuple(p.rate for p in settings.policies)
@@ -183,12 +182,12 @@ class Pool:
         self, index: int, payload: Any, consumer: Any, tag: Any = None, priority: int | None = None
     ) -> Block:
         """A one-job block; ``priority`` None: the first stage's task's."""
-        level = self._policies[0].priority if priority is None else priority
+        level = self._settings.policies[0].priority if priority is None else priority
         return Block(range(index, index + 1), [payload], consumer, tag, level)
 
     def _priority(self, priority: int | None) -> int:
         """The jobs' priority: the one asked for (checked), else the task's."""
-        return self._policies[0].priority if priority is None else check_priority(priority)
+        return self._settings.policies[0].priority if priority is None else check_priority(priority)
 
     def _post_jobs(self, entries: list[Block], deadline: Deadline | None = None) -> None:
         """Hand jobs to the supervisor. A pool that broke meanwhile fails them as results (the

@@ -193,8 +193,10 @@ class Supervisor:
 
     def _timeout(self) -> int | None:
         """Milliseconds until the next timer; 0 when commands wait (see wakeup.py)."""
-        quiet = self.lazy_submits and self._reports_coming()
-        self.commands.set_quiet(quiet)
+        quiet = False
+        if self.lazy_submits:  # else never quiet: no lock taken for it per pass
+            quiet = self._reports_coming()
+            self.commands.set_quiet(quiet)
         if not self.commands.sleep_allowed():
             return 0
         ats = [at for at in (self.timers.next_at(), self.book.queue.next_due()) if at]
