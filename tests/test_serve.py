@@ -743,3 +743,58 @@ def test_stage_labels_are_unique_and_keep_unique_names(names: list[str]) -> None
     assert len(set(labels)) == len(names)
     for name, label in zip(names, labels, strict=True):
         assert label == name if names.count(name) == 1 else label.startswith(f"{name}-")
+
+
+# -- the coalescing transport ------------------------------------------------------------------
+async def _coalescing_pair() -> tuple[Any, socket.socket]:
+    """A Coalescing over a real stream transport, and the socket at the other end."""
+    from batchpool.serve.server import Coalescing
+
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    return Coalescing(transport, loop), theirs
+
+
+async def _received(sock: socket.socket, want: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = b""
+    while len(got) < want:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, want - len(got)), 5)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.timeout(30)
+def test_writes_of_one_loop_iteration_leave_together() -> None:
+    async def main() -> None:
+        transport, theirs = await _coalescing_pair()
+        with closing(theirs):
+            transport.write(b"HTTP/1.1 429 Too Many Requests\r\n\r\n")
+            transport.write(b'{"error": "full"}')
+            with pytest.raises(BlockingIOError):  # nothing sent yet: a plain transport would have
+                theirs.recv(100)
+            await asyncio.sleep(0)  # the iteration ends
+            assert theirs.recv(100) == b'HTTP/1.1 429 Too Many Requests\r\n\r\n{"error": "full"}'
+            transport.write(b"next")  # a later iteration: sent on its own
+            assert await _received(theirs, 4) == b"next"
+            transport.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_closing_a_coalescing_transport_sends_what_it_holds_first() -> None:
+    async def main() -> None:
+        transport, theirs = await _coalescing_pair()
+        with closing(theirs):
+            transport.write(b"last words")
+            transport.close()
+            assert transport.is_closing()
+            transport.write(b"after the end")  # dropped, no error
+            assert await _received(theirs, 100) == b"last words"  # then EOF
+
+    asyncio.run(main())

@@ -22,7 +22,7 @@ from ..results import Metrics
 from ..sizing import Tuning
 from .app import build_app
 from .metrics import PoolCollector, registry
-from .server import Server, bind
+from .server import HTTPProtocol, Server, bind
 from .service import Service
 from .store import ServeJournal
 from .target import Target
@@ -81,6 +81,7 @@ def serve(target: Target, settings: Settings) -> int:
             lifespan="off",
             timeout_graceful_shutdown=None,
             server_header=False,
+            http=HTTPProtocol,
         )
         _route_uvicorn_logs()
         server = Server(config, service)
