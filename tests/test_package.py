@@ -77,3 +77,88 @@ def test_a_pipeline_worker_imports_only_what_runs_jobs(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "WORKER []" in out.stdout
+
+
+def _worker_pids_and_runs(tmp_path: Path, script: str, *argv: str) -> tuple[set[int], list[int]]:
+    """Run ``script`` (it prints the pids of the workers that ran its jobs); the pids of the
+    processes that ran its module body (it appends them to runs.txt)."""
+    (tmp_path / "main.py").write_text(script)
+    runs = tmp_path / "runs.txt"
+    out = subprocess.run(
+        [sys.executable, "main.py", str(runs), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    workers = {int(pid) for pid in out.stdout.split()}
+    return workers, [int(line) for line in runs.read_text().split()]
+
+
+MAIN_SCRIPT = """\
+import os, sys
+with open(sys.argv[1], "a") as runs:
+    runs.write(f"{os.getpid()}\\n")
+MODE = sys.argv[2]  # a script that reads its command line as it is imported
+from batchpool import Pool, Task
+
+class Pid(Task):
+    def run(self, x):
+        assert MODE == "argv-seen"
+        return os.getpid()
+
+if __name__ == "__main__":
+    with Pool(Pid(), procs=3, start_method="forkserver") as pool:
+        print(*sorted({r.value for r in pool.map(range(60))}))
+"""
+
+
+def test_forkserver_workers_share_the_main_script_the_server_imported(tmp_path: Path) -> None:
+    # CPython up to 3.13.7 never preloads __main__ in the forkserver (gh-126631): each worker
+    # would run the script, and import what it imports, again before its first job.
+    workers, runs = _worker_pids_and_runs(tmp_path, MAIN_SCRIPT, "argv-seen")
+    assert workers
+    assert len(runs) == 2  # the script itself, and the forkserver (with the script's argv)
+    assert not workers & set(runs)
+
+
+def test_a_main_script_the_forkserver_cannot_import_is_run_by_each_worker(tmp_path: Path) -> None:
+    script = MAIN_SCRIPT.replace(
+        "import os, sys\n",
+        "import os, sys\n"
+        "if __name__ == '__main__':\n"
+        "    os.environ['SCRIPT_PID'] = str(os.getpid())\n"
+        "elif os.getppid() == int(os.environ['SCRIPT_PID']):  # the forkserver's parent\n"
+        "    raise RuntimeError('not here')\n",
+    )
+    workers, runs = _worker_pids_and_runs(tmp_path, script, "argv-seen")
+    assert workers and workers <= set(runs)  # as multiprocessing always did: results all the same
+
+
+def test_forkserver_workers_share_the_pipeline_file_the_server_imported(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "batchpool"
+    (tmp_path / "pids.py").write_text(
+        "import os\n"
+        "from batchpool import Pipeline, Task\n"
+        "with open('runs.txt', 'a') as runs:\n"
+        "    runs.write(f'{os.getpid()}\\n')\n"
+        "class Pid(Task):\n"
+        "    def run(self, x):\n"
+        "        return os.getpid()\n"
+        "pipeline = Pipeline(range(40), Pid(), sink=lambda r: print('WORKER', r.value))\n"
+    )
+    out = subprocess.run(
+        [str(script), "run", "pids.py", "--procs", "2", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    workers = {int(line.split()[1]) for line in lines if line.startswith("WORKER")}
+    runs = [int(line) for line in (tmp_path / "runs.txt").read_text().split()]
+    assert workers
+    assert len(runs) == 2  # the command, and the forkserver
+    assert not workers & set(runs)

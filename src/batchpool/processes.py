@@ -1,5 +1,6 @@
 """Process mechanics shared by local workers: the lifeline that outlives none of them, killing
-a process tree, naming exit codes, a forkserver that survives group signals."""
+a process tree, naming exit codes, a forkserver that survives group signals and preloads what
+every worker would import (preload.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 _lifeline_lock = threading.Lock()
@@ -117,7 +119,7 @@ def block_group_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
 
 
-def start_forkserver_ignoring_signals() -> None:
+def start_forkserver_ignoring_signals(files: Sequence[tuple[str, str]] = ()) -> None:
     """Start the forkserver, if it is not running, immune to signals sent to the group.
 
     A terminal or service manager may signal the whole process group; a forkserver killed by
@@ -128,24 +130,30 @@ def start_forkserver_ignoring_signals() -> None:
     """
     from multiprocessing import forkserver, resource_tracker
 
+    from .preload import announced  # not at the top: the forkserver runs it on import
+
     # The server needs the resource tracker, and starting the tracker unblocks SIGINT and
     # SIGTERM in the calling thread: start it first.
     resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
-        forkserver.ensure_running()
+        with announced(files):
+            forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def start_forkserver_plainly() -> None:
+def start_forkserver_plainly(files: Sequence[tuple[str, str]] = ()) -> None:
     """Start the forkserver, if it is not running, with no group signal blocked, whatever the
     calling thread blocks (the supervisor's blocks them): the server is shared with every pool
     of this process, multiprocessing's own included, and their workers inherit its mask."""
     from multiprocessing import forkserver
 
+    from .preload import announced
+
     previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
     try:
-        forkserver.ensure_running()
+        with announced(files):
+            forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

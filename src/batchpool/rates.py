@@ -24,11 +24,12 @@ import math
 import os
 import re
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tempfile import TemporaryDirectory
 
 PER = {"s": 1.0, "m": 60.0, "h": 3600.0}  # a rate's unit, in seconds
 _RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([smh]))?\s*")
@@ -80,17 +81,21 @@ class GateFiles:
     """The gates' files of one pool, made by its backend and removed when it closes."""
 
     def __init__(self, rates: Sequence[float | None]) -> None:
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._dir: TemporaryDirectory[str] | None = None
         self.specs: tuple[GateSpec, ...] = ()
         if not any(rates):
             return
-        self._dir = tempfile.TemporaryDirectory(prefix="batchpool-rates-")
+        # Here, not at the top: tempfile and what it imports would be on the start-up path of
+        # every forkserver worker (they import the user's script, and with it the Pool).
+        from tempfile import TemporaryDirectory
+
+        self._dir = TemporaryDirectory(prefix="batchpool-rates-")
         specs = []
         for stage, rate in enumerate(rates):
             if rate:
-                path = Path(self._dir.name) / f"stage-{stage}"
-                path.touch()
-                specs.append((stage, str(path), 1.0 / rate))
+                path = os.path.join(self._dir.name, f"stage-{stage}")
+                open(path, "ab").close()
+                specs.append((stage, path, 1.0 / rate))
         self.specs = tuple(specs)
 
     def remove(self) -> None:

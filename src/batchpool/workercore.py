@@ -87,8 +87,8 @@ def import_files(preload: Sequence[tuple[str, str]]) -> None:
     """Import pipeline files by path under the module names the supervisor gave them, so task
     classes defined there unpickle under spawn, forkserver and on Ray."""
     for name, path in preload:
-        if name in sys.modules:
-            continue
+        if getattr(sys.modules.get(name), "__file__", None) == path:
+            continue  # imported by the parent (fork) or by the forkserver (preload.py)
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot import {path}")

@@ -51,8 +51,9 @@ class LocalBackend:
             # unblocks SIGINT and SIGTERM in the starting thread: not in the supervisor's.
             resource_tracker.ensure_running()
         if self.forkserver:
-            # Workers import batchpool from the server once, not once each.
-            self.ctx.set_forkserver_preload(["__main__", "batchpool.worker"])
+            # Workers import batchpool, the main script and the pipeline files from the server
+            # once, not once each.
+            self.ctx.set_forkserver_preload(["__main__", "batchpool.worker", "batchpool.preload"])
         self.spec = spec
         # Two int64 per worker, written by the worker without a lock: nothing a killed
         # worker held can wedge the supervisor.
@@ -66,9 +67,9 @@ class LocalBackend:
             self.progress = self.ctx.RawArray("q", 2 * self.slots)
         block_group_signals()  # again: a resource tracker restarted here unblocked them
         if self.forkserver and self.spec.own_signals:  # (re)started immune to group signals
-            start_forkserver_ignoring_signals()
+            start_forkserver_ignoring_signals(self.spec.preload)
         elif self.forkserver:  # (re)started as multiprocessing would, not with our mask
-            start_forkserver_plainly()
+            start_forkserver_plainly(self.spec.preload)
         return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
 
     def close(self) -> None:
