@@ -162,3 +162,21 @@ def test_forkserver_workers_share_the_pipeline_file_the_server_imported(tmp_path
     assert workers
     assert len(runs) == 2  # the command, and the forkserver
     assert not workers & set(runs)
+
+
+def test_a_huge_command_line_is_not_announced_to_the_forkserver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One environment variable over 128 KiB and Linux refuses to start the server at all.
+    import json
+
+    from batchpool.preload import ENV, LIMIT, announced
+
+    monkeypatch.setattr(sys, "argv", ["script.py", "x" * LIMIT])
+    with announced([("batchpool_pipeline_p", "/tmp/p.py")]):
+        assert json.loads(os.environ[ENV]) == {"files": [["batchpool_pipeline_p", "/tmp/p.py"]]}
+    assert ENV not in os.environ
+    monkeypatch.setattr(sys, "argv", ["script.py", "--fast"])
+    with announced([]):
+        assert json.loads(os.environ[ENV])["argv"] == ["script.py", "--fast"]
+    assert ENV not in os.environ

@@ -20,10 +20,12 @@ import contextlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 ENV = "BATCHPOOL_FORKSERVER_PRELOAD"
 LIMIT = 32 * 1024  # characters: Linux refuses to exec with one variable over 128 KiB
+_announcing = threading.Lock()  # one plan in the environment at a time (pools in threads)
 
 
 @contextlib.contextmanager
@@ -41,15 +43,12 @@ def announced(files: Sequence[tuple[str, str]]) -> Iterator[None]:
     if len(text) > LIMIT:
         yield
         return
-    previous = os.environ.get(ENV)
-    os.environ[ENV] = text
-    try:
-        yield
-    finally:
-        if previous is None:
+    with _announcing:
+        os.environ[ENV] = text
+        try:
+            yield
+        finally:
             os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = previous
 
 
 def _import_main(path: str, argv: list[str]) -> None:
