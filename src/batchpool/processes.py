@@ -4,6 +4,7 @@ every worker would import (preload.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -119,41 +120,49 @@ def block_group_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
 
 
-def start_forkserver_ignoring_signals(files: Sequence[tuple[str, str]] = ()) -> None:
+def start_forkserver_ignoring_signals(files: Sequence[tuple[str, str]] | None = None) -> None:
     """Start the forkserver, if it is not running, immune to signals sent to the group.
 
     A terminal or service manager may signal the whole process group; a forkserver killed by
     that SIGTERM takes down nothing (workers are watched by pid) but the next worker start
     would need a new server. Blocked signals survive exec and are inherited by every worker
     the server forks (which then ignores them, see worker.main). Any thread may call this: a
-    forkserver that died is restarted from the supervisor's thread.
+    forkserver that died is restarted from the supervisor's thread. ``files``: see _preloading.
     """
     from multiprocessing import forkserver, resource_tracker
-
-    from .preload import announced  # not at the top: the forkserver runs it on import
 
     # The server needs the resource tracker, and starting the tracker unblocks SIGINT and
     # SIGTERM in the calling thread: start it first.
     resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
-        with announced(files):
+        with _preloading(files):
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def start_forkserver_plainly(files: Sequence[tuple[str, str]] = ()) -> None:
+def start_forkserver_plainly(files: Sequence[tuple[str, str]] | None = None) -> None:
     """Start the forkserver, if it is not running, with no group signal blocked, whatever the
     calling thread blocks (the supervisor's blocks them): the server is shared with every pool
     of this process, multiprocessing's own included, and their workers inherit its mask."""
     from multiprocessing import forkserver
 
-    from .preload import announced
-
     previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
     try:
-        with announced(files):
+        with _preloading(files):
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _preloading(files: Sequence[tuple[str, str]] | None) -> contextlib.AbstractContextManager[None]:
+    """With ``files`` (pipeline files, maybe none), the script and the files are named to a
+    server started now (preload.py). That sets an environment variable, so only a pool's
+    constructor passes them, in the caller's thread: a supervisor thread restarting a server
+    must not write os.environ under a caller that may be reading it."""
+    if files is None:
+        return contextlib.nullcontext()
+    from .preload import announced  # not at the top: the forkserver runs it on import
+
+    return announced(files)

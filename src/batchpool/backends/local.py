@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+from collections.abc import Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
@@ -55,6 +56,8 @@ class LocalBackend:
             # once, not once each.
             self.ctx.set_forkserver_preload(["__main__", "batchpool.worker", "batchpool.preload"])
         self.spec = spec
+        if self.forkserver:  # here, in the caller's thread (see processes._preloading)
+            self._start_forkserver(spec.preload)
         # Two int64 per worker, written by the worker without a lock: nothing a killed
         # worker held can wedge the supervisor.
         self.progress: ProgressSlots = self.ctx.RawArray("q", 2 * procs)
@@ -66,11 +69,15 @@ class LocalBackend:
             self.slots = slot + 1  # (the workers started before keep theirs)
             self.progress = self.ctx.RawArray("q", 2 * self.slots)
         block_group_signals()  # again: a resource tracker restarted here unblocked them
-        if self.forkserver and self.spec.own_signals:  # (re)started immune to group signals
-            start_forkserver_ignoring_signals(self.spec.preload)
-        elif self.forkserver:  # (re)started as multiprocessing would, not with our mask
-            start_forkserver_plainly(self.spec.preload)
+        if self.forkserver:  # restarted if it died (its workers then import for themselves)
+            self._start_forkserver(None)
         return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
+
+    def _start_forkserver(self, files: Sequence[tuple[str, str]] | None) -> None:
+        if self.spec.own_signals:  # immune to group signals
+            start_forkserver_ignoring_signals(files)
+        else:  # as multiprocessing would start it, not with our mask
+            start_forkserver_plainly(files)
 
     def close(self) -> None:
         self.gates.remove()
