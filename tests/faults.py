@@ -626,3 +626,19 @@ class Chaos(Base):
         if record_attempt(self.marker_dir, i) == 1:
             do_fault({"exit-once": "exit", "kill-once": "sigkill", "hang-once": "hang"}[plan])
         return i * i
+
+
+class Digest(Base):
+    """(type name, length, sha256) of the payload: what a worker received, byte for byte. A
+    payload starting with 0xFF exits the worker (os._exit) on its first attempt."""
+
+    def __init__(self, marker_dir: str = "", **policy: Any) -> None:
+        super().__init__(**policy)
+        self.marker_dir = str(marker_dir)
+
+    def run(self, payload: Any) -> Any:
+        import hashlib
+
+        if payload[:1] == b"\xff" and record_attempt(self.marker_dir, "crash") == 1:
+            os._exit(13)
+        return type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()

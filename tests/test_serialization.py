@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 import threading
+from pathlib import Path
 
 import pytest
-from faults import Echo, FailsUnpickle, Length, RefusesPickle, UnpicklableResult
+from faults import Digest, Echo, FailsUnpickle, Length, RefusesPickle, UnpicklableResult
 from helpers import check_invariants, run_jobs
 
 from batchpool import Pool
+from batchpool.messages import OUT_OF_BAND, dumps_payloads
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -144,3 +148,50 @@ def test_large_result_round_trip() -> None:
     with Pool(Echo(), procs=1) as pool:
         r = run_jobs(pool, [b"\x01" * size], timeout=60)[0]
     assert r.ok and len(r.value) == size
+
+
+# -- big bytes payloads, sent out of band (messages.dumps_payloads) ---------------------------
+class BytesKind(bytes):
+    """A bytes subclass: pickled in band, whatever its size, and back as itself."""
+
+
+def _digest(payload: bytes | bytearray) -> tuple[str, int, str]:
+    return type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()
+
+
+def test_big_bytes_leave_the_pickle_and_come_back_as_the_bytes_read() -> None:
+    big, other = b"\x01" * OUT_OF_BAND, bytes(range(256)) * 1024
+    data = [big, 7, other, bytearray(big), BytesKind(big), big]
+    blob, buffers = dumps_payloads(data)
+    assert [bytes(b) for b in buffers] == [big, other, big]  # exact bytes only
+    assert 2 * OUT_OF_BAND < len(blob) < 3 * OUT_OF_BAND  # the bytearray and the subclass
+    received = [bytes(b) for b in buffers]
+    back = pickle.loads(blob, buffers=received)
+    assert back == data and [type(x) for x in back] == [type(x) for x in data]
+    assert back[0] is received[0] and back[2] is received[1]  # no copy in the worker
+    small_first = [b"x", big]  # only a batch led by big bytes is looked through
+    assert dumps_payloads(small_first)[1] == []
+    assert dumps_payloads([b"y" * (OUT_OF_BAND - 1)])[1] == []
+
+
+def test_big_bytes_payloads_arrive_whole_in_band_or_out(tmp_path: Path) -> None:
+    big = [bytes([i]) * (OUT_OF_BAND + 7 * i) for i in range(1, 9)]
+    led_by_big = [big[0], b"small", bytearray(big[1]), BytesKind(big[2]), *big[3:], big[0]]
+    led_by_small = [b"small", *big]
+    with Pool(Digest(tmp_path), procs=2) as pool:
+        for payloads in (led_by_big, led_by_small, big * 8):
+            results = run_jobs(pool, payloads, timeout=60)
+            assert [r.value for r in results] == [_digest(p) for p in payloads]
+            assert all(r.attempts == 1 for r in results)
+
+
+def test_a_worker_dying_on_a_big_payload_is_charged_that_job_alone(tmp_path: Path) -> None:
+    payloads = [bytes([i]) * (256 * 1024) for i in range(12)]
+    payloads[5] = b"\xff" * (256 * 1024)  # exits its worker on the first attempt
+    with Pool(Digest(tmp_path, retries=2), procs=2) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+    assert [r.value for r in results] == [_digest(p) for p in payloads]
+    assert [r.attempts for r in results] == [2 if i == 5 else 1 for i in range(12)]
+    assert metrics.crashed == 1
+    check_invariants(metrics)

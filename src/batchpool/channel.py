@@ -49,7 +49,7 @@ class Channel:
         """Frames wait for room in the pipe: wake the loop when it is writable."""
         return bool(self._out)
 
-    def send(self, *blobs: bytes) -> bool:
+    def send(self, *blobs: bytes | memoryview) -> bool:
         """Queue one frame per blob and write what fits now. False once the pipe is broken
         (the worker is gone; its death is reported by its sentinel)."""
         out = self._out

@@ -13,13 +13,13 @@ priority; those come back first (``_behind_lower``), so it waits only for runnin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from typing import Any
 
 from .jobs import Block, JobBook, count
 from .ledger import WorkerView
-from .messages import RUN, dumps
+from .messages import RUN, dumps, dumps_payloads
 from .sizing import BatchSizer
 
 
@@ -78,26 +78,38 @@ class Dispatcher:
         blocks = self.book.take(n, w.pid, now, not w.holding)
         if not blocks:
             return False  # their futures were cancelled
+        pickled = self._pickler(w)
         try:
-            blob = dumps(_data(blocks))
+            blob, buffers = pickled(_data(blocks))
         except BaseException:  # a payload's __reduce__ may raise anything, SystemExit too
             blocks = self._drop_unpicklable(blocks, now)
             if not blocks:
                 return False
-            blob = dumps(_data(blocks))
+            blob, buffers = pickled(_data(blocks))
         jobs = count(blocks)
-        keep = self.sizer.oversized(jobs, len(blob))
+        size = len(blob) + sum(len(b) for b in buffers)
+        keep = self.sizer.oversized(jobs, size)
         if keep is not None:  # payloads grew past the estimate: a moderate message now
             blocks = self._keep(blocks, keep)
             jobs = keep
-            blob = dumps(_data(blocks))
-        self.sizer.sized(blocks[0].stage, len(blob), jobs)
-        header = dumps((RUN, [(block.ids, block.stage) for block in blocks]))
-        if not w.proc.send(header, blob):
+            blob, buffers = pickled(_data(blocks))
+            size = len(blob) + sum(len(b) for b in buffers)
+        self.sizer.sized(blocks[0].stage, size, jobs)
+        runs = [(block.ids, block.stage) for block in blocks]
+        header = dumps((RUN, runs, len(buffers)) if buffers else (RUN, runs))
+        if not w.proc.send(header, blob, buffers):
             self.book.requeue(blocks)  # it died; its sentinel will tell
             return False
         w.sent(blocks)
         return True
+
+    @staticmethod
+    def _pickler(w: WorkerView) -> Callable[[Sequence[Any]], tuple[bytes, list[memoryview]]]:
+        """How a message's payloads are pickled for ``w``: big ``bytes`` out of band where
+        its backend sends buffers as they are (a local pipe), all in band elsewhere (Ray)."""
+        if w.proc.sends_buffers:
+            return dumps_payloads
+        return _in_band
 
     def _keep(self, blocks: list[Block], keep: int) -> list[Block]:
         """The first ``keep`` jobs of ``blocks``; the rest go back to the queue."""
@@ -159,6 +171,10 @@ def _data(blocks: list[Block]) -> Sequence[Any]:
     for block in blocks:
         data += block.data
     return data
+
+
+def _in_band(data: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
+    return dumps(data), []
 
 
 def _pickled_size(data: Any) -> int:

@@ -156,9 +156,9 @@ def _serve(
         target=box.read, args=(runner.flush_finished,), name="batchpool-reader", daemon=True
     ).start()
     while (message := box.next()) is not None:  # None: STOP, or the supervisor's end closed
-        _, runs, blob = message
+        _, runs, blob, buffers = message
         # Unpacked jobs wait in the mailbox, where STEAL can still hand them back.
-        box.jobs.extend(runner.unpack(runs, blob))
+        box.jobs.extend(runner.unpack(runs, blob, buffers))
         if runner.run_batch(box.jobs):
             break
     try:
@@ -173,8 +173,9 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-# A RUN message in the mailbox, not unpacked yet: (RUN, runs, payloads blob)
-_Pending = tuple[int, Runs, bytearray]
+# A RUN message in the mailbox, not unpacked yet: (RUN, runs, payloads blob, the payloads
+# sent out of band)
+_Pending = tuple[int, Runs, bytearray, list[bytes]]
 
 
 class _Mailbox:
@@ -208,8 +209,10 @@ class _Mailbox:
         while True:
             try:
                 message = loads(self.conn.recv_bytes())
-                if message[0] == RUN:  # its payloads follow as a frame of their own
-                    message = (RUN, message[1], _read_frame(self.conn))
+                if message[0] == RUN:  # its payloads follow as a frame, then its buffers
+                    blob = _read_frame(self.conn)
+                    n = message[2] if len(message) > 2 else 0
+                    message = (RUN, message[1], blob, [_read_bytes(self.conn) for _ in range(n)])
             except (EOFError, OSError):
                 message = (STOP,)
             if message[0] == RUN:
@@ -258,10 +261,29 @@ def _read_frame(conn: Connection) -> bytearray:
     the kernel straight into the buffer that pickle then reads (same framing as Connection:
     a big-endian int32 length, or -1 and a uint64 length)."""
     fd = conn.fileno()
+    return _read_exact(fd, _frame_size(fd))
+
+
+def _read_bytes(conn: Connection) -> bytes:
+    """One frame as ``bytes``: a payload sent out of band, which the task gets as it is. Read
+    whole when the pipe holds it all (one copy), else in parts, joined."""
+    fd = conn.fileno()
+    size = _frame_size(fd)
+    parts = []
+    while size:
+        part = os.read(fd, size)
+        if not part:
+            raise EOFError("the supervisor's end of the pipe closed")
+        parts.append(part)
+        size -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _frame_size(fd: int) -> int:
     (size,) = struct.unpack("!i", _read_exact(fd, 4))
     if size == -1:
         (size,) = struct.unpack("!Q", _read_exact(fd, 8))
-    return _read_exact(fd, size)
+    return int(size)
 
 
 def _read_exact(fd: int, size: int) -> bytearray:

@@ -208,7 +208,9 @@ class Runner:
         self.out = _Results()  # the batch's results not sent yet
         self.lock = threading.Lock()
 
-    def unpack(self, runs: Runs, blob: bytes | bytearray) -> list[Job]:
+    def unpack(
+        self, runs: Runs, blob: bytes | bytearray, buffers: Sequence[bytes] = ()
+    ) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
         then answered UNPICKLABLE (and counts for retirement), a batch is answered SPLIT, and
         the supervisor reruns its jobs one at a time to find the culprit."""
@@ -218,7 +220,7 @@ class Runner:
         progress[self.started_at] = time.monotonic_ns()
         progress[job_at] = runs[0][0][0] if lone else UNPACKING
         try:
-            payloads = loads(blob)
+            payloads = loads(blob, buffers=buffers)
         except BaseException as exc:
             progress[job_at] = IDLE
             ids = run_ids(runs)

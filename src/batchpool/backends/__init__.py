@@ -6,9 +6,13 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.channel                 a channel.Channel: the worker's messages (receive()), and
                                    what waits to be written to it (wants_write, flush())
     handle.sentinel                a descriptor that becomes readable when the worker is dead
-    handle.send(blob, payloads=None) -> bool
-                                   a message to the worker (RUN: with its payloads frame),
-                                   never blocking; False if it is gone
+    handle.send(blob, payloads=None, buffers=()) -> bool
+                                   a message to the worker (RUN: with its payloads frame,
+                                   and the big payloads left out of it, see
+                                   messages.dumps_payloads), never blocking; False if it is
+                                   gone
+    handle.sends_buffers           whether send() takes such buffers (else every payload is
+                                   pickled in band)
     handle.running() -> (job id, started at)   the job in progress (IDLE between jobs) and
                                    its start in time.monotonic() seconds: crash and timeout
                                    attribution inside a batch
@@ -34,6 +38,7 @@ actors of a Ray cluster; needs the ``ray`` extra). ``make_backend`` picks one by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from ..channel import Channel
@@ -74,13 +79,17 @@ class WorkerHandle(Protocol):
     def channel(self) -> Channel: ...
     @property
     def sentinel(self) -> int: ...
-    def send(self, blob: bytes, payloads: bytes | None = None) -> bool: ...
+    def send(
+        self, blob: bytes, payloads: bytes | None = None, buffers: Sequence[memoryview] = ()
+    ) -> bool: ...
     def running(self) -> tuple[int, float]: ...
     def rss(self) -> int | None: ...
     def kill(self) -> None: ...
     def reap(self) -> int | None: ...
     @property
     def flushes(self) -> bool: ...
+    @property
+    def sends_buffers(self) -> bool: ...
     @property
     def exit_detail(self) -> str | None: ...
 

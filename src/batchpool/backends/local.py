@@ -115,6 +115,7 @@ class LocalWorker:
         "statm",
     )
     flushes = True  # its mailbox thread answers FLUSH with the results it has not sent
+    sends_buffers = True  # written to the pipe as they are
     exit_detail = None  # its exit code says it all
 
     def __init__(
@@ -156,12 +157,14 @@ class LocalWorker:
         self.sentinel = self.proc.sentinel if self.pidfd is None else self.pidfd
         self.statm = _open_statm(pid)
 
-    def send(self, blob: bytes, payloads: bytes | None = None) -> bool:
+    def send(
+        self, blob: bytes, payloads: bytes | None = None, buffers: Sequence[memoryview] = ()
+    ) -> bool:
         """Queued, never blocking; False if the worker is gone (its sentinel will report the
         death)."""
         if payloads is None:
             return self.channel.send(blob)
-        return self.channel.send(blob, payloads)
+        return self.channel.send(blob, payloads, *buffers)
 
     def running(self) -> tuple[int, float]:
         """The worker writes the start time, then the id: the id read again after the time

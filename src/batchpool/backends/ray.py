@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from enum import Enum
 from functools import partial
@@ -323,6 +324,7 @@ class RayWorker:
     # once; what a batch it was running had finished comes back "cancelled" (one job per call,
     # chunksize=1, keeps every finished result).
     flushes = False
+    sends_buffers = False  # a Ray call carries one payloads blob
 
     def __init__(self, backend: RayBackend, slot: int) -> None:
         self.slot = slot
@@ -371,7 +373,9 @@ class RayWorker:
         self._thread.start()
 
     # -- the handle protocol ---------------------------------------------------------------
-    def send(self, blob: bytes, payloads: bytes | None = None) -> bool:
+    def send(
+        self, blob: bytes, payloads: bytes | None = None, buffers: Sequence[memoryview] = ()
+    ) -> bool:
         message = loads(blob)
         tag = message[0]
         with self._cond:
