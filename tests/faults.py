@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -628,9 +629,20 @@ class Chaos(Base):
         return i * i
 
 
+class Frame:
+    """A payload that hands pickle a writable buffer of its own, as a numpy array does."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return Frame, (pickle.PickleBuffer(self.data),)
+
+
 class Digest(Base):
-    """(type name, length, sha256) of the payload: what a worker received, byte for byte. A
-    payload starting with 0xFF exits the worker (os._exit) on its first attempt."""
+    """(type name, length, sha256) of the payload: what a worker received, byte for byte (a
+    Frame's data is written to first: it must arrive writable). A payload starting with 0xFF
+    exits the worker (os._exit) on its first attempt."""
 
     def __init__(self, marker_dir: str = "", **policy: Any) -> None:
         super().__init__(**policy)
@@ -639,6 +651,9 @@ class Digest(Base):
     def run(self, payload: Any) -> Any:
         import hashlib
 
+        if isinstance(payload, Frame):
+            payload.data[0] = payload.data[0]  # TypeError if it came back read-only
+            payload = payload.data
         if payload[:1] == b"\xff" and record_attempt(self.marker_dir, "crash") == 1:
             os._exit(13)
         return type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()

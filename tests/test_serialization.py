@@ -8,11 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from faults import Digest, Echo, FailsUnpickle, Length, RefusesPickle, UnpicklableResult
+from faults import Digest, Echo, FailsUnpickle, Frame, Length, RefusesPickle, UnpicklableResult
 from helpers import check_invariants, run_jobs
 
 from batchpool import Pool
-from batchpool.messages import OUT_OF_BAND, dumps_payloads
+from batchpool.messages import OUT_OF_BAND, buffer_kinds, dumps_payloads
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -155,22 +155,28 @@ class BytesKind(bytes):
     """A bytes subclass: pickled in band, whatever its size, and back as itself."""
 
 
-def _digest(payload: bytes | bytearray) -> tuple[str, int, str]:
-    return type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()
+def _digest(payload: bytes | bytearray | Frame) -> tuple[str, int, str]:
+    data = payload.data if isinstance(payload, Frame) else payload
+    return type(data).__name__, len(data), hashlib.sha256(data).hexdigest()
 
 
-def test_big_bytes_leave_the_pickle_and_come_back_as_the_bytes_read() -> None:
+def test_big_buffers_leave_the_pickle_and_come_back_as_the_worker_reads_them() -> None:
     big, other = b"\x01" * OUT_OF_BAND, bytes(range(256)) * 1024
-    data = [big, 7, other, bytearray(big), BytesKind(big), big]
+    frame = Frame(bytearray(other))
+    data = [big, 7, other, bytearray(big), BytesKind(big), frame, Frame(bytearray(9)), big]
     blob, buffers = dumps_payloads(data)
-    assert [bytes(b) for b in buffers] == [big, other, big]  # exact bytes only
-    assert 2 * OUT_OF_BAND < len(blob) < 3 * OUT_OF_BAND  # the bytearray and the subclass
-    received = [bytes(b) for b in buffers]
+    # exact bytes and big writable buffers only; the bytearray and the subclass: in band
+    assert [bytes(b) for b in buffers] == [big, other, other, big]
+    assert buffer_kinds(buffers) == b"\x00\x00\x01\x00"
+    assert 2 * OUT_OF_BAND < len(blob) < 3 * OUT_OF_BAND
+    kinds = buffer_kinds(buffers)
+    received = [bytearray(b) if k else bytes(b) for b, k in zip(buffers, kinds, strict=True)]
     back = pickle.loads(blob, buffers=received)
-    assert back == data and [type(x) for x in back] == [type(x) for x in data]
+    assert back[:5] == data[:5] and back[7] == big
+    assert [type(x) for x in back[:5]] == [type(x) for x in data[:5]]
     assert back[0] is received[0] and back[2] is received[1]  # no copy in the worker
-    small_first = [b"x", big]  # only a batch led by big bytes is looked through
-    assert dumps_payloads(small_first)[1] == []
+    assert back[5].data is received[2] and back[6].data == bytearray(9)  # writable, whole
+    assert dumps_payloads([b"x", big])[1] == []  # only a batch led by big bytes is looked at
     assert dumps_payloads([b"y" * (OUT_OF_BAND - 1)])[1] == []
 
 
@@ -178,8 +184,9 @@ def test_big_bytes_payloads_arrive_whole_in_band_or_out(tmp_path: Path) -> None:
     big = [bytes([i]) * (OUT_OF_BAND + 7 * i) for i in range(1, 9)]
     led_by_big = [big[0], b"small", bytearray(big[1]), BytesKind(big[2]), *big[3:], big[0]]
     led_by_small = [b"small", *big]
+    frames = [Frame(bytearray(b)) for b in big[:4]] + [b"tail", Frame(bytearray(b"tiny"))]
     with Pool(Digest(tmp_path), procs=2) as pool:
-        for payloads in (led_by_big, led_by_small, big * 8):
+        for payloads in (led_by_big, led_by_small, big * 8, frames):
             results = run_jobs(pool, payloads, timeout=60)
             assert [r.value for r in results] == [_digest(p) for p in payloads]
             assert all(r.attempts == 1 for r in results)

@@ -19,7 +19,7 @@ from typing import Any
 
 from .jobs import Block, JobBook, count
 from .ledger import WorkerView
-from .messages import RUN, dumps, dumps_payloads
+from .messages import RUN, buffer_kinds, dumps, dumps_payloads
 from .sizing import BatchSizer
 
 
@@ -96,7 +96,7 @@ class Dispatcher:
             size = len(blob) + sum(len(b) for b in buffers)
         self.sizer.sized(blocks[0].stage, size, jobs)
         runs = [(block.ids, block.stage) for block in blocks]
-        header = dumps((RUN, runs, len(buffers)) if buffers else (RUN, runs))
+        header = dumps((RUN, runs, buffer_kinds(buffers)) if buffers else (RUN, runs))
         if not w.proc.send(header, blob, buffers):
             self.book.requeue(blocks)  # it died; its sentinel will tell
             return False
@@ -105,8 +105,8 @@ class Dispatcher:
 
     @staticmethod
     def _pickler(w: WorkerView) -> Callable[[Sequence[Any]], tuple[bytes, list[memoryview]]]:
-        """How a message's payloads are pickled for ``w``: big ``bytes`` out of band where
-        its backend sends buffers as they are (a local pipe), all in band elsewhere (Ray)."""
+        """How a message's payloads are pickled for ``w``: big buffers out of band where its
+        backend sends them as they are (a local pipe), all in band elsewhere (Ray)."""
         if w.proc.sends_buffers:
             return dumps_payloads
         return _in_band

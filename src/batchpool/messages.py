@@ -11,10 +11,12 @@ supervisor -> worker
                                            nothing is sent per job but the payload, which
                                            follows as a frame of its own: one pickled list
                                            (20x cheaper than a pickle per job)
-    (RUN, runs, n) + payloads + n buffers  the same, with the big ``bytes`` payloads left out
-                                           of the pickle, each in a frame of its own after it
+    (RUN, runs, kinds) + payloads + buffers
+                                           the same, with the big buffers left out of the
+                                           pickle, each in a frame of its own after it
                                            (dumps_payloads: megabytes are not copied into a
-                                           pickle)
+                                           pickle); ``kinds``: one byte per buffer, 1 where
+                                           it must come back writable (buffer_kinds)
     (STOP,)                                the sentinel: tear down and exit 0
     (STEAL,)                               hand back every job not started yet (another
                                            worker is idle); answered by RETURNED at once
@@ -97,32 +99,42 @@ UNPACKING = -3  # progress slot value while unpickling the payloads of a batch o
 dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads
 
-OUT_OF_BAND = 64 * 1024  # bytes: a ``bytes`` payload this big travels as a frame of its own
+OUT_OF_BAND = 64 * 1024  # bytes: a buffer this big travels as a frame of its own
 
 
 def dumps_payloads(data: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
-    """A RUN message's payloads: their pickle, and the big ``bytes`` payloads left out of it
-    (pickle protocol 5's out-of-band buffers), to be sent as they are. Pickling megabytes in
-    band copies them into a fresh buffer, page faults included: ~40% of the supervisor's CPU
-    when 1 MiB payloads stream through. Only a batch whose first payload is such bytes is
-    looked through, so that small jobs pay one type check per message, not one per job. The
-    worker gets each back as the very ``bytes`` it read (``loads(blob, buffers=...)``)."""
+    """A RUN message's payloads: their pickle, and the big buffers left out of it (pickle
+    protocol 5's out-of-band buffers), to be sent as they are. Pickling megabytes in band
+    copies them into a fresh buffer, page faults included: ~40% of the supervisor's CPU when
+    1 MiB payloads stream through.
+
+    What goes out of band: buffers of OUT_OF_BAND bytes or more that a payload hands pickle
+    itself (a numpy array does), and ``bytes`` payloads that big when the message's first
+    payload is one (pickle never asks about plain bytes, so they are wrapped here; looking
+    through every message would cost small jobs a check each). The worker reads a read-only
+    buffer into ``bytes`` (the task gets that very object) and a writable one into a
+    ``bytearray`` (an array stays writable): ``buffer_kinds`` says which is which."""
     first = data[0] if data else None
-    if type(first) is not bytes or len(first) < OUT_OF_BAND:
-        return dumps(data), []
-    marked = [
-        pickle.PickleBuffer(p) if type(p) is bytes and len(p) >= OUT_OF_BAND else p for p in data
-    ]
+    if type(first) is bytes and len(first) >= OUT_OF_BAND:
+        data = [
+            pickle.PickleBuffer(p) if type(p) is bytes and len(p) >= OUT_OF_BAND else p
+            for p in data
+        ]
     buffers: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         view = buffer.raw()
-        if not view.readonly:  # a writable buffer (a numpy array's): in band, as before
-            return True
+        if view.nbytes < OUT_OF_BAND:
+            return True  # in band: a frame per small array would cost more than the copy
         buffers.append(view)
         return False
 
-    return pickle.dumps(marked, protocol=5, buffer_callback=out_of_band), buffers
+    return pickle.dumps(data, protocol=5, buffer_callback=out_of_band), buffers
+
+
+def buffer_kinds(buffers: Sequence[memoryview]) -> bytes:
+    """Per buffer of a RUN message, 1 if the worker must give it back writable."""
+    return bytes(0 if view.readonly else 1 for view in buffers)
 
 
 Runs = list[tuple[range, int]]  # a RUN message's jobs: (job ids, stage) per block

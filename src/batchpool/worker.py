@@ -175,7 +175,7 @@ def _peak_rss() -> int:
 
 # A RUN message in the mailbox, not unpacked yet: (RUN, runs, payloads blob, the payloads
 # sent out of band)
-_Pending = tuple[int, Runs, bytearray, list[bytes]]
+_Pending = tuple[int, Runs, bytearray, list[bytes | bytearray]]
 
 
 class _Mailbox:
@@ -211,8 +211,9 @@ class _Mailbox:
                 message = loads(self.conn.recv_bytes())
                 if message[0] == RUN:  # its payloads follow as a frame, then its buffers
                     blob = _read_frame(self.conn)
-                    n = message[2] if len(message) > 2 else 0
-                    message = (RUN, message[1], blob, [_read_bytes(self.conn) for _ in range(n)])
+                    kinds = message[2] if len(message) > 2 else b""
+                    buffers = [_read_buffer(self.conn, writable) for writable in kinds]
+                    message = (RUN, message[1], blob, buffers)
             except (EOFError, OSError):
                 message = (STOP,)
             if message[0] == RUN:
@@ -264,11 +265,14 @@ def _read_frame(conn: Connection) -> bytearray:
     return _read_exact(fd, _frame_size(fd))
 
 
-def _read_bytes(conn: Connection) -> bytes:
-    """One frame as ``bytes``: a payload sent out of band, which the task gets as it is. Read
-    whole when the pipe holds it all (one copy), else in parts, joined."""
+def _read_buffer(conn: Connection, writable: int) -> bytes | bytearray:
+    """One frame sent out of band: a ``bytearray`` where the payload needs it writable, else
+    ``bytes`` (the task gets that very object), read whole when the pipe holds it all (one
+    copy), else in parts, joined."""
     fd = conn.fileno()
     size = _frame_size(fd)
+    if writable:
+        return _read_exact(fd, size)
     parts = []
     while size:
         part = os.read(fd, size)

@@ -209,7 +209,7 @@ class Runner:
         self.lock = threading.Lock()
 
     def unpack(
-        self, runs: Runs, blob: bytes | bytearray, buffers: Sequence[bytes] = ()
+        self, runs: Runs, blob: bytes | bytearray, buffers: Sequence[bytes | bytearray] = ()
     ) -> list[Job]:
         """The jobs of a RUN message; none when its payloads do not unpickle: a lone job is
         then answered UNPICKLABLE (and counts for retirement), a batch is answered SPLIT, and
