@@ -204,6 +204,7 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)  # answers by status
     p50_429_ms: float | None = None
     p99_429_ms: float | None = None
+    p99_429_wire_ms: float | None = None  # from written to read: without the client's lag
     p99_lag_ms: float | None = None  # open loop: the client's own delay in sending, p99
     rss: list[int] = field(default_factory=list)  # server RSS samples, bytes
     lost: int | None = None
@@ -237,19 +238,21 @@ class Connection:
         self.request = request
         self.protocol: _Response | None = None
 
-    async def post(self) -> int:
+    async def post(self) -> tuple[int, float, float]:
+        """(status, when the request was written, when its answer was read)."""
         if self.protocol is None:
             loop = asyncio.get_running_loop()
             _, self.protocol = await loop.create_connection(_Response, *self.address)
         protocol = self.protocol
+        sent = time.perf_counter()
         try:
-            status, close = await protocol.send(self.request)
+            status, close, read = await protocol.send(self.request)
         except (OSError, EOFError, IndexError, ValueError):
             self.close()
             raise
         if close:
             self.close()
-        return status
+        return status, sent, read
 
     def close(self) -> None:
         if self.protocol is not None:
@@ -258,17 +261,18 @@ class Connection:
 
 
 class _Response(asyncio.Protocol):
-    """Reads one response at a time off the bytes received: (status, whether it closes)."""
+    """Reads one response at a time off the bytes received: (status, whether it closes, when
+    its last byte was read)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bool]] | None = None
+        self.waiter: asyncio.Future[tuple[int, bool, float]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, request: bytes) -> asyncio.Future[tuple[int, bool]]:
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, bool, float]]:
         assert self.transport is not None
         if self.transport.is_closing():
             raise EOFError("the server closed the connection")
@@ -282,7 +286,7 @@ class _Response(asyncio.Protocol):
         if parsed is not None and self.waiter is not None and not self.waiter.done():
             used, status, close = parsed
             del self.buffer[:used]
-            self.waiter.set_result((status, close))
+            self.waiter.set_result((status, close, time.perf_counter()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -334,17 +338,20 @@ def asyncio_load(
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     times: dict[int, list[float]] = defaultdict(list)
+    # from sent to read: the server's answer time, without the client's delay in sending
+    wire: dict[int, list[float]] = defaultdict(list)
     lags: list[float] = []  # from due to sent: the client's own delay (open loop)
     counts = {"errors": 0, "unsent": 0, "unanswered": 0}
 
     async def send(connection: Connection, due: float) -> bool:
-        lags.append(time.perf_counter() - due)
         try:
-            status = await connection.post()
+            status, sent, read = await connection.post()
         except (OSError, EOFError, IndexError, ValueError):
             counts["errors"] += 1
             return False
-        times[status].append(time.perf_counter() - due)
+        lags.append(sent - due)
+        times[status].append(read - due)
+        wire[status].append(read - sent)
         return True
 
     async def closed(stop: float) -> None:
@@ -402,7 +409,7 @@ def asyncio_load(
         elapsed = uvloop.run(main())
     except ImportError:
         elapsed = asyncio.run(main())
-    return {"times": times, "lags": lags, "elapsed": elapsed, **counts}
+    return {"times": times, "wire": wire, "lags": lags, "elapsed": elapsed, **counts}
 
 
 def run_asyncio(
@@ -443,6 +450,7 @@ def run_asyncio(
         statuses={status: len(t) for status, t in sorted(times.items())},
         p50_429_ms=_ms(quantile(times.get(429, []), 0.5)),
         p99_429_ms=_ms(quantile(times.get(429, []), 0.99)),
+        p99_429_wire_ms=_ms(quantile(out["wire"].get(429, []), 0.99)),
         p99_lag_ms=_ms(quantile(out["lags"], 0.99)) if rate else None,
         rss=samples,
         lost=lost,
@@ -597,17 +605,19 @@ def ratios(cells: list[Load]) -> str:
 
 def overload_table(cells: list[Load]) -> str:
     rows = [
-        "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms | unsent | unanswered "
+        "| server | 200/s | 200 p99 ms | 429/s | 429 p50 ms | 429 p99 ms "
+        "| 429 p99 ms written → read | unsent | unanswered "
         "| client lag p99 ms | CPU server / client / machine | RSS MB first / max / last "
         "| accepted lost |"
     ]
-    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    rows.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for c in cells:
         mb = [r / 2**20 for r in c.rss] or [0.0]
         rows.append(
             f"| {c.server} | {_f(c.rate, 0)} | {_f(c.p99_ms)} "
             f"| {_f(c.statuses.get(429, 0) / c.seconds, 0)} | {_f(c.p50_429_ms)} "
-            f"| {_f(c.p99_429_ms)} | {c.unsent} | {c.unanswered} | {_f(c.p99_lag_ms)} "
+            f"| {_f(c.p99_429_ms)} | {_f(c.p99_429_wire_ms)} | {c.unsent} | {c.unanswered} "
+            f"| {_f(c.p99_lag_ms)} "
             f"| {_pct(c.server_cpu)} / {_pct(c.client_cpu)} / {_pct(c.machine_busy)} "
             f"| {mb[0]:.0f} / {max(mb):.0f} / {mb[-1]:.0f} | "
             f"{'-' if c.lost is None else c.lost} |"

@@ -12,7 +12,15 @@ from faults import Digest, Echo, FailsUnpickle, Frame, Length, RefusesPickle, Un
 from helpers import check_invariants, run_jobs
 
 from batchpool import Pool
-from batchpool.messages import OUT_OF_BAND, buffer_kinds, dumps_payloads
+from batchpool.messages import (
+    OK,
+    OUT_OF_BAND,
+    RESULTS,
+    buffer_kinds,
+    dumps_out_of_band,
+    results_frame,
+    results_values,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -150,7 +158,7 @@ def test_large_result_round_trip() -> None:
     assert r.ok and len(r.value) == size
 
 
-# -- big bytes payloads, sent out of band (messages.dumps_payloads) ---------------------------
+# -- big bytes payloads, sent out of band (messages.dumps_out_of_band) ---------------------------
 class BytesKind(bytes):
     """A bytes subclass: pickled in band, whatever its size, and back as itself."""
 
@@ -164,7 +172,7 @@ def test_big_buffers_leave_the_pickle_and_come_back_as_the_worker_reads_them() -
     big, other = b"\x01" * OUT_OF_BAND, bytes(range(256)) * 1024
     frame = Frame(bytearray(other))
     data = [big, 7, other, bytearray(big), BytesKind(big), frame, Frame(bytearray(9)), big]
-    blob, buffers = dumps_payloads(data)
+    blob, buffers = dumps_out_of_band(data)
     # exact bytes and big writable buffers only; the bytearray and the subclass: in band
     assert [bytes(b) for b in buffers] == [big, other, other, big]
     assert buffer_kinds(buffers) == b"\x00\x00\x01\x00"
@@ -176,8 +184,8 @@ def test_big_buffers_leave_the_pickle_and_come_back_as_the_worker_reads_them() -
     assert [type(x) for x in back[:5]] == [type(x) for x in data[:5]]
     assert back[0] is received[0] and back[2] is received[1]  # no copy in the worker
     assert back[5].data is received[2] and back[6].data == bytearray(9)  # writable, whole
-    assert dumps_payloads([b"x", big])[1] == []  # only a batch led by big bytes is looked at
-    assert dumps_payloads([b"y" * (OUT_OF_BAND - 1)])[1] == []
+    assert dumps_out_of_band([b"x", big])[1] == []  # only a batch led by big bytes is looked at
+    assert dumps_out_of_band([b"y" * (OUT_OF_BAND - 1)])[1] == []
 
 
 def test_big_bytes_payloads_arrive_whole_in_band_or_out(tmp_path: Path) -> None:
@@ -201,4 +209,49 @@ def test_a_worker_dying_on_a_big_payload_is_charged_that_job_alone(tmp_path: Pat
     assert [r.value for r in results] == [_digest(p) for p in payloads]
     assert [r.attempts for r in results] == [2 if i == 5 else 1 for i in range(12)]
     assert metrics.crashed == 1
+    check_invariants(metrics)
+
+
+# -- big values, sent back out of band (messages.results_frame) -----------------------------------
+def test_results_are_one_frame_with_their_big_values_after_the_message_as_they_are() -> None:
+    big, other = b"\x02" * OUT_OF_BAND, bytes(range(256)) * 300
+    values = [big, 7, Frame(bytearray(other)), other, "small"]
+    message = (RESULTS, [1, 2, 3, 4, 5], [OK] * 5, [0.5] * 5, dumps_out_of_band(values), None)
+    parts = results_frame(message)
+    assert [p.obj for p in parts[2:]] == [big, bytearray(other), other]  # the values, no copy
+    assert parts[2].obj is big and parts[4].obj is other
+    frame = bytearray(b"".join(bytes(p) for p in parts))  # as the supervisor's channel reads it
+    header = pickle.loads(frame)  # the message's own pickle: what follows it is left alone
+    assert header[:4] == message[:4] and header[5] is None
+    view, buffers = results_values(frame, header[4])
+    back = pickle.loads(view, buffers=buffers)
+    assert back[0] == big and back[1] == 7 and back[3] == other and back[4] == "small"
+    assert type(back[0]) is bytes and back[0] is buffers[0]  # copied out once, handed over
+    assert type(back[2].data) is bytearray and back[2].data == other  # writable, whole
+    back[2].data[0] = 1
+    with pytest.raises(ValueError, match="shorter than its layout"):
+        results_values(frame[: len(parts[0])], header[4])
+
+
+def test_big_values_come_back_whole_and_an_unpicklable_one_is_charged_alone() -> None:
+    big = [bytes([i]) * (OUT_OF_BAND + 5 * i) for i in range(1, 7)]
+    frames = [Frame(bytearray(b)) for b in big[:3]]
+    with Pool(Echo(), procs=2) as pool:
+        for payloads in (big * 6, [b"small", *big], frames + big):
+            results = run_jobs(pool, payloads, timeout=60)
+            assert all(r.ok and r.attempts == 1 for r in results)
+            for r, p in zip(results, payloads, strict=True):
+                if isinstance(p, Frame):
+                    assert type(r.value.data) is bytearray and r.value.data == p.data
+                    r.value.data[0] = 0  # writable in the caller too
+                else:
+                    assert type(r.value) is bytes and r.value == p
+    payloads: list = [big[0], "lock", big[1], "unload", big[2]]
+    with Pool(UnpicklableResult(), procs=2) as pool:
+        results = run_jobs(pool, payloads, timeout=60)
+        metrics = pool.metrics()
+    assert [r.ok for r in results] == [True, False, True, False, True]
+    assert [r.value for r in results[::2]] == big[:3]
+    for r in results[1::2]:
+        _assert_serialization(r)
     check_invariants(metrics)

@@ -28,6 +28,17 @@ def frame_header(size: int) -> bytes:
     return _HEAD.pack(size) if size <= _SHORT_MAX else _LONG_HEAD.pack(-1, size)
 
 
+def written(out: list[bytes | memoryview], n: int) -> None:
+    """Drop from the front of ``out`` the ``n`` bytes a writev took."""
+    i = 0
+    while i < len(out) and n >= len(out[i]):
+        n -= len(out[i])
+        i += 1
+    del out[:i]
+    if n:
+        out[0] = memoryview(out[0])[n:]
+
+
 class Channel:
     __slots__ = ("fd", "_out", "_buf", "_body", "_got", "_eof")
 
@@ -72,13 +83,7 @@ class Channel:
             except OSError:
                 out.clear()
                 return False
-            i = 0
-            while i < len(out) and n >= len(out[i]):
-                n -= len(out[i])
-                i += 1
-            del out[:i]
-            if n:
-                out[0] = memoryview(out[0])[n:]
+            written(out, n)
         return True
 
     # -- receiving -------------------------------------------------------------------------
@@ -121,7 +126,7 @@ class Channel:
                 (_, size) = _LONG_HEAD.unpack_from(buf, pos)
                 start = pos + 12
             if end - start >= size:
-                frames.append(bytes(buf[start : start + size]))
+                frames.append(buf[start : start + size])  # a bytearray: one copy
                 pos = start + size
                 continue
             if size > READ_SIZE:  # a big frame: the rest is read straight into place

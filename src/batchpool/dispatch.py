@@ -19,7 +19,7 @@ from typing import Any
 
 from .jobs import Block, JobBook, count
 from .ledger import WorkerView
-from .messages import RUN, buffer_kinds, dumps, dumps_payloads
+from .messages import RUN, buffer_kinds, dumps, dumps_out_of_band
 from .sizing import BatchSizer
 
 
@@ -108,7 +108,7 @@ class Dispatcher:
         """How a message's payloads are pickled for ``w``: big buffers out of band where its
         backend sends them as they are (a local pipe), all in band elsewhere (Ray)."""
         if w.proc.sends_buffers:
-            return dumps_payloads
+            return dumps_out_of_band
         return _in_band
 
     def _keep(self, blocks: list[Block], keep: int) -> list[Block]:

@@ -34,7 +34,9 @@ from .messages import (
     SPLIT,
     START_FAILED,
     STARTED,
+    Layout,
     loads,
+    results_values,
 )
 from .results import KIND_ERROR, JobError
 from .sampling import Reservoir
@@ -78,13 +80,15 @@ class Inbox:
             except BaseException:  # not ours to trust: a frame from a broken writer
                 log.debug("unreadable message from worker %s", w.pid, exc_info=True)
                 continue
-            self.on_message(w, message, now)
+            self.on_message(w, message, frame, now)
 
-    def on_message(self, w: WorkerView, message: tuple[Any, ...], now: float) -> None:
+    def on_message(
+        self, w: WorkerView, message: tuple[Any, ...], frame: bytes | bytearray, now: float
+    ) -> None:
         tag = message[0]
         if tag == RESULTS:
             _, ids, outcomes, elapsed, blob, retiring = message
-            self.on_results(w, ids, outcomes, elapsed, blob, now)
+            self.on_results(w, ids, outcomes, elapsed, blob, frame, now)
             if retiring:
                 log.debug("worker %s retires (%s)", w.pid, retiring)
                 w.retiring = True
@@ -115,15 +119,22 @@ class Inbox:
         ids: list[int],
         outcomes: list[int],
         elapsed: list[float],
-        blob: bytes,
+        blob: bytes | Layout,
+        frame: bytes | bytearray,
         now: float,
     ) -> None:
+        """``blob``: the values' pickle, or where it lies in ``frame`` with the buffers left
+        out of it (messages.results_frame: a local worker's)."""
         blocks = w.answered(ids)
         if not blocks:
             return
         w.stealing = False
         try:
-            values = loads(blob)
+            if isinstance(blob, tuple):
+                view, buffers = results_values(frame, blob)
+                values = loads(view, buffers=buffers)
+            else:
+                values = loads(blob)
         except BaseException as exc:  # a value that pickled in the worker but cannot load here
             self.book.unloadable([b for b in blocks if b is not None], exc, now)
             return

@@ -14,8 +14,8 @@ supervisor -> worker
     (RUN, runs, kinds) + payloads + buffers
                                            the same, with the big buffers left out of the
                                            pickle, each in a frame of its own after it
-                                           (dumps_payloads: megabytes are not copied into a
-                                           pickle); ``kinds``: one byte per buffer, 1 where
+                                           (dumps_out_of_band: megabytes are not copied into
+                                           a pickle); ``kinds``: one byte per buffer, 1 where
                                            it must come back writable (buffer_kinds)
     (STOP,)                                the sentinel: tear down and exit 0
     (STEAL,)                               hand back every job not started yet (another
@@ -37,7 +37,11 @@ worker -> supervisor
     (EXITING, peak_rss)                    a clean exit (stop, retirement) is under way; the
                                            worker's peak resident memory in bytes
     (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
-        values_blob: one pickled list, per job the return value (OK) or an error tuple
+        values_blob: one pickled list, per job the return value (OK) or an error tuple.
+                     From a local worker the message is one frame whose values_blob is
+                     ``layout``: the sizes of the values' pickle and of its out-of-band
+                     buffers, which follow the message's own pickle in the frame
+                     (results_frame, results_values: no copy of a big value on the way)
         OK           the value; the worker pickles it, so a value that cannot be pickled
                      is charged to its own job (UNPICKLABLE)
         ERROR/FATAL  an exception in run(); ERROR may be retried, FATAL may not
@@ -72,7 +76,7 @@ import traceback
 from collections.abc import Sequence
 from functools import partial
 from itertools import chain, repeat
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 RUN = 1
 STOP = 2
@@ -100,20 +104,22 @@ dumps = partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 loads = pickle.loads
 
 OUT_OF_BAND = 64 * 1024  # bytes: a buffer this big travels as a frame of its own
+OutOfBand = tuple[bytes, list[memoryview]]  # a pickle, and the buffers left out of it
+Layout = tuple[int, list[int], bytes]  # where results_frame put them: sizes, buffer_kinds
 
 
-def dumps_payloads(data: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
-    """A RUN message's payloads: their pickle, and the big buffers left out of it (pickle
-    protocol 5's out-of-band buffers), to be sent as they are. Pickling megabytes in band
-    copies them into a fresh buffer, page faults included: ~40% of the supervisor's CPU when
-    1 MiB payloads stream through.
+def dumps_out_of_band(data: Sequence[Any]) -> OutOfBand:
+    """A list of payloads or of values: its pickle, and the big buffers left out of it
+    (pickle protocol 5's out-of-band buffers), to be sent as they are. Pickling megabytes in
+    band copies them into a fresh buffer, page faults included: ~40% of the supervisor's CPU
+    when 1 MiB payloads stream through.
 
-    What goes out of band: buffers of OUT_OF_BAND bytes or more that a payload hands pickle
-    itself (a numpy array does), and ``bytes`` payloads that big when the message's first
-    payload is one (pickle never asks about plain bytes, so they are wrapped here; looking
-    through every message would cost small jobs a check each). The worker reads a read-only
-    buffer into ``bytes`` (the task gets that very object) and a writable one into a
-    ``bytearray`` (an array stays writable): ``buffer_kinds`` says which is which."""
+    What goes out of band: buffers of OUT_OF_BAND bytes or more that an item hands pickle
+    itself (a numpy array, a bytearray do), and ``bytes`` items that big when the list's first
+    item is one (pickle never asks about plain bytes, so they are wrapped here; looking
+    through every list would cost small jobs a check each). The other side reads a read-only
+    buffer into ``bytes`` (the task or the caller gets that very object) and a writable one
+    into a ``bytearray`` (an array stays writable): ``buffer_kinds`` says which is which."""
     first = data[0] if data else None
     if type(first) is bytes and len(first) >= OUT_OF_BAND:
         data = [
@@ -133,14 +139,46 @@ def dumps_payloads(data: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
 
 
 def buffer_kinds(buffers: Sequence[memoryview]) -> bytes:
-    """Per buffer of a RUN message, 1 if the worker must give it back writable."""
+    """Per out-of-band buffer, 1 if the other side must give it back writable."""
     return bytes(0 if view.readonly else 1 for view in buffers)
+
+
+def results_frame(message: Results) -> list[bytes | memoryview]:
+    """A RESULTS message whose values_blob is an OutOfBand, as the parts of one frame: the
+    message pickled with the layout of what follows in place of the values, then their
+    pickle and buffers as they are. One frame, so a reader of frames needs nothing new; the
+    worker copies none of it (a pickle in a pickle would copy the values twice more)."""
+    tag, ids, outcomes, elapsed, values, retiring = message
+    blob, buffers = cast(OutOfBand, values)
+    layout = (len(blob), [view.nbytes for view in buffers], buffer_kinds(buffers))
+    return [dumps((tag, ids, outcomes, elapsed, layout, retiring)), blob, *buffers]
+
+
+def results_values(
+    frame: bytes | bytearray, layout: Layout
+) -> tuple[memoryview, list[bytes | bytearray]]:
+    """The values' pickle (a view into ``frame``) and its buffers, from the end of a frame
+    made by results_frame: each buffer copied out once, into the object that unpickling
+    hands back (``bytes``, or a ``bytearray`` where it must be writable)."""
+    blob_size, sizes, kinds = layout
+    view = memoryview(frame)
+    at = len(view) - blob_size - sum(sizes)
+    if at < 0:
+        raise ValueError("a RESULTS frame shorter than its layout")
+    blob = view[at : at + blob_size]
+    at += blob_size
+    buffers: list[bytes | bytearray] = []
+    for size, writable in zip(sizes, kinds, strict=True):
+        part = view[at : at + size]
+        buffers.append(bytearray(part) if writable else bytes(part))
+        at += size
+    return blob, buffers
 
 
 Runs = list[tuple[range, int]]  # a RUN message's jobs: (job ids, stage) per block
 ErrorInfo = tuple[str, str, str]  # the error tuple: (type name, message, traceback text)
 # (RESULTS, job_ids, outcomes, elapsed, values_blob, retiring)
-Results = tuple[int, list[int], list[int], list[float], bytes, str | None]
+Results = tuple[int, list[int], list[int], list[float], bytes | OutOfBand, str | None]
 # What a worker says once started: (READY, pid) or (START_FAILED, error)
 Hello = tuple[int, int] | tuple[int, ErrorInfo]
 

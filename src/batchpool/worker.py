@@ -22,10 +22,12 @@ from multiprocessing.connection import Connection, wait
 from typing import NoReturn
 
 from .backends import WorkerSpec
+from .channel import IOV_MAX, frame_header, written
 from .messages import (
     EXITING,
     FLUSH,
     FLUSHED,
+    RESULTS,
     RETURNED,
     RUN,
     STEAL,
@@ -34,6 +36,7 @@ from .messages import (
     Runs,
     dumps,
     loads,
+    results_frame,
     run_ids,
 )
 from .processes import GROUP_SIGNALS
@@ -151,7 +154,9 @@ def _serve(
     flush_every: float,
 ) -> None:
     box = _Mailbox(conn)
-    runner = Runner(tasks, box.send, retirement, progress, slot, flush_every, gates)
+    runner = Runner(
+        tasks, box.send, retirement, progress, slot, flush_every, gates, out_of_band=True
+    )
     threading.Thread(
         target=box.read, args=(runner.flush_finished,), name="batchpool-reader", daemon=True
     ).start()
@@ -200,6 +205,11 @@ class _Mailbox:
         self.send_lock = threading.Lock()
 
     def send(self, message: tuple[object, ...]) -> None:
+        if message[0] == RESULTS and type(message[4]) is tuple:  # values out of band
+            parts = results_frame(message)  # type: ignore[arg-type]
+            with self.send_lock:
+                _write_frame(self.conn.fileno(), parts)
+            return
         blob = dumps(message)
         with self.send_lock:
             self.conn.send_bytes(blob)
@@ -255,6 +265,14 @@ class _Mailbox:
                     return None
                 self.cond.wait()
             return self.pending.popleft()
+
+
+def _write_frame(fd: int, parts: list[bytes | memoryview]) -> None:
+    """``parts`` as one frame (Connection's framing), written as they are: a blocking
+    writev may still take part of them (a signal), so it goes on until all is written."""
+    out = [frame_header(sum(len(part) for part in parts)), *parts]
+    while out:
+        written(out, os.writev(fd, out[:IOV_MAX]))
 
 
 def _read_frame(conn: Connection) -> bytearray:

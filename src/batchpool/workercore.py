@@ -31,10 +31,12 @@ from .messages import (
     UNPACKING,
     UNPICKLABLE,
     Hello,
+    OutOfBand,
     ProgressSlots,
     Results,
     Runs,
     dumps,
+    dumps_out_of_band,
     error_tuple,
     loads,
     progress_slot,
@@ -186,6 +188,7 @@ class Runner:
         "gates",
         "out",
         "lock",
+        "out_of_band",
     )
 
     def __init__(
@@ -197,6 +200,8 @@ class Runner:
         slot: int = 0,
         flush_every: float = math.inf,
         gates: dict[int, Gate] | None = None,
+        *,
+        out_of_band: bool = False,
     ) -> None:
         self.tasks = tasks
         self.send = send
@@ -207,6 +212,9 @@ class Runner:
         self.gates = gates or {}
         self.out = _Results()  # the batch's results not sent yet
         self.lock = threading.Lock()
+        # values' big buffers left out of their pickle (messages.results_frame): where
+        # ``send`` writes them to a pipe as they are; a Ray call carries one blob
+        self.out_of_band = out_of_band
 
     def unpack(
         self, runs: Runs, blob: bytes | bytearray, buffers: Sequence[bytes | bytearray] = ()
@@ -307,7 +315,7 @@ class Runner:
             out = self.out
             end = len(out.values)  # complete rows: values go in last
             if end > out.sent:
-                self.send(out.rows(end).message(None))
+                self.send(out.rows(end).message(None, self.out_of_band))
 
     def _flush(self, out: _Results) -> None:
         """Send the results not sent yet, and why the worker retires if it does; the slot
@@ -320,7 +328,7 @@ class Runner:
             part = out.rows(len(out.values)) if out.sent else out
             out.sent = len(out.values)
             if part.ids or reason:
-                self.send(part.message(reason))
+                self.send(part.message(reason, self.out_of_band))
         progress[self.job_at] = IDLE
 
 
@@ -363,12 +371,15 @@ class _Results:
         """One append per column, bound once per message rather than looked up per job."""
         return self.ids.append, self.elapsed.append, self.values.append
 
-    def message(self, retiring: str | None) -> Results:
+    def message(self, retiring: str | None, out_of_band: bool = False) -> Results:
         outcomes = [OK] * len(self.ids)
         for row, outcome in self.failures.items():
             outcomes[row] = outcome
+        pickled: Callable[[list[Any]], bytes | OutOfBand] = (
+            dumps_out_of_band if out_of_band else dumps
+        )
         try:
-            blob = dumps(self.values)
+            blob = pickled(self.values)
         except BaseException:
             for i, value in enumerate(self.values):
                 try:
@@ -376,5 +387,5 @@ class _Results:
                 except BaseException as exc:
                     outcomes[i] = UNPICKLABLE
                     self.values[i] = error_tuple(exc)
-            blob = dumps(self.values)
+            blob = pickled(self.values)
         return (RESULTS, self.ids, outcomes, self.elapsed, blob, retiring)

@@ -9,7 +9,7 @@ journal); a backend only starts workers and gives the supervisor a handle to eac
     handle.send(blob, payloads=None, buffers=()) -> bool
                                    a message to the worker (RUN: with its payloads frame,
                                    and the big payloads left out of it, see
-                                   messages.dumps_payloads), never blocking; False if it is
+                                   messages.dumps_out_of_band), never blocking; False if it is
                                    gone
     handle.sends_buffers           whether send() takes such buffers (else every payload is
                                    pickled in band)
