@@ -90,7 +90,8 @@ def measure_throughput(contender: Contender, workload: Workload, cell: dict[str,
         cpu0, t0 = time.process_time(), time.perf_counter()
         raw = session.run(payloads)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        verify(session.values(raw), n, expected)
+        values = session.values(raw)
+        verify(values if workload.check is None else list(map(workload.check, values)), n, expected)
         t1 = time.perf_counter()
         session.close()
         close_s = time.perf_counter() - t1

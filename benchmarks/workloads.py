@@ -51,6 +51,20 @@ def size_of(blob: bytes) -> int:
     return len(blob)
 
 
+def blob_of(i: int) -> bytes:
+    """Return 1 MB made from a small payload: the cost is shipping the result back."""
+    return bytes([i % 251]) * BLOB_BYTES
+
+
+def blob_check(value: bytes) -> int:
+    """A result of blob_of as an int for the checksum: its length and its first byte."""
+    return len(value) + value[0]
+
+
+def blob_expected(i: int) -> int:
+    return BLOB_BYTES + i % 251
+
+
 class CallTask(Task):  # type: ignore[misc,valid-type]
     """The batchpool Task for a workload: its run() calls the very function the peers call.
 
@@ -177,6 +191,7 @@ class Workload:
     unit_cost: Callable[[Any, Calibration], float]
     bytes_per_job: int = 0
     quick_scale: float = 1.0
+    check: Callable[[Any], int] | None = None  # a result as its int for the checksum
 
     def sizes_for(self, quick: bool) -> tuple[int, ...]:
         return self.quick_sizes if quick else self.sizes
@@ -199,6 +214,8 @@ class Workload:
             return [cal.loops(1.0)] * 20  # ~20 ms; spin cost is linear in its loop count
         if self.fn is size_of:
             return build_blobs(10, cal)
+        if self.fn is blob_of:
+            return list(range(10))
         return list(range(20_000))
 
     def total_units(self, n: int, cal: Calibration, scale: float) -> float:
@@ -269,6 +286,19 @@ WORKLOADS: dict[str, Workload] = {
             expect=len,
             unit_cost=one_unit,
             bytes_per_job=BLOB_BYTES,
+        ),
+        Workload(
+            name="result1mb",
+            description="an int in, 1 MB bytes back per job: IPC bandwidth the other way",
+            kind="throughput",
+            fn=blob_of,
+            sizes=(256,),
+            quick_sizes=(20,),
+            build=build_ints,
+            expect=blob_expected,
+            unit_cost=one_unit,
+            bytes_per_job=BLOB_BYTES,
+            check=blob_check,
         ),
         Workload(
             name="uneven",

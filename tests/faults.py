@@ -657,3 +657,14 @@ class Digest(Base):
         if payload[:1] == b"\xff" and record_attempt(self.marker_dir, "crash") == 1:
             os._exit(13)
         return type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()
+
+
+class Blob(Base):
+    """payload i -> ``size`` bytes of i % 256: small jobs with big results."""
+
+    def __init__(self, size: int = 1024 * 1024, **policy: Any) -> None:
+        super().__init__(**policy)
+        self.size = size
+
+    def run(self, payload: int) -> bytes:
+        return bytes([payload % 256]) * self.size

@@ -8,7 +8,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from faults import Digest, Echo, FailsUnpickle, Frame, Length, RefusesPickle, UnpicklableResult
+from faults import (
+    Blob,
+    Digest,
+    Echo,
+    FailsUnpickle,
+    Frame,
+    Length,
+    RefusesPickle,
+    UnpicklableResult,
+)
 from helpers import check_invariants, run_jobs
 
 from batchpool import Pool
@@ -255,3 +264,13 @@ def test_big_values_come_back_whole_and_an_unpicklable_one_is_charged_alone() ->
     for r in results[1::2]:
         _assert_serialization(r)
     check_invariants(metrics)
+
+
+def test_fast_jobs_with_big_results_answer_in_moderate_messages() -> None:
+    """A message sized by time alone would hold hundreds of these: the worker would keep every
+    result until it sent them as one frame of hundreds of MiB (its peak RSS shows it)."""
+    with Pool(Blob(), procs=2) as pool:
+        results = run_jobs(pool, list(range(600)), timeout=90)
+    assert [r.value[:1] for r in results] == [bytes([i % 256]) for i in range(600)]
+    assert all(len(r.value) == 1024 * 1024 for r in results)
+    assert 0 < pool.metrics().peak_rss < 160 * 1024 * 1024

@@ -13,6 +13,7 @@ from batchpool.sizing import (
     TARGET_BATCH_SECONDS,
     BatchSizer,
 )
+from batchpool.streaming import WINDOW_BYTES, window
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,6 +68,20 @@ def test_big_payloads_cut_the_message_to_the_byte_budget() -> None:
     small = BatchSizer(1, None)
     small.sized(0, payload_bytes=100, jobs=10)
     assert small.should_probe(0, 100)  # small so far: the next payload is probed
+
+
+def test_big_results_cut_the_message_as_big_payloads_do() -> None:
+    sizer = BatchSizer(2, None)
+    sizer.timed(0, seconds=0.003, jobs=10)  # fast jobs: hundreds per message by time alone
+    sizer.sized(0, payload_bytes=100, jobs=10)  # small payloads...
+    assert sizer.fit_bytes(0, 500, None) == 500
+    sizer.answered(0, result_bytes=10 * 1024**2, jobs=10)  # ...and 1 MiB back per job
+    assert sizer.wire_bytes(0) == 1024**2 + 1
+    assert sizer.fit_bytes(0, 500, None) == MAX_MESSAGE_BYTES // (1024**2 + 1)
+    assert window(sizer, procs=2) == WINDOW_BYTES // (1024**2 + 1)  # imap's read-ahead too
+    assert sizer.fit_bytes(1, 500, None) == 500  # per stage
+    sizer.answered(0, result_bytes=1000, jobs=10)  # the last message's size counts
+    assert sizer.fit_bytes(0, 500, None) == 500
 
 
 def test_payloads_that_grew_are_cut_back_to_a_moderate_message() -> None:

@@ -149,6 +149,7 @@ class Inbox:
         if outcomes[0] != SPLIT:  # split jobs did not run: nothing was timed
             self.samples[stage].extend(elapsed)
             self.sizer.timed(stage, total, len(ids))
+            self.sizer.answered(stage, len(frame), len(ids))
 
     def _idle(self, w: WorkerView, now: float) -> None:
         self.workforce.idle(w, now)

@@ -7,7 +7,9 @@ busy, with cold caches, not its few syscalls) while results still stream (a work
 it has every Tuning.flush_every, as long as a batch, so one answer, and one pass, per batch);
 never more than MAX_BATCH jobs; and payloads of about
 MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better than one giant
-one that leaves the other workers idle while it travels.
+one that leaves the other workers idle while it travels. Results count as payloads do: a
+message of 800 jobs of 0.3 ms that each return 1 MiB made an 800 MiB answer, held whole by the
+worker until it went and then in a buffer the supervisor's process faulted in page by page.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import NamedTuple
 TARGET_BATCH_SECONDS = 0.25  # work per message (0.1 gave ~0.8% of a core at 10 ms jobs)
 MAX_BATCH = 4096  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload bytes per message, unless one job is bigger
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload or result bytes per message, unless one job has more
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
 
 
@@ -43,8 +45,8 @@ BATCHES = Tuning()  # the default
 
 
 class BatchSizer:
-    """Per stage: the measured seconds per job (an EWMA over batches) and pickled payload
-    bytes per job (the last message's)."""
+    """Per stage: the measured seconds per job (an EWMA over batches), and pickled payload
+    and result bytes per job (the last message's each way)."""
 
     def __init__(
         self, stages: int, chunksize: int | None, batch_seconds: float = TARGET_BATCH_SECONDS
@@ -53,6 +55,7 @@ class BatchSizer:
         self.batch_seconds = batch_seconds
         self.job_time: list[float | None] = [None] * stages
         self.job_bytes: list[int] = [0] * stages
+        self.result_bytes: list[int] = [0] * stages
 
     def timed(self, stage: int, seconds: float, jobs: int) -> None:
         """A batch of ``jobs`` ran in ``seconds`` of run() time."""
@@ -66,6 +69,14 @@ class BatchSizer:
         self.job_bytes[stage] = per_job
         return per_job
 
+    def answered(self, stage: int, result_bytes: int, jobs: int) -> None:
+        """The results of ``jobs`` came back in a message of ``result_bytes``."""
+        self.result_bytes[stage] = result_bytes // jobs + 1
+
+    def wire_bytes(self, stage: int) -> int:
+        """Bytes per job that a message carries, in whichever direction carries more."""
+        return max(self.job_bytes[stage], self.result_bytes[stage])
+
     def jobs_per_message(self, stage: int) -> int:
         if self.chunksize:
             return self.chunksize
@@ -77,7 +88,7 @@ class BatchSizer:
     def fit_bytes(self, stage: int, jobs: int, head_bytes: int | None) -> int:
         """``jobs`` cut to the byte budget. ``head_bytes``: the next payload's pickled size,
         probed when the last message's payloads were small (they may not be any more)."""
-        per_job = self.job_bytes[stage]
+        per_job = self.wire_bytes(stage)
         if head_bytes is not None:
             per_job = max(per_job, head_bytes)
         if per_job:

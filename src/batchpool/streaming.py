@@ -25,10 +25,10 @@ SUBMIT_CHUNK = 1024  # jobs per block map() and imap() post: workers start on th
 def window(sizer: BatchSizer, procs: int) -> int:
     """How many jobs imap (and a pipeline's run) keeps in flight: full batches for every
     worker, as long as the supervisor measures them (thousands of tiny jobs, a few slow
-    ones), and fewer when payloads are big (it measures their pickled size too)."""
+    ones), and fewer when payloads or results are big (it measures their pickled size too)."""
     batch = max(WINDOW_BATCH_FLOOR, min(MAX_BATCH, sizer.jobs_per_message(0)))
     jobs = WINDOW_BATCHES * batch * procs
-    per_job = sizer.job_bytes[0]
+    per_job = sizer.wire_bytes(0)
     if per_job:
         jobs = min(jobs, WINDOW_BYTES // per_job)
     return max(jobs, 2 * procs)
