@@ -19,10 +19,11 @@ its next request when its last is answered. The cells alternate between the two 
 Then ``ab -n 3000 -c 32`` once against each (failed requests must be 0), and an overload: an
 open loop offering ``--overload`` (4) times batchpool's best rate above, for the same time, to a
 batchpool server with ``--max-queue 64`` and to the baseline (no queue limit), with the asyncio
-client (it times each status apart, from the moment each request was due): 200s and 429s a
-second and their p99, requests not sent (every connection busy) and not answered 10 s after the
-last was sent, the client's own lag (due to sent, p99: on a small machine the load generator
-competes for the cores too, and its delays count in the latencies), the server's RSS
+client (it times each status apart, from the moment each request was due, and the 429s also
+from the moment each was written, without the client's own lateness in sending): 200s and
+429s a second and their p99, requests not sent (every connection busy) and not answered 10 s
+after the last was sent, the client's own lag (due to sent, p99: on a small machine the load
+generator competes for the cores too, and its delays count in the latencies), the server's RSS
 over the run (sampled every 0.5 s), and accepted jobs lost (jobs the server's /metrics counts
 as submitted minus the 200s received).
 """
