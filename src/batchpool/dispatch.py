@@ -87,13 +87,13 @@ class Dispatcher:
                 return False
             blob, buffers = pickled(_data(blocks))
         jobs = count(blocks)
-        size = len(blob) + sum(len(b) for b in buffers)
+        size = _message_bytes(blob, buffers)
         keep = self.sizer.oversized(jobs, size)
         if keep is not None:  # payloads grew past the estimate: a moderate message now
             blocks = self._keep(blocks, keep)
             jobs = keep
             blob, buffers = pickled(_data(blocks))
-            size = len(blob) + sum(len(b) for b in buffers)
+            size = _message_bytes(blob, buffers)
         self.sizer.sized(blocks[0].stage, size, jobs)
         runs = [(block.ids, block.stage) for block in blocks]
         header = dumps((RUN, runs, buffer_kinds(buffers)) if buffers else (RUN, runs))
@@ -175,6 +175,11 @@ def _data(blocks: list[Block]) -> Sequence[Any]:
 
 def _in_band(data: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
     return dumps(data), []
+
+
+def _message_bytes(blob: bytes, buffers: Sequence[memoryview]) -> int:
+    """The payloads' bytes on the wire: their pickle and the buffers left out of it."""
+    return len(blob) + sum(len(b) for b in buffers)
 
 
 def _pickled_size(data: Any) -> int:
