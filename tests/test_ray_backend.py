@@ -360,6 +360,19 @@ def test_a_timeout_mid_batch_is_charged_to_its_job_alone() -> None:
     assert m.timed_out == 2 and m.worker_restarts >= 3
 
 
+def test_jobs_well_inside_their_timeout_are_not_killed_by_their_batch() -> None:
+    """Jobs of 60 ms under a 0.2 s timeout. A batch's deadline is one job's timeout, so a
+    batch carries a quarter of it at most; four to a batch (0.24 s), every batch was killed
+    and its actor replaced."""
+    with Pool(Sleep(0.06, timeout=0.2, retries=0), 1, backend="ray") as pool:
+        results = run_jobs(pool, range(12), timeout=60)
+        m = pool.metrics()
+        check_invariants(m)
+    assert [r.value for r in results] == list(range(12))
+    assert all(r.ok and r.attempts == 1 for r in results), results
+    assert m.timed_out == 0 and m.worker_restarts == 0
+
+
 def test_actor_dying_while_idle_is_replaced_free_of_charge() -> None:
     with ray_pool(RecordPid()) as pool:
         pool.map(range(4))

@@ -11,6 +11,7 @@ from batchpool.sizing import (
     MAX_MESSAGE_BYTES,
     PER_JOB_OVERHEAD,
     TARGET_BATCH_SECONDS,
+    TIMEOUT_SHARE,
     BatchSizer,
 )
 from batchpool.streaming import WINDOW_BYTES, window
@@ -29,6 +30,21 @@ def test_a_message_carries_about_its_batch_seconds_of_work() -> None:
     per_job = 0.001 + PER_JOB_OVERHEAD
     assert batches.jobs_per_message(0) == int(TARGET_BATCH_SECONDS / per_job) == 248
     assert serving.jobs_per_message(0) == int(0.01 / per_job) == 9
+
+
+def test_a_batch_with_one_deadline_carries_a_share_of_it() -> None:
+    """Where a batch runs against one job's timeout (Ray), its work stays a quarter of it;
+    a stage without a timeout, or a longer one, keeps the usual batch."""
+    sizer = BatchSizer(3, None, batch_deadlines=[0.2, None, 10.0])
+    for stage in range(3):
+        sizer.timed(stage, seconds=0.06 - PER_JOB_OVERHEAD, jobs=1)  # 60 ms a job
+    assert 0.2 * TIMEOUT_SHARE < 0.06
+    assert sizer.jobs_per_message(0) == 1  # alone: under the timeout whatever it takes
+    assert sizer.jobs_per_message(1) == sizer.jobs_per_message(2) == 4  # 0.25 s of work
+    fast = BatchSizer(1, None, batch_deadlines=[0.2])
+    fast.timed(0, seconds=0.001 - PER_JOB_OVERHEAD, jobs=1)
+    assert fast.jobs_per_message(0) == round(0.2 * TIMEOUT_SHARE / 0.001) == 50
+    assert BatchSizer(1, 5, batch_deadlines=[0.01]).jobs_per_message(0) == 5  # a fixed size wins
 
 
 def test_a_fixed_chunksize_wins() -> None:

@@ -10,10 +10,17 @@ MAX_MESSAGE_BYTES at most, because several moderate messages pipeline better tha
 one that leaves the other workers idle while it travels. Results count as payloads do: a
 message of 800 jobs of 0.3 ms that each return 1 MiB made an 800 MiB answer, held whole by the
 worker until it went and then in a buffer the supervisor's process faulted in page by page.
+
+Where a batch runs against one deadline (a Ray actor's call: the worker names no job inside
+it, so a batch's clock is one job's timeout, counted from its start), a message carries at
+most TIMEOUT_SHARE of the stage's timeout: jobs of 60 ms under a 0.2 s timeout once travelled
+four to a batch of 0.24 s, and every batch was killed, its actor replaced, its jobs rerun
+alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 TARGET_BATCH_SECONDS = 0.25  # work per message (0.1 gave ~0.8% of a core at 10 ms jobs)
@@ -21,6 +28,7 @@ MAX_BATCH = 4096  # jobs per message, however tiny they are
 PER_JOB_OVERHEAD = 5e-6  # seconds a worker spends per job besides run(): (un)pickling
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # payload or result bytes per message, unless one job has more
 EWMA = 0.2  # weight of the newest batch in the job-time estimate
+TIMEOUT_SHARE = 0.25  # of a batch's deadline: a batch 4x slower than measured still fits
 
 
 class Tuning(NamedTuple):
@@ -49,10 +57,20 @@ class BatchSizer:
     and result bytes per job (the last message's each way)."""
 
     def __init__(
-        self, stages: int, chunksize: int | None, batch_seconds: float = TARGET_BATCH_SECONDS
+        self,
+        stages: int,
+        chunksize: int | None,
+        batch_seconds: float = TARGET_BATCH_SECONDS,
+        batch_deadlines: Sequence[float | None] = (),
     ) -> None:
+        """``batch_deadlines``: per stage, the seconds a whole batch must finish in (None:
+        none); empty where each job of a batch has its own clock (local workers)."""
         self.chunksize = chunksize  # fixed by the user, or by a backend
-        self.batch_seconds = batch_seconds
+        deadlines = list(batch_deadlines) or [None] * stages
+        # work per message, per stage
+        self.batch_seconds = [
+            batch_seconds if not d else min(batch_seconds, d * TIMEOUT_SHARE) for d in deadlines
+        ]
         self.job_time: list[float | None] = [None] * stages
         self.job_bytes: list[int] = [0] * stages
         self.result_bytes: list[int] = [0] * stages
@@ -83,7 +101,7 @@ class BatchSizer:
         t = self.job_time[stage]
         if t is None:
             return 1  # nothing measured yet: one job shows how long jobs take
-        return max(1, min(MAX_BATCH, int(self.batch_seconds / t)))
+        return max(1, min(MAX_BATCH, int(self.batch_seconds[stage] / t)))
 
     def fit_bytes(self, stage: int, jobs: int, head_bytes: int | None) -> int:
         """``jobs`` cut to the byte budget. ``head_bytes``: the next payload's pickled size,

@@ -94,7 +94,8 @@ class Supervisor:
         self.lazy_submits = lazy_submits
         self.book = JobBook(policies, random.random)
         # streaming.window reads its estimates
-        self.sizer = BatchSizer(len(policies), chunksize, batch_seconds)
+        deadlines = [p.timeout for p in policies] if backend.batch_deadline else []
+        self.sizer = BatchSizer(len(policies), chunksize, batch_seconds, deadlines)
         self.timers = Timers()  # ("watch"|"stop"|"start"|"flush", slot), "rss"
         self.commands: Commands[Command] = Commands()
         self.watch: Watch[WorkerView] = Watch(self.commands.fileno())

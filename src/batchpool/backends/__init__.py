@@ -28,7 +28,9 @@ process is started by then; a Ray actor is placed when the cluster has room, and
 says STARTED (messages.py) with its pid then. ``backend.close()`` releases what the backend
 holds; ``backend.chunksize`` (None, or an int) fixes the jobs per RUN message where the
 backend needs it (today none does: a Ray worker names no job inside a batch, and its jobs
-rerun alone when it dies in one). Messages are those of
+rerun alone when it dies in one); ``backend.batch_deadline`` says whether a RUN message runs
+against one deadline, its first job's timeout from its start (Ray), rather than a clock per
+job (local), so that the supervisor keeps its work well inside it. Messages are those of
 batchpool.messages, whatever carries them. ``Backend`` and ``WorkerHandle`` below say the same
 to the type checker.
 
@@ -99,6 +101,8 @@ class Backend(Protocol):
 
     @property
     def chunksize(self) -> int | None: ...
+    @property
+    def batch_deadline(self) -> bool: ...
     def start_worker(self, slot: int) -> WorkerHandle: ...
     def close(self) -> None: ...
 

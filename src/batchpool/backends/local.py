@@ -43,6 +43,7 @@ class LocalBackend:
     """Starts worker processes; owns the shared array of their progress slots."""
 
     chunksize = None  # any batch size: a worker's progress slot names the job it runs
+    batch_deadline = False  # so each job's timeout runs from that job's start
 
     def __init__(self, start_method: str, procs: int, spec: WorkerSpec) -> None:
         self.ctx = _context(start_method)

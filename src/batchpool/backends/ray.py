@@ -17,8 +17,9 @@ counts attempts, never Ray) holding the unpickled tasks, so ``setup()`` runs onc
                    names none (messages.UNPACKING): an actor that dies or times out in one
                    has each job it had not answered rerun alone (ledger.attribute), and only
                    the one that kills it again is charged. A batch's deadline runs from its
-                   start, with the timeout of one job: a batch of ~0.25 s (sizing.py) that
-                   overstays it is killed and its jobs rerun alone, charged nothing
+                   start, with the timeout of one job, and it carries at most a quarter of
+                   that in measured work (sizing.py): one that overstays it all the same is
+                   killed and its jobs rerun alone, charged nothing
     kill()         ``ray.kill(actor, no_restart=True)``
 
 Start: ``start_worker`` creates the actor and returns; its describe and setup calls wait in Ray
@@ -254,6 +255,7 @@ class RayBackend:
     """Starts one actor per worker slot; owns the Ray connection if it made it."""
 
     chunksize = None  # batches, sized by the supervisor: see the module docstring
+    batch_deadline = True  # an actor's call names no job: its clock is the batch's
 
     def __init__(self, procs: int, spec: WorkerSpec, address: str | None = None) -> None:
         self.spec = spec
