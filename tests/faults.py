@@ -668,3 +668,45 @@ class Blob(Base):
 
     def run(self, payload: int) -> bytes:
         return bytes([payload % 256]) * self.size
+
+
+def _sigint_is_pythons_default() -> None:
+    sys.exit(0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler else 1)
+
+
+class ChildSignals(Base):
+    """Starts children the ways a task does (a subprocess; a forked and a spawned
+    multiprocessing process), ends each with SIGTERM and returns how each ended (its exit
+    code, or "ignored SIGTERM"), with the worker's pid and whether a forked child has
+    Python's SIGINT handler back."""
+
+    def run(self, payload: Any) -> dict[str, Any]:
+        import multiprocessing
+        import subprocess
+
+        out: dict[str, Any] = {"pid": os.getpid()}
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        child.terminate()
+        try:
+            out["subprocess"] = child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            out["subprocess"] = "ignored SIGTERM"
+        for method in ("fork", "spawn"):
+            ctx = multiprocessing.get_context(method)
+            p = ctx.Process(target=time.sleep, args=(60,))  # type: ignore[attr-defined]
+            p.start()
+            p.terminate()
+            p.join(5)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+                out[method] = "ignored SIGTERM"
+            else:
+                out[method] = p.exitcode
+        p = multiprocessing.get_context("fork").Process(target=_sigint_is_pythons_default)
+        p.start()
+        p.join(5)
+        out["fork SIGINT handler"] = p.exitcode == 0
+        return out

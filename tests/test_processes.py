@@ -15,8 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import ChildSignals
 from helpers import START_METHODS, alive, all_gone, child_env, read_line, wait_for
 
+from batchpool import Pool
 from batchpool.processes import describe_exit, kill_tree
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,3 +231,29 @@ def test_workers_outlive_no_parent_even_if_it_forked(tmp_path: Path, start_metho
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_what_a_task_starts_ends_on_sigterm_while_its_worker_ignores_it(
+    start_method: str,
+) -> None:
+    """A worker ignores the group's signals (its supervisor drains); the children of its
+    tasks must not inherit that. They did: SIG_IGN survives fork and exec, so a subprocess's
+    ``terminate()`` did nothing and a multiprocessing pool inside a task hung in its
+    ``__exit__``."""
+    with Pool(ChildSignals(), 1, start_method=start_method) as pool:
+        [first] = pool.map([0])
+        assert first.ok, first.error
+        seen = first.value
+        worker = seen.pop("pid")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(worker, sig)  # a service manager's stop, a stray kill
+        [again] = pool.map([1])
+        m = pool.metrics()
+    assert seen == {
+        "subprocess": -signal.SIGTERM,
+        "fork": -signal.SIGTERM,
+        "spawn": -signal.SIGTERM,
+        "fork SIGINT handler": True,
+    }
+    assert again.ok and again.value["pid"] == worker and m.worker_restarts == 0

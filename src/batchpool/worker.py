@@ -56,12 +56,7 @@ def main(
     gates: Sequence[GateSpec],
 ) -> None:
     """Entry point of a worker process (the target of multiprocessing.Process)."""
-    # The supervisor owns Ctrl-C, SIGTERM and SIGHUP: in-flight attempts must be able to
-    # finish while it drains. They arrive blocked (processes.block_group_signals), so none can
-    # strike before they are ignored here.
-    for sig in GROUP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    _ignore_group_signals()
     # A group of its own: whatever its tasks start can be killed with it as one (kill_tree,
     # sweep_group), even after the worker itself is gone.
     try:
@@ -85,6 +80,51 @@ def main(
         _exit(EXIT_START_FAILED)
     stop(tasks)
     _exit(0)
+
+
+def _ignore_group_signals() -> None:
+    """The supervisor owns Ctrl-C, SIGTERM and SIGHUP: in-flight attempts must be able to
+    finish while it drains. They arrive blocked (processes.block_group_signals), so none can
+    strike before they are ignored here.
+
+    Ignored by a handler that does nothing, not by SIG_IGN: an ignored signal stays ignored
+    across exec, so every program a task started (a subprocess, the workers of a
+    multiprocessing pool) ignored SIGTERM as well, and its ``terminate()`` then waited
+    forever. exec resets a handler; a child forked without exec gets the defaults back at
+    fork, with the signals blocked until then, so that a ``terminate()`` right after the
+    fork still ends it. SA_RESTART (``siginterrupt(sig, False)``): a system call that the
+    signal meets in C code is restarted, not failed with EINTR.
+    """
+    for sig in GROUP_SIGNALS:
+        signal.signal(sig, _ignored)
+        signal.siginterrupt(sig, False)
+    os.register_at_fork(
+        before=_block_for_fork, after_in_parent=_unblock, after_in_child=_defaults_in_child
+    )
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+
+
+def _ignored(signum: int, frame: object) -> None:
+    pass
+
+
+_forking = threading.local()  # the forking thread's signal mask, from before the fork
+
+
+def _block_for_fork() -> None:
+    _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+
+
+def _unblock() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _forking.mask)
+
+
+def _defaults_in_child() -> None:
+    """In a process a task forked: the dispositions of any Python process's child."""
+    for sig in GROUP_SIGNALS:
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, default)
+    _unblock()
 
 
 def _exit(code: int) -> NoReturn:
