@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future, wait
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -447,3 +448,36 @@ def test_lazy_submits_from_threads_all_finish_on_busy_workers() -> None:
         done, not_done = wait(futures, timeout=30)
         assert not not_done
         assert sorted(f.result().value for f in done) == [n * n for n in range(600)]
+
+
+def test_waiting_for_the_pool_in_its_own_callback_fails_at_once() -> None:
+    """Done-callbacks run in the supervisor's thread: a result() there of another job of the
+    pool waited for a pass of the loop it was holding up (forever, without a timeout). Every
+    such wait now fails at once; a submit() there still works."""
+    seen: dict[str, Any] = {}
+    called = threading.Event()
+
+    def callback(_: Future[JobResult]) -> None:
+        inner = pool.submit(3)
+        waits = {
+            "result": lambda: inner.result(timeout=5),
+            "exception": lambda: inner.exception(timeout=5),
+            "map": lambda: pool.map([1]),
+            "imap": lambda: pool.imap([1]),
+        }
+        for name, wait_for_it in waits.items():
+            try:
+                wait_for_it()
+                seen[name] = "waited"
+            except Exception as exc:
+                seen[name] = f"{type(exc).__name__}: {exc}"
+        seen["inner"] = inner
+        called.set()
+
+    with Pool(Square(), 2) as pool:
+        pool.submit(2).add_done_callback(callback)
+        assert called.wait(30)
+        assert seen.pop("inner").result(timeout=30).value == 9  # submitted there, and run
+        assert pool.map([4])[0].value == 16  # the loop was never held up
+    for name, outcome in seen.items():
+        assert outcome.startswith("RuntimeError: ") and "would wait forever" in outcome, name

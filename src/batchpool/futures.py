@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 
+def refuse_to_wait_in_callback(supervisor: Supervisor, call: str) -> None:
+    """A future's done-callback runs in the pool's supervisor thread: waiting there for the
+    pool's own jobs would wait forever (for a pass of the loop it holds up)."""
+    if threading.current_thread() is supervisor.thread:
+        raise RuntimeError(
+            f"{call} in a done-callback of the pool's own future would wait forever: "
+            "callbacks run in the pool's supervisor thread (submit() there does not wait)"
+        )
+
+
 def broken_message(error: JobError) -> str:
     if error.type == "SupervisorError":
         return error.message
@@ -41,6 +51,16 @@ class JobFuture(Future[JobResult]):
         and has made some waits for its retry. Ints the supervisor thread rebinds: safe to read
         from any thread."""
         return self._job.prior + self._job.attempts
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        if not self.done():
+            refuse_to_wait_in_callback(self._supervisor, "result() of a job not done yet")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            refuse_to_wait_in_callback(self._supervisor, "exception() of a job not done yet")
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         with self._condition:

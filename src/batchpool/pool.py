@@ -15,7 +15,7 @@ from .backends import Backend, WorkerSpec, make_backend
 from .cancelling import Deadline
 from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
-from .futures import Collector, Futures, JobFuture, broken_message
+from .futures import Collector, Futures, JobFuture, broken_message, refuse_to_wait_in_callback
 from .jobs import Block
 from .results import JobResult, Metrics
 from .settings import IDLE_TIMEOUT, Settings, check_settings, describe
@@ -224,6 +224,7 @@ class Pool:
         ``deadline``: seconds from this call. Then jobs not started are cancelled and running
         attempts are stopped (their workers killed and replaced): every job that has not
         finished comes back as a "cancelled" result, the finished ones as they are."""
+        refuse_to_wait_in_callback(self._supervisor, "map()")
         level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
@@ -263,6 +264,7 @@ class Pool:
         ``deadline``: seconds from this call, as for map(); at the deadline the reading of
         ``payloads`` stops too (items not read by then are not jobs: no result stands for
         them), and the stream ends with the results of the jobs submitted."""
+        refuse_to_wait_in_callback(self._supervisor, "imap()")
         level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
