@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
@@ -481,3 +482,25 @@ def test_waiting_for_the_pool_in_its_own_callback_fails_at_once() -> None:
         assert pool.map([4])[0].value == 16  # the loop was never held up
     for name, outcome in seen.items():
         assert outcome.startswith("RuntimeError: ") and "would wait forever" in outcome, name
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_imap_of_a_source_that_raises_runs_what_it_read_then_raises(ordered: bool) -> None:
+    """As the builtin map(): every item read before the error is a job whose result comes
+    out, then the error. It once surfaced at the read, losing the chunk being read and every
+    result still in flight."""
+
+    def source() -> Iterator[int]:
+        yield from range(2500)  # more than one chunk of the reader
+        raise ValueError("the source broke")
+
+    got: list[JobResult] = []
+    with Pool(Square(), 2) as pool:
+        with pytest.raises(ValueError, match="the source broke"):
+            for r in pool.imap(source(), ordered=ordered):
+                got.append(r)
+        m = pool.metrics()
+    indexes = [r.index for r in got]
+    assert (indexes if ordered else sorted(indexes)) == list(range(2500))
+    assert all(r.ok and r.value == r.index**2 for r in got)
+    assert m.submitted == m.succeeded == 2500

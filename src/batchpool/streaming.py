@@ -56,6 +56,9 @@ class Stream:
         self.next_index = 0  # of the source
         self.outstanding = 0  # submitted and not yet yielded
         self.exhausted = False
+        # What the source raised: the items read before it still become jobs, and it is
+        # raised to the caller after their results, as the builtin map() would.
+        self.failure: Exception | None = None
 
     def _fill(self) -> None:
         """Read and submit payloads until the window is full or the source (or the
@@ -66,18 +69,27 @@ class Stream:
                 self.exhausted = True
                 return
             want = min(SUBMIT_CHUNK, window - self.outstanding)
-            batch = list(itertools.islice(self.source, want))
-            self.exhausted = len(batch) < want
+            batch: list[Any] = []
+            try:  # extend() keeps what it took before an error
+                batch.extend(itertools.islice(self.source, want))
+            except Exception as exc:
+                self.failure = exc
+            self.exhausted = len(batch) < want or self.failure is not None
             if batch:
                 span = range(self.next_index, self.next_index + len(batch))
                 self.post(Block(span, batch, self.collector, self.tag, self.priority))
                 self.next_index += len(batch)
                 self.outstanding += len(batch)
 
+    def _end(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
     def unordered(self) -> Iterator[JobResult]:
         while True:
             self._fill()
             if not self.outstanding:
+                self._end()
                 return
             for _, run in self.collector.take():
                 self.outstanding -= len(run)
@@ -89,6 +101,7 @@ class Stream:
         while True:
             self._fill()
             if not self.outstanding:
+                self._end()
                 return
             for indexes, run in self.collector.take():
                 if isinstance(indexes, range) and indexes.start == next_out:
