@@ -504,3 +504,20 @@ def test_imap_of_a_source_that_raises_runs_what_it_read_then_raises(ordered: boo
     assert (indexes if ordered else sorted(indexes)) == list(range(2500))
     assert all(r.ok and r.value == r.index**2 for r in got)
     assert m.submitted == m.succeeded == 2500
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_leaving_an_imap_early_cancels_its_jobs_not_started(ordered: bool) -> None:
+    """A loop that breaks out of imap() reads no more results: the jobs read ahead that have
+    not started are cancelled, as concurrent.futures' map() does, so close() need not wait
+    for them (400 jobs of 50 ms on two workers: 10 s); running attempts finish."""
+    with Pool(Sleep(0.05), 2) as pool:
+        stream = pool.imap(range(400), ordered=ordered)
+        first = [next(stream) for _ in range(3)]
+        stream.close()  # what leaving a for loop does, once the iterator is dropped
+        other = pool.map(range(4))  # the pool serves on
+        wait_for(lambda: pool.metrics().queued == 0, 30, "the imap's jobs to be cancelled")
+        m = pool.metrics()
+    assert all(r.ok for r in first) and [r.value for r in other] == list(range(4))
+    assert m.submitted == 404 and m.succeeded + m.cancelled == 404
+    assert m.cancelled >= 350, m  # all but what ran before the close reached the pool

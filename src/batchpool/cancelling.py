@@ -1,4 +1,5 @@
-"""Cancellation past the queue: ``Pool.cancel_pending()`` and the deadlines of map()/imap().
+"""Cancellation past the queue: ``Pool.cancel_pending()``, the deadlines of map()/imap(), and
+an imap() left before its end (``Cancels.abandon``).
 
 The queue's part is the book's (``JobBook.cancel_queued``). Jobs in a worker's hands are
 reached here, by the supervisor's thread:
@@ -45,6 +46,7 @@ CANCELLED = "Cancelled"  # JobError.type of a cancelled job
 PENDING_CANCELLED = JobError(
     KIND_CANCELLED, CANCELLED, "cancelled by cancel_pending() before it started"
 )
+ABANDONED = JobError(KIND_CANCELLED, CANCELLED, "its imap() was closed before it started")
 _serials = itertools.count()
 FLUSH_MESSAGE = dumps((FLUSH,))
 FLUSH_GRACE = 0.2  # seconds a worker stopped by a deadline has to send what it finished
@@ -117,6 +119,22 @@ class Cancels:
                 self._ask(w, recall)
         self._settle(recall)
         return recall
+
+    def abandon(self, consumer: object) -> None:
+        """An imap() closed before its end (its loop left early): nobody will read its
+        results, so its jobs not started are cancelled, as concurrent.futures' map() does;
+        running attempts finish. Without it, a loop that broke out early left thousands of
+        read-ahead jobs for close() to wait for."""
+
+        def wanted(block: Block) -> bool:
+            return block.consumer is consumer
+
+        recall = Recall(wanted, ABANDONED, stop_running=False)
+        recall.count = self.book.cancel_queued(wanted, ABANDONED)
+        for w in list(self.workers.values()):
+            if any(map(wanted, w.held)):
+                self._ask(w, recall)
+        self._settle(recall)
 
     def submit(self, blocks: list[Block], deadline: Deadline) -> list[Block]:
         """Blocks of a call with a deadline: those to queue (none once it expired, then they

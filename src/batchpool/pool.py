@@ -268,16 +268,23 @@ class Pool:
         level = self._priority(priority)
         tag = _deadline(deadline)
         self._check_open()
+        collector = Collector(self._supervisor)
         reader = Stream(
             iter(payloads),
             lambda block: self._post_jobs([block], tag),
             self._window,
-            Collector(self._supervisor),
+            collector,
             tag,
             level,
+            lambda: self._abandon(collector),
         )
         stream = reader.ordered() if ordered else reader.unordered()
         return stream if tag is None else self._until(stream, tag)
+
+    def _abandon(self, collector: Collector) -> None:
+        """An imap() closed early: its jobs not started are cancelled (Cancels.abandon)."""
+        if os.getpid() == self._owner:  # not a forked child's copy of the stream
+            self._supervisor.post(("abandon", collector))
 
     def _window(self) -> int:
         """How many jobs imap() and a pipeline's run keep in flight (streaming.window)."""

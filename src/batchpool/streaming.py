@@ -46,11 +46,14 @@ class Stream:
         collector: Collector,
         tag: Deadline | None,
         priority: int,
+        abandon: Callable[[], None],
     ) -> None:
+        """``abandon``: the stream was closed before its end (see Cancels.abandon)."""
         self.source = source
         self.post = post
         self.room = room
         self.collector = collector
+        self.abandon = abandon
         self.tag = tag
         self.priority = priority
         self.next_index = 0  # of the source
@@ -86,16 +89,27 @@ class Stream:
             raise self.failure
 
     def unordered(self) -> Iterator[JobResult]:
-        while True:
-            self._fill()
-            if not self.outstanding:
-                self._end()
-                return
-            for _, run in self.collector.take():
-                self.outstanding -= len(run)
-                yield from run
+        try:
+            while True:
+                self._fill()
+                if not self.outstanding:
+                    self._end()
+                    return
+                for _, run in self.collector.take():
+                    self.outstanding -= len(run)
+                    yield from run
+        finally:
+            if self.outstanding:
+                self.abandon()
 
     def ordered(self) -> Iterator[JobResult]:
+        try:
+            yield from self._ordered()
+        finally:
+            if self.outstanding:
+                self.abandon()
+
+    def _ordered(self) -> Iterator[JobResult]:
         held: dict[int, JobResult] = {}  # results waiting for an earlier index
         next_out = 0  # the index to yield next
         while True:

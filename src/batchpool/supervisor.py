@@ -64,7 +64,8 @@ from .workforce import Workforce
 
 log = logging.getLogger("batchpool")
 # ("submit", blocks), ("submit_until", blocks, deadline), ("cancel", block),
-# ("cancel_pending", reply), ("deadline_off", deadline), ("close",), ("drain",), ("resize", n), ...
+# ("cancel_pending", reply), ("abandon", collector), ("deadline_off", deadline), ("close",),
+# ("drain",), ("resize", n), ...
 Command = tuple[Any, ...]
 SUBMITS = ("submit", "submit_until")
 # what metrics() reads: per-stage counts, queued, sent, (pid, jobs, busy, rss) per worker,
@@ -261,6 +262,8 @@ class Supervisor:
                 self.book.cancel(command[1])
             elif kind == "cancel_pending":
                 self.cancels.cancel_pending(command[1])
+            elif kind == "abandon":
+                self.cancels.abandon(command[1])
             elif kind == "deadline_off":
                 self.cancels.forget(command[1])
             elif kind == "close":
