@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import multiprocessing
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from faults import (
     Square,
     marks_by_pid,
 )
-from helpers import all_gone, wait_for
+from helpers import all_gone, run, wait_for
 
 from batchpool import JobFailed, JobResult, Metrics, Pool
 from batchpool.errors import PoolClosed
@@ -521,3 +523,38 @@ def test_leaving_an_imap_early_cancels_its_jobs_not_started(ordered: bool) -> No
     assert all(r.ok for r in first) and [r.value for r in other] == list(range(4))
     assert m.submitted == 404 and m.succeeded + m.cancelled == 404
     assert m.cancelled >= 350, m  # all but what ran before the close reached the pool
+
+
+# A map() of 10 s of jobs, interrupted by a Ctrl-C after 0.5 s and caught (a notebook's
+# interrupt): then the pool serves on. Prints its metrics.
+INTERRUPTED_MAP = """
+import json, os, signal, sys, threading, time
+
+from batchpool import Pool
+from faults import Sleep
+
+if __name__ == "__main__":
+    with Pool(Sleep(0.05), 2) as pool:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            pool.map(range(400))
+            sys.exit("the map ended before the interrupt")
+        except KeyboardInterrupt:
+            pass
+        deadline = time.monotonic() + 30
+        while pool.metrics().queued and time.monotonic() < deadline:
+            time.sleep(0.02)
+        other = [r.value for r in pool.map(range(4))]
+        m = pool.metrics()
+    print(json.dumps([m.submitted, m.succeeded, m.cancelled, other]))
+"""
+
+
+def test_a_map_left_by_an_exception_cancels_its_jobs_not_started(tmp_path: Path) -> None:
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_MAP)
+    r = run([sys.executable, script], cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    submitted, succeeded, cancelled, other = json.loads(r.stdout.splitlines()[-1])
+    assert other == list(range(4)) and submitted == 404 and succeeded + cancelled == 404
+    assert cancelled >= 350, (succeeded, cancelled)  # not the 10 s of jobs left to run

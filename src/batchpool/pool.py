@@ -231,12 +231,12 @@ class Pool:
         items = list(payloads)
         results: list[JobResult | None] = [None] * len(items)
         collector = Collector(self._supervisor)
+        remaining = len(items)
         try:
             for start in range(0, len(items), SUBMIT_CHUNK):
                 stop = min(start + SUBMIT_CHUNK, len(items))
                 block = Block(range(start, stop), items[start:stop], collector, tag, level)
                 self._post_jobs([block], tag)
-            remaining = len(items)
             while remaining:
                 for indexes, run in collector.take(remaining):
                     if isinstance(indexes, range):  # a map's block, or a part of one
@@ -248,6 +248,8 @@ class Pool:
         finally:
             if tag is not None:
                 self._supervisor.post(("deadline_off", tag))
+            if remaining:  # left by an exception (a Ctrl-C in a notebook): nobody will read
+                self._abandon(collector)
         return results  # type: ignore[return-value]
 
     def imap(
@@ -282,7 +284,8 @@ class Pool:
         return stream if tag is None else self._until(stream, tag)
 
     def _abandon(self, collector: Collector) -> None:
-        """An imap() closed early: its jobs not started are cancelled (Cancels.abandon)."""
+        """A map() or imap() left early: its jobs not started are cancelled
+        (Cancels.abandon)."""
         if os.getpid() == self._owner:  # not a forked child's copy of the stream
             self._supervisor.post(("abandon", collector))
 
