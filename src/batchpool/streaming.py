@@ -88,26 +88,28 @@ class Stream:
         if self.failure is not None:
             raise self.failure
 
+    def ordered(self) -> Iterator[JobResult]:
+        return self._abandoned_when_left(self._ordered())
+
     def unordered(self) -> Iterator[JobResult]:
+        return self._abandoned_when_left(self._unordered())
+
+    def _abandoned_when_left(self, stream: Iterator[JobResult]) -> Iterator[JobResult]:
         try:
-            while True:
-                self._fill()
-                if not self.outstanding:
-                    self._end()
-                    return
-                for _, run in self.collector.take():
-                    self.outstanding -= len(run)
-                    yield from run
+            yield from stream
         finally:
-            if self.outstanding:
+            if self.outstanding:  # closed before its end: a loop left early
                 self.abandon()
 
-    def ordered(self) -> Iterator[JobResult]:
-        try:
-            yield from self._ordered()
-        finally:
-            if self.outstanding:
-                self.abandon()
+    def _unordered(self) -> Iterator[JobResult]:
+        while True:
+            self._fill()
+            if not self.outstanding:
+                self._end()
+                return
+            for _, run in self.collector.take():
+                self.outstanding -= len(run)
+                yield from run
 
     def _ordered(self) -> Iterator[JobResult]:
         held: dict[int, JobResult] = {}  # results waiting for an earlier index
