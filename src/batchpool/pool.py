@@ -16,6 +16,7 @@ from .cancelling import Deadline
 from .durations import seconds_setting
 from .errors import PoolBroken, PoolClosed
 from .futures import Collector, Futures, JobFuture, broken_message, refuse_to_wait_in_callback
+from .hosting import Host
 from .jobs import Block
 from .results import JobResult, Metrics
 from .settings import IDLE_TIMEOUT, Settings, check_settings, describe
@@ -137,10 +138,12 @@ class Pool:
         preload: Sequence[tuple[str, str]],
         own_signals: bool = False,
         tuning: Tuning = BATCHES,
+        hosted: bool = False,
         **options: Any,
     ) -> None:
         """``options``: the settings of Pool() (settings.check_settings); ``tuning``: a
-        server's (serve/command.py): latency and CPU priority."""
+        server's (serve/command.py): latency and CPU priority. ``hosted``: the supervisor
+        waits for ``self._host.attach(loop)`` (hosting.py) instead of starting a thread."""
         self._closed = True  # until fully built, so __del__ ignores a half-built pool
         self._owner = os.getpid()
         settings = self._settings = check_settings(tasks, procs, overrides, **options)
@@ -164,7 +167,9 @@ class Pool:
         self._submits = itertools.count()  # JobResult.index of submit()ted jobs
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._supervisor.start()
+        self._host = Host(self._supervisor) if hosted else None
+        if self._host is None:
+            self._supervisor.start()
 
     # -- submitting ----------------------------------------------------------------------
     def _check_open(self) -> None:

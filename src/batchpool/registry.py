@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util  # noqa: F401  # its exit hook joins workers: ours must run first
 import os
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ LIVE: set[Supervisor] = set()  # running supervisors, strongly held: a dropped P
 os.register_at_fork(after_in_child=LIVE.clear)
 
 
-@atexit.register
+@atexit.register  # after multiprocessing.util's (imported above), so it runs before it
 def terminate_all_at_exit() -> None:
     """A pool still open at interpreter exit is terminated: exit never waits on a worker."""
     for supervisor in list(LIVE):

@@ -130,6 +130,7 @@ class Supervisor:
             self.scaler,
             self.watch,
         )
+        self.begun = False
         self.closing = False
         self.draining = False  # drop jobs not in a worker's hands (a run being stopped)
         self.terminating = False
@@ -161,40 +162,61 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
-        block_group_signals()  # inherited by every worker this thread starts
+        """The loop, in the supervisor's own thread (or hosting.Host's passes instead)."""
+        block_group_signals()  # so that the main thread gets them
         try:
-            self.timers.schedule(time.monotonic() + RSS_EVERY, "rss")
-            self._start_workers(time.monotonic())
-            while True:
-                self._publish()
-                self.outbox.deliver()
-                self.cancels.answer()
-                if self._step(*self.watch.wait(self._timeout())):
-                    break
-            self._publish()
-            self.outbox.deliver()
-            self.cancels.answer()
+            if not self.begun:  # else begun on an event loop that ended first (hosting.py)
+                self.begin()
+            while not self.step(self.wait_ms()):
+                pass
         except BaseException as exc:
-            log.error("the pool's supervisor failed (%r); the pool is broken", exc)
-            log.debug("the supervisor's traceback", exc_info=True)
-            self._fail_all(exc)
+            self.failed(exc)
         finally:
-            self.finished_at = time.monotonic()
-            self.commands.close()
-            leftovers = self.commands.leftovers()
-            self.outbox.settle_leftovers(
-                [b for cmd in leftovers if cmd[0] in SUBMITS for b in cmd[1]], self.broken
-            )
-            self.cancels.close([cmd[1] for cmd in leftovers if cmd[0] == "cancel_pending"])
-            self._publish()
-            try:
-                self.workforce.backend.close()
-            finally:
-                LIVE.discard(self)
-                self.done.set()
+            self.finish()
 
-    def _timeout(self) -> int | None:
-        """Milliseconds until the next timer; 0 when commands wait (see wakeup.py)."""
+    def begin(self) -> None:
+        self.begun = True
+        self.timers.schedule(time.monotonic() + RSS_EVERY, "rss")
+        self._start_workers(time.monotonic())
+        self._hand_over()
+
+    def step(self, timeout_ms: int | None) -> bool:
+        """Wait up to ``timeout_ms`` (None: until woken) for the workers and the commands,
+        make one pass and hand over what it finished; True once the supervisor is done."""
+        done = self._step(*self.watch.wait(timeout_ms))
+        self._hand_over()
+        return done
+
+    def _hand_over(self) -> None:
+        self._publish()
+        self.outbox.deliver()
+        self.cancels.answer()
+
+    def failed(self, exc: BaseException) -> None:
+        log.error("the pool's supervisor failed (%r); the pool is broken", exc)
+        log.debug("the supervisor's traceback", exc_info=True)
+        self._fail_all(exc)
+
+    def finish(self) -> None:
+        """After the last pass: whoever still waits is answered, and ``done`` is set."""
+        self.finished_at = time.monotonic()
+        self.commands.close()
+        leftovers = self.commands.leftovers()
+        self.outbox.settle_leftovers(
+            [b for cmd in leftovers if cmd[0] in SUBMITS for b in cmd[1]], self.broken
+        )
+        self.cancels.close([cmd[1] for cmd in leftovers if cmd[0] == "cancel_pending"])
+        self._publish()
+        try:
+            self.workforce.backend.close()
+        finally:
+            self.watch.close()
+            LIVE.discard(self)
+            self.done.set()
+
+    def wait_ms(self) -> int | None:
+        """Milliseconds until the next timer; 0 when commands wait (see wakeup.py). Right
+        before the loop sleeps: it tells the commands whether a post must wake it."""
         quiet = False
         if self.lazy_submits:  # else never quiet: no lock taken for it per pass
             quiet = self._reports_coming()

@@ -1,10 +1,14 @@
 """The descriptors the supervisor's loop sleeps on: its wakeup pipe, and per worker the
-channel (readable; writable while frames wait) and the sentinel (readable once it is dead)."""
+channel (readable; writable while frames wait) and the sentinel (readable once it is dead).
+
+A supervisor hosted on an event loop (hosting.py) has them in an epoll set instead of a
+poll() list: the set's own descriptor turns readable when one of them does, so the event loop
+watches that one descriptor for all of them."""
 
 from __future__ import annotations
 
 import select
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .backends import WorkerHandle
 
@@ -23,17 +27,34 @@ W = TypeVar("W", bound=Watched)
 
 class Watch(Generic[W]):
     def __init__(self, wakeup_fd: int) -> None:
-        self._poll = select.poll()
+        self._poll: Any = select.poll()
+        self._readable, self._writable = READABLE, select.POLLOUT
+        self._epoll = False
         self._wakeup = wakeup_fd
         self._poll.register(wakeup_fd, READABLE)
         self._fds: dict[int, tuple[bool, W]] = {}  # fd -> (is its sentinel, worker)
         self._writing: set[int] = set()  # channels watched for room to write
 
+    def pollable(self) -> int:
+        """A descriptor that turns readable whenever one of the watched ones does (an epoll
+        set's); before any worker is added. Linux only."""
+        assert not self._fds, "pollable() comes before the first worker"
+        self._poll = select.epoll()
+        self._epoll = True
+        self._readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+        self._writable = select.EPOLLOUT
+        self._poll.register(self._wakeup, self._readable)
+        return int(self._poll.fileno())
+
+    def close(self) -> None:
+        if self._epoll:
+            self._poll.close()
+
     def add(self, worker: W) -> None:
         proc = worker.proc
         for fd, is_sentinel in ((proc.channel.fileno(), False), (proc.sentinel, True)):
             self._fds[fd] = (is_sentinel, worker)
-            self._poll.register(fd, READABLE)
+            self._poll.register(fd, self._readable)
 
     def remove(self, worker: W) -> None:
         """Before its descriptors close (reap)."""
@@ -43,7 +64,10 @@ class Watch(Generic[W]):
     def forget(self, fd: int) -> None:
         """Stop watching one descriptor: a channel at EOF would be reported again and again."""
         if self._fds.pop(fd, None) is not None:
-            self._poll.unregister(fd)
+            try:
+                self._poll.unregister(fd)
+            except OSError:  # epoll: closed already, and dropped from the set with it
+                pass
             self._writing.discard(fd)
 
     def want_write(self, worker: W, wants: bool) -> None:
@@ -52,10 +76,10 @@ class Watch(Generic[W]):
             return
         if wants:
             self._writing.add(fd)
-            self._poll.modify(fd, READABLE | select.POLLOUT)
+            self._poll.modify(fd, self._readable | self._writable)
         else:
             self._writing.discard(fd)
-            self._poll.modify(fd, READABLE)
+            self._poll.modify(fd, self._readable)
 
     def wait(self, timeout_ms: int | None) -> tuple[bool, list[W], list[W], list[W]]:
         """(woken, workers with something to read, with room to write, dead)."""
@@ -63,7 +87,11 @@ class Watch(Generic[W]):
         readable: list[W] = []
         writable: list[W] = []
         dead: list[W] = []
-        for fd, mask in self._poll.poll(timeout_ms):
+        if self._epoll:  # its timeout is in seconds, -1 for none
+            events = self._poll.poll(-1 if timeout_ms is None else timeout_ms / 1000)
+        else:
+            events = self._poll.poll(timeout_ms)
+        for fd, mask in events:
             if fd == self._wakeup:
                 woken = True
                 continue
@@ -74,8 +102,8 @@ class Watch(Generic[W]):
             if is_sentinel:
                 dead.append(worker)
                 continue
-            if mask & select.POLLOUT:
+            if mask & self._writable:
                 writable.append(worker)
-            if mask & READABLE:
+            if mask & self._readable:
                 readable.append(worker)
         return woken, readable, writable, dead

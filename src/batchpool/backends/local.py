@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 from collections.abc import Sequence
 from multiprocessing import resource_tracker
@@ -14,6 +15,7 @@ from .. import worker
 from ..channel import Channel
 from ..messages import IDLE, ProgressSlots, progress_slot
 from ..processes import (
+    GROUP_SIGNALS,
     block_group_signals,
     kill_tree,
     lifeline,
@@ -69,10 +71,16 @@ class LocalBackend:
         if slot >= self.slots:  # a pool resized past its size: a larger array for the new
             self.slots = slot + 1  # (the workers started before keep theirs)
             self.progress = self.ctx.RawArray("q", 2 * self.slots)
-        block_group_signals()  # again: a resource tracker restarted here unblocked them
-        if self.forkserver:  # restarted if it died (its workers then import for themselves)
-            self._start_forkserver(None)
-        return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
+        # A worker starts with the group's signals blocked (worker.main); the calling thread
+        # gets its own mask back after (an event loop's thread must go on receiving them).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            if self.forkserver:  # restarted if it died (its workers then import for themselves)
+                self._start_forkserver(None)
+            block_group_signals()  # again: a resource tracker restarted here unblocked them
+            return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _start_forkserver(self, files: Sequence[tuple[str, str]] | None) -> None:
         if self.spec.own_signals:  # immune to group signals

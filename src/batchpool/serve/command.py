@@ -95,6 +95,8 @@ def serve(target: Target, settings: Settings) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        assert pool._host is not None
+        pool._host.detach()  # the event loop has ended: a thread finishes what is left
         if server is None or server.signal is None or server.hard:
             service.terminate()  # no drain asked for (or cut short): stop now
         else:
@@ -124,6 +126,7 @@ def _open(target: Target, settings: Settings) -> tuple[ServeJournal | None, sock
                 settings.procs,
                 preload=target.preload,
                 tuning=SERVING,
+                hosted=True,
                 **settings.pool_options,
             )
         except BaseException:

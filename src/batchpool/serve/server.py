@@ -35,6 +35,13 @@ class Server(uvicorn.Server):
         self.signal: signal.Signals | None = None  # the first one
         self.hard = False  # a second signal came
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """The pool's supervisor starts on this event loop (hosting.py), then uvicorn."""
+        host = self.service.pool._host
+        assert host is not None
+        host.attach(asyncio.get_running_loop())
+        await super().startup(sockets=sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         loop = asyncio.get_running_loop()
