@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import select
 import socket
 import sys
 import time
@@ -95,8 +96,8 @@ def serve(target: Target, settings: Settings) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        assert pool._host is not None
-        pool._host.detach()  # the event loop has ended: a thread finishes what is left
+        if pool._host is not None:  # the event loop has ended: a thread finishes the rest
+            pool._host.detach()
         if server is None or server.signal is None or server.hard:
             service.terminate()  # no drain asked for (or cut short): stop now
         else:
@@ -126,7 +127,7 @@ def _open(target: Target, settings: Settings) -> tuple[ServeJournal | None, sock
                 settings.procs,
                 preload=target.preload,
                 tuning=SERVING,
-                hosted=True,
+                hosted=hasattr(select, "epoll"),  # else in a thread of its own
                 **settings.pool_options,
             )
         except BaseException:

@@ -38,8 +38,8 @@ class Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """The pool's supervisor starts on this event loop (hosting.py), then uvicorn."""
         host = self.service.pool._host
-        assert host is not None
-        host.attach(asyncio.get_running_loop())
+        if host is not None:
+            host.attach(asyncio.get_running_loop())
         await super().startup(sockets=sockets)
 
     @contextlib.contextmanager

@@ -1,11 +1,12 @@
 """The jobs a server accepted, around one Pool: admission, waiting, lookup, cancellation, drain.
 
-Three threads meet here, under one lock: the event loop's (requests), the pool's supervisor
-(which resolves futures) and the journal's writer. A job is *live* from its admission until its
-result is published; the live count is what ``--max-queue`` bounds (it is the pool's queued +
-in_flight, plus the few jobs between the journal and the pool), so a refused request never
-leaves a trace, and an accepted one always gets a result. Finished results stay in memory, the
-newest ``keep`` of them; with a journal, older ones are read back from it.
+Threads meet here, under one lock: the event loop's (requests; and the pool's supervisor,
+which resolves futures, runs there too, see hosting.py), the journal's writer, and a drain's.
+A job is *live* from its admission until its result is published; the live count is what
+``--max-queue`` bounds (it is the pool's queued + in_flight, plus the few jobs between the
+journal and the pool), so a refused request never leaves a trace, and an accepted one always
+gets a result. Finished results stay in memory, the newest ``keep`` of them; with a journal,
+older ones are read back from it.
 
 A client that stops waiting changes nothing: waiting is a future of the event loop that the
 job's completion resolves, never the job's own future, so dropping it cannot cancel the job.
