@@ -60,10 +60,7 @@ class Host:
         if sup.done.is_set():
             return
         self._release()
-        sup.thread = threading.Thread(target=sup._run, name="batchpool-supervisor", daemon=True)
-        if self.loop is None:
-            LIVE.add(sup)
-        sup.thread.start()
+        sup.start()
 
     def _pass(self) -> None:
         if self.detached:

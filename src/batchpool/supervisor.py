@@ -140,11 +140,14 @@ class Supervisor:
         self._view: View
         self._publish()
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
+        self.thread: threading.Thread | None = None  # the one that makes its passes
 
     # -- called from any thread ----------------------------------------------------------------
     def start(self) -> None:
+        """The loop, in a thread of its own (hosting.Host makes its passes on an event loop
+        instead, and calls this if the event loop ends first)."""
         LIVE.add(self)
+        self.thread = threading.Thread(target=self._run, name="batchpool-supervisor", daemon=True)
         self.thread.start()
 
     def post(self, command: Command, *, urgent: bool = True) -> bool:
