@@ -112,13 +112,7 @@ class Cancels:
     # -- commands ----------------------------------------------------------------------------
     def cancel_pending(self, reply: Future[int]) -> Recall:
         """Cancel every job not started: queued, waiting for a retry, or in a mailbox."""
-        recall = Recall(_everything, PENDING_CANCELLED, stop_running=False, reply=reply)
-        recall.count = self.book.cancel_queued(_everything, PENDING_CANCELLED)
-        for w in list(self.workers.values()):
-            if w.held:
-                self._ask(w, recall)
-        self._settle(recall)
-        return recall
+        return self._recall_unstarted(_everything, PENDING_CANCELLED, reply)
 
     def abandon(self, consumer: object) -> None:
         """An imap() closed before its end (its loop left early): nobody will read its
@@ -129,12 +123,7 @@ class Cancels:
         def wanted(block: Block) -> bool:
             return block.consumer is consumer
 
-        recall = Recall(wanted, ABANDONED, stop_running=False)
-        recall.count = self.book.cancel_queued(wanted, ABANDONED)
-        for w in list(self.workers.values()):
-            if any(map(wanted, w.held)):
-                self._ask(w, recall)
-        self._settle(recall)
+        self._recall_unstarted(wanted, ABANDONED, None)
 
     def submit(self, blocks: list[Block], deadline: Deadline) -> list[Block]:
         """Blocks of a call with a deadline: those to queue (none once it expired, then they
@@ -256,6 +245,19 @@ class Cancels:
         self.answer()
 
     # -- inside ------------------------------------------------------------------------------
+    def _recall_unstarted(
+        self, wanted: Callable[[Block], bool], error: JobError, reply: Future[int] | None
+    ) -> Recall:
+        """Cancel the jobs ``wanted`` names that have not started: those queued now, and
+        those in mailboxes once their workers hand them back."""
+        recall = Recall(wanted, error, stop_running=False, reply=reply)
+        recall.count = self.book.cancel_queued(wanted, error)
+        for w in list(self.workers.values()):
+            if any(map(wanted, w.held)):
+                self._ask(w, recall)
+        self._settle(recall)
+        return recall
+
     def _ask(self, w: WorkerView, recall: Recall) -> None:
         """Ask ``w`` for its unstarted jobs; a worker that is dying answers by its death."""
         recall.waiting += 1

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 
 _lifeline_lock = threading.Lock()
@@ -120,6 +120,17 @@ def block_group_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
 
 
+@contextlib.contextmanager
+def group_signals_blocked() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP blocked in the calling thread meanwhile: what it starts
+    inherits the mask (across fork and exec); the thread gets its own mask back after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def start_forkserver_ignoring_signals(files: Sequence[tuple[str, str]] | None = None) -> None:
     """Start the forkserver, if it is not running, immune to signals sent to the group.
 
@@ -134,12 +145,8 @@ def start_forkserver_ignoring_signals(files: Sequence[tuple[str, str]] | None = 
     # The server needs the resource tracker, and starting the tracker unblocks SIGINT and
     # SIGTERM in the calling thread: start it first.
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
-    try:
-        with _preloading(files):
-            forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with group_signals_blocked(), _preloading(files):
+        forkserver.ensure_running()
 
 
 def start_forkserver_plainly(files: Sequence[tuple[str, str]] | None = None) -> None:

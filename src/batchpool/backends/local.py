@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import socket
 from collections.abc import Sequence
 from multiprocessing import resource_tracker
@@ -15,8 +14,8 @@ from .. import worker
 from ..channel import Channel
 from ..messages import IDLE, ProgressSlots, progress_slot
 from ..processes import (
-    GROUP_SIGNALS,
     block_group_signals,
+    group_signals_blocked,
     kill_tree,
     lifeline,
     start_forkserver_ignoring_signals,
@@ -73,14 +72,11 @@ class LocalBackend:
             self.progress = self.ctx.RawArray("q", 2 * self.slots)
         # A worker starts with the group's signals blocked (worker.main); the calling thread
         # gets its own mask back after (an event loop's thread must go on receiving them).
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
-        try:
+        with group_signals_blocked():
             if self.forkserver:  # restarted if it died (its workers then import for themselves)
                 self._start_forkserver(None)
             block_group_signals()  # again: a resource tracker restarted here unblocked them
             return LocalWorker(self.ctx, slot, self.progress, self.spec, self.gates.specs)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _start_forkserver(self, files: Sequence[tuple[str, str]] | None) -> None:
         if self.spec.own_signals:  # immune to group signals
