@@ -14,8 +14,8 @@ worker until it went and then in a buffer the supervisor's process faulted in pa
 Where a batch runs against one deadline (a Ray actor's call: the worker names no job inside
 it, so a batch's clock is one job's timeout, counted from its start), a message carries at
 most TIMEOUT_SHARE of the stage's timeout: jobs of 60 ms under a 0.2 s timeout once travelled
-four to a batch of 0.24 s, and every batch was killed, its actor replaced, its jobs rerun
-alone.
+four to a batch of 0.24 s, past the deadline; such a batch was killed, its actor replaced, its
+jobs rerun alone.
 """
 
 from __future__ import annotations
